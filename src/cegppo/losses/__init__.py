@@ -1,0 +1,33 @@
+"""Policy losses behind one registry, with verl's ``PolicyLossFn`` signature.
+
+>>> from cegppo.losses import PolicyLossConfig, get_policy_loss_fn
+>>> loss, metrics = get_policy_loss_fn("ce_gppo")(
+...     old_log_prob=old, log_prob=new, advantages=adv, response_mask=mask,
+...     loss_agg_mode="token-mean", config=PolicyLossConfig(), rollout_is_weights=None)  # doctest: +SKIP
+
+Registered: ``ce_gppo``, ``gppo``, ``vanilla`` (PPO-clip; GRPO and DAPO are configurations),
+``cispo``, ``gspo``, ``clip_cov``, ``kl_cov``, ``gpg``. ``docs/losses.md`` explains each.
+"""
+
+from cegppo.losses import cispo, covariance, gpg, gppo, gspo, ppo  # noqa: F401  (register the losses)
+from cegppo.losses.aggregation import agg_loss, masked_mean
+from cegppo.losses.config import LOSS_AGG_MODES, PolicyLossConfig
+from cegppo.losses.registry import (
+    POLICY_LOSS_REGISTRY,
+    PolicyLossFn,
+    get_policy_loss_fn,
+    list_policy_losses,
+    register_policy_loss,
+)
+
+__all__ = [
+    "LOSS_AGG_MODES",
+    "POLICY_LOSS_REGISTRY",
+    "PolicyLossConfig",
+    "PolicyLossFn",
+    "agg_loss",
+    "get_policy_loss_fn",
+    "list_policy_losses",
+    "masked_mean",
+    "register_policy_loss",
+]

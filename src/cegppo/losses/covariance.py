@@ -1,0 +1,101 @@
+"""Clip-Cov and KL-Cov: entropy control through the tokens of highest covariance (Cui et al. 2025)."""
+
+from __future__ import annotations
+
+import torch
+
+from cegppo.losses._common import PolicyInputs, aggregate, clip_metrics, clip_regions, prepare_inputs
+from cegppo.losses.aggregation import masked_mean
+from cegppo.losses.config import PolicyLossConfig
+from cegppo.losses.registry import register_policy_loss
+
+
+def token_covariance(inputs: PolicyInputs) -> torch.Tensor:
+    """Cov(y_i) = (log π(y_i) - mean log π)·(A(y_i) - mean A), means over the valid tokens (Eq. 10)."""
+    log_prob = inputs.log_prob.detach()
+    centred_logp = log_prob - masked_mean(log_prob, inputs.mask)
+    centred_adv = inputs.advantages - masked_mean(inputs.advantages, inputs.mask)
+    return centred_logp * centred_adv
+
+
+@register_policy_loss("clip_cov")
+def compute_policy_loss_clip_cov(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config: PolicyLossConfig | None = None,
+    rollout_is_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Clip-Cov ("The Entropy Mechanism of RL for Reasoning LMs", arXiv 2505.22617, §4.2).
+
+    PPO-clip, except that ⌊r·N⌋ tokens (``clip_cov_ratio`` r, at least one) drawn at random among
+    those with ω_low < Cov(y_i) < ω_high (``clip_cov_lb``/``clip_cov_ub``) that PPO does not already
+    clip have their gradient removed. Paper: r = 2e-4, ω = (1, 5). The draw uses
+    ``config.generator`` when set, for reproducibility; the covariance is over the tensors passed,
+    i.e. one micro-batch.
+    """
+    inputs, config = prepare_inputs(
+        old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights
+    )
+    ratio = inputs.ratio
+    unclipped = -inputs.advantages * ratio
+    clipped = -inputs.advantages * ratio.clamp(1 - config.clip_ratio_low, 1 + config.clip_ratio_high)
+    regions = clip_regions(ratio, inputs, config, dual_clip=False)
+    ppo_clipped = regions["low"] | regions["high"]
+    cov = token_covariance(inputs)
+    valid = inputs.mask > 0
+    candidates = (valid & ~ppo_clipped & (cov > config.clip_cov_lb) & (cov < config.clip_cov_ub)).nonzero()
+    num_detached = max(int(config.clip_cov_ratio * valid.sum().item()), 1)
+    order = torch.randperm(len(candidates), generator=config.generator)[:num_detached]
+    detached = torch.zeros_like(valid)
+    chosen = candidates[order.to(candidates.device)]
+    detached[chosen[:, 0], chosen[:, 1]] = True
+    pg_losses = torch.where(detached, torch.zeros_like(unclipped), torch.maximum(unclipped, clipped))
+    loss = aggregate(pg_losses, inputs, loss_agg_mode, config)
+    metrics = clip_metrics(regions, ppo_clipped | detached, inputs)
+    metrics["actor/clip_cov_frac"] = masked_mean(detached, inputs.mask).item()
+    return loss, metrics
+
+
+@register_policy_loss("kl_cov")
+def compute_policy_loss_kl_cov(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config: PolicyLossConfig | None = None,
+    rollout_is_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """KL-Cov ("The Entropy Mechanism of RL for Reasoning LMs", arXiv 2505.22617, §4.2).
+
+    No ratio clipping; the top ⌈k·N⌉ tokens by Cov(y_i) (``kl_cov_ratio`` k, at least one) get a KL
+    penalty to the old policy::
+
+        loss = -δ·A + β·|log δ|   for the selected tokens,   -δ·A otherwise
+
+    Paper: k = 2e-3 (Qwen2.5-7B) or 2e-4 (32B), β = 1 (``ppo_kl_coef``; verl defaults to 0.1).
+    The selection is deterministic and over the tensors passed, i.e. one micro-batch.
+    """
+    inputs, config = prepare_inputs(
+        old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights
+    )
+    ratio = inputs.ratio
+    valid = inputs.mask > 0
+    penalised = torch.zeros_like(valid)
+    num_valid = int(valid.sum().item())
+    if num_valid:
+        cov = token_covariance(inputs)[valid]
+        num_penalised = max(int(config.kl_cov_ratio * num_valid), 1)
+        top = torch.topk(cov, num_penalised).indices
+        penalised[valid.nonzero()[top].unbind(-1)] = True
+    kl_penalty = config.ppo_kl_coef * inputs.log_ratio.abs()
+    pg_losses = -inputs.advantages * ratio + torch.where(penalised, kl_penalty, torch.zeros_like(kl_penalty))
+    regions = clip_regions(ratio, inputs, config, dual_clip=False)
+    no_clip = {name: torch.zeros_like(region) for name, region in regions.items()}
+    loss = aggregate(pg_losses, inputs, loss_agg_mode, config)
+    metrics = clip_metrics(no_clip, penalised, inputs)
+    metrics["actor/kl_cov_frac"] = masked_mean(penalised, inputs.mask).item()
+    return loss, metrics

@@ -1,0 +1,57 @@
+"""Name -> policy-loss function registry, with verl's ``PolicyLossFn`` signature."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+
+from cegppo.losses.config import PolicyLossConfig
+
+
+class PolicyLossFn(Protocol):
+    """``fn(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights)``.
+
+    Tensors are [batch, response_len]; returns the scalar loss to minimise (= -objective) and a
+    ``dict[str, float]`` of metrics with verl's ``actor/`` prefix.
+    """
+
+    def __call__(
+        self,
+        old_log_prob: torch.Tensor,
+        log_prob: torch.Tensor,
+        advantages: torch.Tensor,
+        response_mask: torch.Tensor,
+        loss_agg_mode: str = "token-mean",
+        config: PolicyLossConfig | None = None,
+        rollout_is_weights: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+
+POLICY_LOSS_REGISTRY: dict[str, PolicyLossFn] = {}
+
+
+def register_policy_loss(name: str) -> Callable[[PolicyLossFn], PolicyLossFn]:
+    """Decorator registering a policy loss under ``name`` (re-registering a name replaces it)."""
+
+    def decorator(fn: PolicyLossFn) -> PolicyLossFn:
+        POLICY_LOSS_REGISTRY[name] = fn
+        return fn
+
+    return decorator
+
+
+def get_policy_loss_fn(name: str) -> PolicyLossFn:
+    """The policy loss registered under ``name``; ``ValueError`` listing the known names otherwise."""
+    try:
+        return POLICY_LOSS_REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown policy loss {name!r}: registered losses are {list_policy_losses()}"
+        ) from None
+
+
+def list_policy_losses() -> list[str]:
+    """Registered loss names, sorted."""
+    return sorted(POLICY_LOSS_REGISTRY)
