@@ -12,6 +12,7 @@ Registered: ``ce_gppo``, ``gppo``, ``vanilla`` (PPO-clip; GRPO and DAPO are conf
 from cegppo.losses import cispo, covariance, gpg, gppo, gspo, ppo  # noqa: F401  (register the losses)
 from cegppo.losses.aggregation import agg_loss, masked_mean
 from cegppo.losses.config import LOSS_AGG_MODES, PolicyLossConfig
+from cegppo.losses.kl import KL_ESTIMATORS, kl_penalty
 from cegppo.losses.registry import (
     POLICY_LOSS_REGISTRY,
     PolicyLossFn,
@@ -21,12 +22,14 @@ from cegppo.losses.registry import (
 )
 
 __all__ = [
+    "KL_ESTIMATORS",
     "LOSS_AGG_MODES",
     "POLICY_LOSS_REGISTRY",
     "PolicyLossConfig",
     "PolicyLossFn",
     "agg_loss",
     "get_policy_loss_fn",
+    "kl_penalty",
     "list_policy_losses",
     "masked_mean",
     "register_policy_loss",

@@ -1,0 +1,5 @@
+import sys
+
+from cegppo.cli import main
+
+sys.exit(main())

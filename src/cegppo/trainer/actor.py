@@ -1,0 +1,226 @@
+"""The policy update: recompute old log-probs, then PPO epochs over mini-batches of micro-batches."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+
+import torch
+from transformers import PreTrainedModel, get_constant_schedule_with_warmup
+
+from cegppo.config import Config
+from cegppo.losses import agg_loss, get_policy_loss_fn, kl_penalty
+from cegppo.ops import causal_lm_logprobs_and_entropy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Experience:
+    """What the update needs about each sampled response, one row per response.
+
+    ``advantages`` is per response ([N]); ``old_log_prob`` is filled by :meth:`Actor.compute_old_log_probs`.
+    """
+
+    input_ids: torch.Tensor  # [N, P+R], prompt left-padded, response right-padded
+    attention_mask: torch.Tensor  # [N, P+R]
+    response_mask: torch.Tensor  # [N, R], float
+    advantages: torch.Tensor  # [N]
+    correct: torch.Tensor  # [N], bool
+    old_log_prob: torch.Tensor | None = None  # [N, R]
+    ref_log_prob: torch.Tensor | None = None  # [N, R]
+
+    @property
+    def response_len(self) -> int:
+        return self.response_mask.shape[1]
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, rows: slice | torch.Tensor) -> Experience:
+        return Experience(
+            **{
+                f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[rows]
+                for f in fields(self)
+            }
+        )
+
+
+class Actor:
+    """Owns the policy's optimiser and scheduler and performs the clipped policy-gradient update."""
+
+    def __init__(
+        self, model: PreTrainedModel, config: Config, ref_model: PreTrainedModel | None = None
+    ) -> None:
+        self.model = model
+        self.config = config
+        self.device = next(model.parameters()).device
+        actor = config.actor
+        self.optimizer = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad],
+            lr=actor.lr,
+            betas=tuple(actor.adam_betas),
+            weight_decay=actor.weight_decay,
+        )
+        self.scheduler = get_constant_schedule_with_warmup(
+            self.optimizer, num_warmup_steps=actor.warmup_steps
+        )
+        self.loss_fn = get_policy_loss_fn(actor.policy_loss)
+        self.loss_config = config.policy_loss_config()
+        # The KL reference: the given frozen model, else the policy as training starts.
+        self.ref_model: PreTrainedModel | None = None
+        if actor.use_kl_loss:
+            self.ref_model = (ref_model or copy.deepcopy(model)).eval().requires_grad_(False)
+        self.skipped_updates = 0
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.actor.bf16_autocast)
+
+    def token_log_probs(
+        self, model: PreTrainedModel, batch: Experience, *, with_entropy: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Log-probs (and entropies) of the response tokens at the sampling temperature, [N, R]."""
+        with self.autocast():
+            return causal_lm_logprobs_and_entropy(
+                model,
+                batch.input_ids,
+                batch.attention_mask,
+                batch.response_len,
+                temperature=self.config.rollout.temperature,
+                fused=self.config.model.fused_logprobs,
+                chunk_size=self.config.model.logprob_chunk_size,
+                with_entropy=with_entropy,
+            )
+
+    @torch.no_grad()
+    def compute_old_log_probs(self, batch: Experience) -> torch.Tensor:
+        """Fill ``batch.old_log_prob`` (and ``ref_log_prob``) with the current weights; return the entropy.
+
+        The sampler's own log-probs differ numerically from a training forward pass (other kernels,
+        KV cache, autocast), so the ratio is taken against this recomputation: on-policy it is exactly 1.
+        """
+        self.model.eval()
+        log_probs, entropies, ref_log_probs = [], [], []
+        for micro in self._micro_batches(batch):
+            log_prob, entropy = self.token_log_probs(self.model, micro, with_entropy=True)
+            log_probs.append(log_prob.float())
+            entropies.append(entropy.float())
+            if self.ref_model is not None:
+                ref_log_probs.append(
+                    self.token_log_probs(self.ref_model, micro, with_entropy=False)[0].float()
+                )
+        self.model.train()
+        batch.old_log_prob = torch.cat(log_probs)
+        if self.ref_model is not None:
+            batch.ref_log_prob = torch.cat(ref_log_probs)
+        return torch.cat(entropies)
+
+    def update(self, batch: Experience, group_size: int) -> dict[str, float]:
+        """``ppo_epochs`` passes over mini-batches of ``ppo_mini_batch_size`` prompts; one optimiser step each."""
+        if batch.old_log_prob is None:
+            raise ValueError("compute_old_log_probs must run before update")
+        actor = self.config.actor
+        self.model.train()
+        totals: dict[str, float] = defaultdict(float)
+        weights: dict[str, float] = defaultdict(float)
+        mini_rows = actor.ppo_mini_batch_size * group_size
+        updates = 0
+        for _ in range(actor.ppo_epochs):
+            for start in range(0, len(batch), mini_rows):
+                mini = batch.select(slice(start, start + mini_rows))
+                metrics = self._update_mini_batch(mini)
+                updates += 1
+                for key, value in metrics.items():
+                    totals[key] += value
+                    weights[key] += 1
+        result = {key: totals[key] / weights[key] for key in totals}
+        result["actor/lr"] = self.scheduler.get_last_lr()[0]
+        result["actor/num_updates"] = float(updates)
+        result["actor/skipped_updates"] = float(self.skipped_updates)
+        return result
+
+    def _update_mini_batch(self, mini: Experience) -> dict[str, float]:
+        """Accumulate the mini-batch gradient, clip it, and take one optimiser step (skipped if non-finite)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics, finite = self.accumulate_gradients(mini)
+        grad_norm = float("nan")
+        if finite:
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                self.model.parameters(), self.config.actor.grad_clip
+            ).item()
+        if math.isfinite(grad_norm):
+            self.optimizer.step()
+            self.scheduler.step()
+        else:
+            self.skipped_updates += 1
+            log.warning("skipping an update: non-finite loss or gradient norm (%s)", grad_norm)
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics["actor/grad_norm"] = grad_norm
+        return metrics
+
+    def accumulate_gradients(self, mini: Experience) -> tuple[dict[str, float], bool]:
+        """Backward the mini-batch loss one micro-batch at a time.
+
+        Every micro-batch loss is normalised by the *mini-batch's* token and sequence counts, so the
+        accumulated gradient is the mini-batch gradient whatever ``micro_batch_size`` is. Returns the
+        metrics and whether everything was finite (if not, the gradients are incomplete: skip the step).
+        """
+        actor = self.config.actor
+        num_tokens = int(mini.response_mask.sum().item())
+        num_seqs = int((mini.response_mask.sum(-1) > 0).sum().item())
+        loss_config = self.loss_config.with_batch_info(
+            batch_num_tokens=num_tokens, global_batch_size=num_seqs
+        )
+        agg = loss_config.global_batch_info
+        num_positive_tokens = int((mini.response_mask * mini.correct.unsqueeze(1)).sum().item())
+        want_entropy = actor.entropy_coeff > 0
+
+        metrics: dict[str, float] = defaultdict(float)
+        for micro in self._micro_batches(mini):
+            share = micro.response_mask.sum().item() / max(num_tokens, 1)
+            log_prob, entropy = self.token_log_probs(self.model, micro, with_entropy=want_entropy)
+            if not torch.isfinite(log_prob).all():
+                return dict(metrics), False
+            pg_loss, pg_metrics = self.loss_fn(
+                old_log_prob=micro.old_log_prob,
+                log_prob=log_prob,
+                advantages=micro.advantages.unsqueeze(1).expand_as(log_prob),
+                response_mask=micro.response_mask,
+                loss_agg_mode=actor.loss_agg_mode,
+                config=loss_config,
+                rollout_is_weights=None,
+            )
+            loss = pg_loss
+            metrics["actor/pg_loss"] += pg_loss.item()
+            if want_entropy:
+                entropy_term = agg_loss(entropy, micro.response_mask, actor.loss_agg_mode, **agg)
+                loss = loss - actor.entropy_coeff * entropy_term
+                metrics["actor/entropy_loss"] += entropy_term.item()
+            if micro.ref_log_prob is not None:
+                kl = kl_penalty(log_prob.float(), micro.ref_log_prob, actor.kl_loss_type)
+                kl_term = agg_loss(kl, micro.response_mask, actor.loss_agg_mode, **agg)
+                loss = loss + actor.kl_loss_coef * kl_term
+                metrics["actor/kl_loss"] += kl_term.item()
+            if actor.positive_loss_coeff > 0:
+                positive_mask = micro.response_mask * micro.correct.unsqueeze(1)
+                nll = agg_loss(
+                    -log_prob.float(), positive_mask, "token-mean", batch_num_tokens=num_positive_tokens
+                )
+                loss = loss + actor.positive_loss_coeff * nll
+                metrics["actor/positive_nll"] += nll.item()
+            if not torch.isfinite(loss):
+                return dict(metrics), False
+            loss.backward()
+            for key, value in pg_metrics.items():
+                metrics[key] += value * share
+        return dict(metrics), True
+
+    def _micro_batches(self, batch: Experience) -> Iterator[Experience]:
+        size = self.config.actor.micro_batch_size
+        for start in range(0, len(batch), size):
+            yield batch.select(slice(start, start + size))

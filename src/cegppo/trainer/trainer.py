@@ -1,0 +1,378 @@
+"""The RLVR loop. One step reads like the algorithm: sample, score, advantage, update."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cegppo.advantages import get_advantage_fn, uniform_groups
+from cegppo.config import Config, config_from_dict, to_yaml
+from cegppo.data import (
+    PromptDataset,
+    PromptExample,
+    arithmetic_problems,
+    load_benchmark,
+    load_prompt_file,
+    render_prompt,
+)
+from cegppo.losses import masked_mean
+from cegppo.models import load_model_and_tokenizer
+from cegppo.rewards import RewardScorer
+from cegppo.rollout import SamplingParams, build_rollout_engine
+from cegppo.trainer.actor import Actor, Experience
+from cegppo.trainer.checkpoint import (
+    MODEL_DIR,
+    latest_checkpoint,
+    load_trainer_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from cegppo.trainer.evaluation import sample_and_score
+from cegppo.trainer.progress import Progress
+from cegppo.trainer.tracking import RunTracker
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.yaml"
+SUMMARY_FILE = "summary.json"
+
+
+class Interrupted(Exception):
+    """Raised by :meth:`Trainer.fit` after SIGINT/SIGTERM, once the checkpoint is saved."""
+
+    def __init__(self, signum: int, checkpoint: Path) -> None:
+        super().__init__(f"{signal.Signals(signum).name}: checkpoint saved at {checkpoint}")
+        self.signum = signum
+        self.checkpoint = checkpoint
+
+
+@dataclass
+class HeldOut:
+    prompts: list[str]
+    ground_truths: list[str]
+    data_sources: list[str]
+
+
+def new_run_dir(config: Config) -> Path:
+    """``output_dir/name`` (a timestamp by default); refuses to overwrite an existing run."""
+    name = config.trainer.name or datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(config.trainer.output_dir) / name
+    if run_dir.exists():
+        raise ValueError(
+            f"run directory {run_dir} already exists: resume it with --resume, or set trainer.name"
+        )
+    return run_dir
+
+
+def load_run_config(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """The resolved config a run was started with, plus overrides (e.g. a larger ``trainer.total_steps``)."""
+    from omegaconf import OmegaConf
+
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        raise ValueError(f"{run_dir} is not a run directory: {CONFIG_FILE} is missing")
+    values = OmegaConf.to_container(
+        OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(list(overrides)))
+    )
+    return config_from_dict(values)
+
+
+class Trainer:
+    """Single-process RLVR trainer: a policy, a rollout engine, a reward, and the actor update."""
+
+    def __init__(self, config: Config, run_dir: Path, *, resume: bool = False) -> None:
+        self.config = config
+        self.run_dir = run_dir
+        if config.trainer.num_threads:
+            torch.set_num_threads(config.trainer.num_threads)
+        checkpoint = latest_checkpoint(run_dir / "checkpoints") if resume else None
+        if resume and checkpoint is None:
+            raise ValueError(f"nothing to resume in {run_dir}: no complete checkpoint under checkpoints/")
+        if not resume:
+            run_dir.mkdir(parents=True, exist_ok=False)
+            random.seed(config.trainer.seed)
+            np.random.seed(config.trainer.seed)
+            torch.manual_seed(config.trainer.seed)
+        (run_dir / CONFIG_FILE).write_text(to_yaml(config))
+
+        device = self._device()
+        model_path = checkpoint / MODEL_DIR if checkpoint else config.model.path
+        self.model, self.tokenizer = load_model_and_tokenizer(str(model_path))
+        self.model.to(device)
+        if config.model.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        ref_model = None
+        if config.actor.use_kl_loss and checkpoint is not None:
+            ref_model = load_model_and_tokenizer(config.model.path)[0].to(device)
+        self.actor = Actor(self.model, config, ref_model=ref_model)
+        self.engine = build_rollout_engine(
+            config.rollout.engine,
+            self.model,
+            self.tokenizer,
+            batch_size=config.rollout.batch_size,
+            autocast_dtype=torch.bfloat16 if config.actor.bf16_autocast else None,
+        )
+        self.scorer = RewardScorer(config.reward)
+        self.train_data, self.heldout = self._load_data()
+
+        self.step_count = 0
+        self.state: dict[str, Any] = {"heldout_acc_before": None, "wall_s": 0.0}
+        if checkpoint is not None:
+            saved = load_trainer_state(checkpoint)
+            self.actor.optimizer.load_state_dict(saved["optimizer"])
+            self.actor.scheduler.load_state_dict(saved["scheduler"])
+            self.train_data.load_state_dict(saved["trainer"]["data"])
+            self.actor.skipped_updates = saved["trainer"]["skipped_updates"]
+            self.state = saved["trainer"]["state"]
+            self.step_count = saved["step"]
+            set_rng_state(saved["rng"])
+        self.tracker = RunTracker(
+            run_dir, tensorboard=config.trainer.tensorboard, resume_step=self.step_count
+        )
+        self._stop_signal: int | None = None
+
+    def _device(self) -> torch.device:
+        device = self.config.trainer.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        return torch.device(device)
+
+    def _load_data(self) -> tuple[PromptDataset, HeldOut | None]:
+        data = self.config.data
+        if data.task == "arithmetic":  # its train and held-out pools are disjoint by construction
+            train = arithmetic_problems(data.train_size, seed=data.seed)
+        else:
+            train = [
+                example
+                for path in data.train_files
+                for example in load_prompt_file(path, question_template=data.question_template)
+            ]
+        if not train:
+            raise ValueError(f"the training set is empty: data.train_files={data.train_files}")
+        dataset = PromptDataset(train, seed=data.seed, shuffle=data.shuffle)
+        if data.heldout is None:
+            return dataset, None
+        if Path(data.heldout).suffix in (".jsonl", ".json", ".parquet"):
+            heldout = load_prompt_file(data.heldout, question_template=data.question_template)
+        else:
+            heldout = load_benchmark(data.heldout, question_template=data.question_template)
+        heldout = heldout[: data.heldout_size]
+        return dataset, HeldOut(
+            prompts=[self._render(example) for example in heldout],
+            ground_truths=[example.ground_truth for example in heldout],
+            data_sources=[example.data_source for example in heldout],
+        )
+
+    def _render(self, example: PromptExample) -> str:
+        return render_prompt(self.tokenizer, example, system_prompt=self.config.data.system_prompt)
+
+    # -- the algorithm -------------------------------------------------------------------------------
+
+    def step(self) -> dict[str, float]:
+        """One RL step: sample, score, advantage, update. Returns the step's metrics."""
+        config = self.config
+        timings: dict[str, float] = {}
+        step_start = time.perf_counter()
+        examples = self.train_data.next_batch(config.data.train_batch_size)
+        n = config.rollout.n
+
+        # 1. Sample n responses per prompt.
+        with _timed(timings, "gen"):
+            rollout = self.engine.generate(
+                [self._render(example) for example in examples],
+                SamplingParams(
+                    n=n,
+                    temperature=config.rollout.temperature,
+                    top_p=config.rollout.top_p,
+                    top_k=config.rollout.top_k,
+                    max_new_tokens=config.rollout.max_new_tokens,
+                ),
+            )
+
+        # 2. Score each response against its prompt's ground truth.
+        with _timed(timings, "score"):
+            scored = self.scorer.score(
+                rollout.response_texts,
+                [example.ground_truth for example in examples for _ in range(n)],
+                [example.data_source for example in examples for _ in range(n)],
+                [example.extra_info for example in examples for _ in range(n)],
+            )
+        rewards = torch.tensor(scored.scores, dtype=torch.float32)
+        correct = torch.tensor(scored.correct, dtype=torch.bool)
+
+        # 3. Advantages within each prompt's group; DAPO's dynamic sampling drops groups without signal.
+        group_ids = torch.arange(len(examples)).repeat_interleave(n)
+        advantages = get_advantage_fn(config.algorithm.adv_estimator)(rewards, group_ids)
+        keep = torch.ones_like(correct)
+        if config.algorithm.filter_groups:
+            keep = ~uniform_groups(rewards, group_ids)
+
+        # 4. Update: old log-probs with the current weights, then the clipped policy-gradient epochs.
+        device = self.actor.device
+        experience = Experience(
+            input_ids=rollout.input_ids.to(device),
+            attention_mask=rollout.attention_mask.to(device),
+            response_mask=rollout.response_mask.to(device, torch.float32),
+            advantages=advantages.to(device),
+            correct=correct.to(device),
+        )
+        with _timed(timings, "old_logprob"):
+            entropy = self.actor.compute_old_log_probs(experience)
+        update_metrics: dict[str, float] = {}
+        with _timed(timings, "update"):
+            if keep.any():
+                update_metrics = self.actor.update(experience.select(keep.to(device)), group_size=n)
+                self.engine.sync_weights(self.model)
+        timings["step"] = time.perf_counter() - step_start
+
+        self.step_count += 1
+        response_lengths = rollout.response_mask.sum(-1).float()
+        total_tokens = rollout.attention_mask.sum().item()
+        metrics = {
+            **scored.metrics(),
+            "reward/std": rewards.std().item() if len(rewards) > 1 else 0.0,
+            "response_length/mean": response_lengths.mean().item(),
+            "response_length/max": response_lengths.max().item(),
+            "response_length/clip_ratio": rollout.truncated.float().mean().item(),
+            "entropy/mean": masked_mean(entropy, experience.response_mask).item(),
+            "data/filtered_groups": float(len(examples) - keep.view(len(examples), n)[:, 0].sum().item()),
+            **update_metrics,
+            **{f"timing/{name}_s": seconds for name, seconds in timings.items()},
+            "perf/tokens_per_s": total_tokens / timings["step"],
+        }
+        self._log_samples(examples, rollout.response_texts, scored.scores, n)
+        return metrics
+
+    # -- the run --------------------------------------------------------------------------------------
+
+    def evaluate_heldout(self) -> float | None:
+        """Greedy accuracy on the held-out set, or None when none is configured."""
+        if self.heldout is None:
+            return None
+        result = sample_and_score(
+            self.engine,
+            self.scorer,
+            self.heldout.prompts,
+            self.heldout.ground_truths,
+            self.heldout.data_sources,
+            SamplingParams(n=1, temperature=0.0, max_new_tokens=self.config.rollout.max_new_tokens),
+        )
+        return result.accuracy
+
+    def fit(self) -> dict[str, Any]:
+        """Train to ``trainer.total_steps``; checkpoint on schedule, at the end and on SIGINT/SIGTERM."""
+        config = self.config.trainer
+        started = time.perf_counter() - self.state["wall_s"]
+        with Progress(total=config.total_steps, done=self.step_count, quiet=config.quiet) as progress:
+            if self.state["heldout_acc_before"] is None and self.heldout is not None:
+                progress.note("evaluating the held-out set before training")
+                self.state["heldout_acc_before"] = self.evaluate_heldout()
+                progress.note(f"held-out accuracy before: {self.state['heldout_acc_before']:.3f}")
+            with self._signals_deferred():
+                while self.step_count < config.total_steps:
+                    metrics = self.step()
+                    self.tracker.log(self.step_count, metrics)
+                    progress.advance(self.step_count, metrics)
+                    self.state["wall_s"] = time.perf_counter() - started
+                    if self._stop_signal is not None:
+                        checkpoint = self.save()
+                        raise Interrupted(self._stop_signal, checkpoint)
+                    if config.save_every and self.step_count % config.save_every == 0:
+                        self.save()
+            if self.heldout is not None:
+                progress.note("evaluating the held-out set after training")
+            summary = self._summary(self.evaluate_heldout(), time.perf_counter() - started)
+            self.state["wall_s"] = summary["wall_s"]
+            self.save()
+        (self.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        self.close()
+        return summary
+
+    def save(self) -> Path:
+        return save_checkpoint(
+            self.run_dir / "checkpoints",
+            self.step_count,
+            model=self.model,
+            tokenizer=self.tokenizer,
+            optimizer=self.actor.optimizer,
+            scheduler=self.actor.scheduler,
+            trainer_state={
+                "data": self.train_data.state_dict(),
+                "skipped_updates": self.actor.skipped_updates,
+                "state": self.state,
+            },
+        )
+
+    def close(self) -> None:
+        self.tracker.close()
+        self.scorer.close()
+
+    def _summary(self, heldout_after: float | None, wall_s: float) -> dict[str, Any]:
+        summary: dict[str, Any] = {
+            "run_dir": str(self.run_dir),
+            "steps": self.step_count,
+            "wall_s": round(wall_s, 1),
+        }
+        if self.heldout is not None:
+            summary["heldout_acc_before"] = self.state["heldout_acc_before"]
+            summary["heldout_acc_after"] = heldout_after
+            summary["heldout_size"] = len(self.heldout.prompts)
+        return summary
+
+    def _log_samples(
+        self, examples: list[PromptExample], texts: list[str], scores: list[float], n: int
+    ) -> None:
+        count = self.config.trainer.num_logged_samples
+        samples = [
+            {
+                "question": examples[row // n].messages[-1]["content"],
+                "response": texts[row],
+                "ground_truth": examples[row // n].ground_truth,
+                "reward": scores[row],
+            }
+            for row in range(min(count, len(texts)))
+        ]
+        if samples:
+            self.tracker.log_samples(self.step_count, samples)
+
+    @contextmanager
+    def _signals_deferred(self) -> Iterator[None]:
+        """SIGINT/SIGTERM let the current step finish, then checkpoint; a second SIGINT stops at once."""
+
+        def request_stop(signum: int, frame: object) -> None:
+            if self._stop_signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self._stop_signal = signum
+            log.warning(
+                "%s received: finishing this step, then saving a checkpoint", signal.Signals(signum).name
+            )
+
+        if threading.current_thread() is not threading.main_thread():  # signal handlers need the main thread
+            yield
+            return
+        previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+@contextmanager
+def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    timings[name] = time.perf_counter() - start

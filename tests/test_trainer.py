@@ -1,0 +1,323 @@
+"""The RL step and run on tiny models: learning, gradient accumulation, checkpoints, resume, signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from _tiny import tiny_model, tiny_tokenizer
+from cegppo.config import load_config
+from cegppo.trainer import Interrupted, Trainer, load_run_config
+from cegppo.trainer.actor import Actor, Experience
+from cegppo.trainer.tracking import read_metrics
+
+SHORT_IS_RIGHT = """
+def compute_score(data_source, solution_str, ground_truth, extra_info=None):
+    return 1.0 if len(solution_str) < 6 else 0.0
+"""
+
+
+@pytest.fixture
+def short_reward(tmp_path: Path) -> str:
+    path = tmp_path / "short_reward.py"
+    path.write_text(SHORT_IS_RIGHT)
+    return f"{path}:compute_score"
+
+
+def tiny_overrides(model_dir: Path, out: Path, **extra: object) -> list[str]:
+    values = {
+        "model.path": model_dir,
+        "data.train_batch_size": 4,
+        "data.heldout_size": 4,
+        "rollout.n": 4,
+        "rollout.max_new_tokens": 6,
+        "reward.num_workers": 0,
+        "reward.strict_boxed": False,
+        "actor.ppo_mini_batch_size": 2,
+        "actor.micro_batch_size": 4,
+        "actor.bf16_autocast": False,
+        "actor.lr": 1e-3,
+        "trainer.total_steps": 2,
+        "trainer.output_dir": out,
+        "trainer.name": "run",
+        "trainer.quiet": True,
+        "trainer.tensorboard": False,
+    }
+    values.update(extra)
+    return [f"{key}={value}" for key, value in values.items()]
+
+
+def run_dir_of(config) -> Path:
+    return Path(config.trainer.output_dir) / config.trainer.name
+
+
+def test_a_run_writes_metrics_samples_checkpoint_and_summary(tiny_model_dir, tmp_path, short_reward):
+    config = load_config(
+        None,
+        tiny_overrides(
+            tiny_model_dir, tmp_path, **{"reward.name": short_reward, "trainer.tensorboard": True}
+        ),
+    )
+    run_dir = run_dir_of(config)
+    summary = Trainer(config, run_dir).fit()
+
+    assert summary["steps"] == 2 and summary["heldout_size"] == 4
+    assert 0 <= summary["heldout_acc_before"] <= 1 and 0 <= summary["heldout_acc_after"] <= 1
+    assert json.loads((run_dir / "summary.json").read_text()) == summary
+    records = read_metrics(run_dir)
+    assert [r["step"] for r in records] == [1, 2]
+    for key in [
+        "reward/mean",
+        "acc/mean",
+        "response_length/mean",
+        "response_length/max",
+        "response_length/clip_ratio",
+        "entropy/mean",
+        "actor/pg_loss",
+        "actor/pg_clipfrac",
+        "actor/pg_clipfrac_low",
+        "actor/pg_clipfrac_high",
+        "actor/pg_clipfrac_dual",
+        "actor/ppo_kl",
+        "actor/grad_norm",
+        "actor/lr",
+        "data/filtered_groups",
+        "timing/gen_s",
+        "timing/score_s",
+        "timing/old_logprob_s",
+        "timing/update_s",
+        "timing/step_s",
+        "perf/tokens_per_s",
+    ]:
+        assert key in records[0], key
+    assert records[0]["actor/num_updates"] == 2  # 4 prompts / mini-batches of 2
+    assert 0 < records[0]["entropy/mean"] < torch.log(torch.tensor(float(len(tiny_tokenizer())))).item()
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert {"question", "response", "ground_truth", "reward", "step"} <= set(samples[0])
+    assert (run_dir / "checkpoints" / "step_2" / "model" / "model.safetensors").is_file()
+    assert list((run_dir / "tensorboard").iterdir())
+    assert load_run_config(run_dir) == config
+
+
+def test_the_policy_learns_a_trivial_reward(tmp_path, short_reward):
+    # Reward: a response shorter than 6 characters. The tiny model's first-token EOS probability must rise.
+    model_dir = tmp_path / "model"
+    from _tiny import save_tiny
+
+    save_tiny(model_dir, eos_bias=2.0)
+    config = load_config(
+        None,
+        tiny_overrides(
+            model_dir,
+            tmp_path,
+            **{
+                "reward.name": short_reward,
+                "trainer.total_steps": 8,
+                "data.heldout": "null",
+                "actor.lr": 3e-3,
+                "rollout.n": 8,
+                "data.train_batch_size": 4,
+            },
+        ),
+    )
+    trainer = Trainer(config, run_dir_of(config))
+
+    def eos_first_prob() -> float:
+        prompt = trainer._render(trainer.train_data.examples[0])
+        ids = trainer.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+        with torch.no_grad():
+            logits = trainer.model(ids).logits[0, -1]
+        return logits.softmax(-1)[trainer.tokenizer.eos_token_id].item()
+
+    before = eos_first_prob()
+    trainer.fit()
+    rewards = [r["reward/mean"] for r in read_metrics(trainer.run_dir)]
+    assert eos_first_prob() > before + 0.1
+    assert sum(rewards[-3:]) > sum(rewards[:3])
+
+
+def _experience(model, tokenizer, rows: int = 8, prompt_len: int = 5, response_len: int = 7) -> Experience:
+    generator = torch.Generator().manual_seed(0)
+    vocab = len(tokenizer)
+    prompt = torch.randint(3, vocab, (rows, prompt_len), generator=generator)
+    response = torch.randint(3, vocab, (rows, response_len), generator=generator)
+    prompt_mask = torch.ones(rows, prompt_len, dtype=torch.long)
+    prompt_mask[::3, :2] = 0  # left padding
+    response_mask = torch.ones(rows, response_len)
+    for row in range(rows):
+        response_mask[row, 2 + row % (response_len - 2) :] = 0  # right padding, varied lengths
+    return Experience(
+        input_ids=torch.cat([prompt, response], 1),
+        attention_mask=torch.cat([prompt_mask, response_mask.long()], 1),
+        response_mask=response_mask,
+        advantages=torch.randn(rows, generator=generator),
+        correct=torch.arange(rows) % 2 == 0,
+    )
+
+
+@pytest.mark.parametrize("loss", ["ce_gppo", "vanilla", "gspo"])
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_micro_batch_splitting_never_changes_the_gradient(loss, agg):
+    tokenizer = tiny_tokenizer()
+    model = tiny_model("llama", tokenizer, seed=1)
+    config = load_config(
+        None,
+        [
+            f"actor.policy_loss={loss}",
+            f"actor.loss_agg_mode={agg}",
+            "actor.lr=0.05",
+            "actor.bf16_autocast=false",
+            "actor.positive_loss_coeff=0.1",
+            "actor.entropy_coeff=0.01",
+            "actor.clip_ratio_low=0.01",
+            "actor.clip_ratio_high=0.01",
+        ],
+    )
+    actor = Actor(model, config)
+    batch = _experience(model, tokenizer)
+    actor.compute_old_log_probs(batch)
+    actor._update_mini_batch(batch)  # move the weights, so the ratios leave 1 and clipping acts
+
+    grads, clipped = [], []
+    for micro in (8, 3, 1):
+        actor.config.actor.micro_batch_size = micro
+        actor.optimizer.zero_grad()
+        metrics, finite = actor.accumulate_gradients(batch)
+        assert finite
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+        clipped.append(metrics["actor/pg_clipfrac"])
+    assert clipped[0] > 0
+    for other in grads[1:]:
+        torch.testing.assert_close(other, grads[0], rtol=1e-4, atol=1e-7)
+    assert clipped[1] == pytest.approx(clipped[0]) and clipped[2] == pytest.approx(clipped[0])
+
+
+def test_a_non_finite_loss_skips_the_update(monkeypatch):
+    tokenizer = tiny_tokenizer()
+    model = tiny_model("llama", tokenizer)
+    actor = Actor(model, load_config(None, ["actor.bf16_autocast=false"]))
+    batch = _experience(model, tokenizer)
+    actor.compute_old_log_probs(batch)
+    before = [p.detach().clone() for p in model.parameters()]
+    monkeypatch.setattr(actor, "loss_fn", lambda **kw: (kw["log_prob"].sum() * float("nan"), {}))
+    metrics = actor.update(batch, group_size=1)  # 4 prompts per mini-batch: 2 updates
+    assert metrics["actor/skipped_updates"] == 2
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def _comparable(records):
+    return [{k: v for k, v in r.items() if not k.startswith(("timing/", "perf/"))} for r in records]
+
+
+def test_a_resumed_run_continues_exactly(tiny_model_dir, tmp_path, short_reward):
+    common = {"reward.name": short_reward, "data.heldout": "null", "actor.policy_loss": "clip_cov"}
+    straight = load_config(
+        None,
+        tiny_overrides(
+            tiny_model_dir, tmp_path / "a", **common, **{"trainer.total_steps": 4, "trainer.save_every": 2}
+        ),
+    )
+    Trainer(straight, run_dir_of(straight)).fit()
+
+    first = load_config(
+        None, tiny_overrides(tiny_model_dir, tmp_path / "b", **common, **{"trainer.total_steps": 2})
+    )
+    Trainer(first, run_dir_of(first)).fit()
+    run_dir = run_dir_of(first)
+    resumed = load_run_config(run_dir, ["trainer.total_steps=4"])
+    Trainer(resumed, run_dir, resume=True).fit()
+
+    expected = _comparable(read_metrics(run_dir_of(straight)))
+    got = _comparable(read_metrics(run_dir))
+    assert [r["step"] for r in got] == [1, 2, 3, 4]
+    assert got == expected
+
+
+def test_sigint_saves_a_checkpoint_and_the_run_resumes(tiny_model_dir, tmp_path, short_reward, monkeypatch):
+    config = load_config(
+        None,
+        tiny_overrides(
+            tiny_model_dir,
+            tmp_path,
+            **{"reward.name": short_reward, "data.heldout": "null", "trainer.total_steps": 3},
+        ),
+    )
+    run_dir = run_dir_of(config)
+    trainer = Trainer(config, run_dir)
+    original_step = Trainer.step
+
+    def step_then_ctrl_c(self):
+        metrics = original_step(self)
+        if self.step_count == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return metrics
+
+    monkeypatch.setattr(Trainer, "step", step_then_ctrl_c)
+    with pytest.raises(Interrupted) as stop:
+        trainer.fit()
+    trainer.close()
+    assert stop.value.signum == signal.SIGINT
+    assert stop.value.checkpoint == run_dir / "checkpoints" / "step_1"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    monkeypatch.setattr(Trainer, "step", original_step)
+
+    summary = Trainer(load_run_config(run_dir), run_dir, resume=True).fit()
+    assert summary["steps"] == 3
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3]
+
+
+def test_kl_entropy_and_nll_terms_and_dynamic_sampling(tiny_model_dir, tmp_path, short_reward):
+    config = load_config(
+        None,
+        tiny_overrides(
+            tiny_model_dir,
+            tmp_path,
+            **{
+                "reward.name": short_reward,
+                "data.heldout": "null",
+                "trainer.total_steps": 1,
+                "actor.use_kl_loss": True,
+                "actor.entropy_coeff": 0.01,
+                "actor.positive_loss_coeff": 0.1,
+                "algorithm.filter_groups": True,
+                "algorithm.adv_estimator": "rloo",
+            },
+        ),
+    )
+    Trainer(config, run_dir_of(config)).fit()
+    (record,) = read_metrics(run_dir_of(config))
+    assert 0 <= record["data/filtered_groups"] <= 4
+    if record["data/filtered_groups"] < 4:
+        assert {"actor/kl_loss", "actor/entropy_loss"} <= set(record)
+        assert record["actor/kl_loss"] >= 0
+
+
+def test_fused_and_plain_log_prob_paths_train_identically(tiny_model_dir, tmp_path, short_reward):
+    records = []
+    for fused in (True, False):
+        config = load_config(
+            None,
+            tiny_overrides(
+                tiny_model_dir,
+                tmp_path / str(fused),
+                **{"reward.name": short_reward, "data.heldout": "null", "model.fused_logprobs": fused},
+            ),
+        )
+        Trainer(config, run_dir_of(config)).fit()
+        records.append(_comparable(read_metrics(run_dir_of(config))))
+    for fused, plain in zip(*records, strict=True):
+        assert fused.keys() == plain.keys()
+        for key in fused:
+            assert fused[key] == pytest.approx(plain[key], rel=1e-3, abs=1e-5), key
+
+
+def test_starting_over_an_existing_run_or_resuming_nothing_is_an_error(tiny_model_dir, tmp_path):
+    config = load_config(None, tiny_overrides(tiny_model_dir, tmp_path))
+    run_dir_of(config).mkdir(parents=True)
+    with pytest.raises(ValueError, match="nothing to resume"):
+        Trainer(config, run_dir_of(config), resume=True)
