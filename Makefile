@@ -34,4 +34,25 @@ demo: setup
 	$(PY) -m cegppo train
 
 clean:
-	rm -rf .venv build dist src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf .venv .venv-verl build dist src/*.egg-info .pytest_cache .ruff_cache
+
+# verl's tests need their own venv: verl 0.9.1 pins transformers < 5.11 and hydra/omegaconf (antlr 4.9) and pulls
+# ray. Only the parts the policy-loss plug-in touches are installed (verl --no-deps; no vLLM, no CUDA).
+VERL_PY    := .venv-verl/bin/python
+VERL_STAMP := .venv-verl/.cegppo-installed
+
+.PHONY: test-verl
+
+$(VERL_STAMP): pyproject.toml
+	@test -x $(VERL_PY) || python3 -m venv .venv-verl
+	$(VERL_PY) -m pip install -q --upgrade pip
+	$(VERL_PY) -m pip install -q $(TORCH)
+	$(VERL_PY) -m pip install -q --no-deps verl==0.9.1
+	$(VERL_PY) -m pip install -q packaging numpy ray 'tensordict>=0.8,<=0.10.0,!=0.9.0' omegaconf hydra-core \
+		'transformers>=5.5.3,!=5.6.0,<5.11' codetiming datasets pillow 'math-verify[antlr4_9_3]' \
+		pytest pytest-timeout
+	$(VERL_PY) -m pip install -q --no-deps -e .
+	@touch $(VERL_STAMP)
+
+test-verl: $(VERL_STAMP)
+	$(VERL_PY) -m pytest -q tests/integrations/test_verl.py

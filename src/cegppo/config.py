@@ -65,6 +65,35 @@ class AlgorithmConfig:
 
 
 @dataclass
+class ScheduleConfig:
+    """A value over training steps: ``constant`` (the plain setting), ``step`` (piecewise constant:
+    each ``[step, value]`` point holds from its step on, e.g. the paper's Fig. 6 switch
+    ``[[0, 0.0], [585, 0.5]]``) or ``linear`` (interpolated between points, flat outside them)."""
+
+    kind: str = "constant"
+    points: list[list[float]] = field(default_factory=list)
+
+
+@dataclass
+class EntropyControlConfig:
+    """Keep ``entropy/mean`` in [target_low, target_high] by moving β1 (and β2 if asked) after each step.
+
+    Entropy above the band: β1 += step_size (and β2 -= step_size): NA&LP tokens, which lower entropy, get
+    more weight (CE-GPPO §5.1). Below the band: the opposite. β stays within its bounds.
+    """
+
+    enabled: bool = False
+    target_low: float = 0.0
+    target_high: float = 0.0
+    step_size: float = 0.05
+    beta1_min: float = 0.0
+    beta1_max: float = 1.0
+    adjust_beta2: bool = False
+    beta2_min: float = 0.5
+    beta2_max: float = 1.5
+
+
+@dataclass
 class ActorConfig:
     policy_loss: str = "ce_gppo"
     clip_ratio_low: float = 0.2
@@ -72,6 +101,9 @@ class ActorConfig:
     clip_ratio_c: float | None = 10.0
     beta1: float = 0.5
     beta2: float = 1.0
+    beta1_schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    beta2_schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    entropy_control: EntropyControlConfig = field(default_factory=EntropyControlConfig)
     loss_agg_mode: str = "token-mean"
     loss_scale_factor: float | None = None
     clip_cov_ratio: float = 2e-4
@@ -96,12 +128,30 @@ class ActorConfig:
 
 
 @dataclass
+class AnalysisConfig:
+    prob_threshold: float = 0.5  # HP vs LP tokens in the quadrant metrics: π_old(token) >= threshold
+
+
+@dataclass
+class EvalConfig:
+    """Benchmarks evaluated every ``trainer.eval_every`` steps, logged as ``val/<bench>/avg@n``."""
+
+    benchmarks: list[str] = field(default_factory=list)
+    n: int = 4
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_new_tokens: int | None = None  # None: rollout.max_new_tokens
+    limit: int | None = None  # first K problems of each benchmark
+
+
+@dataclass
 class TrainerConfig:
     total_steps: int = 10
     seed: int = 0
     output_dir: str = "runs"
     name: str | None = None  # run directory name; default: a timestamp
     save_every: int = 0  # checkpoint every N steps; 0: only at the end (and on SIGINT/SIGTERM)
+    eval_every: int = 0  # evaluate eval.benchmarks every N steps (and at the end); 0: never
     num_logged_samples: int = 4
     tensorboard: bool = True
     quiet: bool = False
@@ -117,6 +167,8 @@ class Config:
     reward: RewardConfig = field(default_factory=lambda: RewardConfig(strict_boxed=True))
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     actor: ActorConfig = field(default_factory=ActorConfig)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
     def policy_loss_config(self) -> PolicyLossConfig:
@@ -270,6 +322,25 @@ def validate(config: Config) -> None:
         ("trainer.num_logged_samples", t.num_logged_samples),
     ]:
         check(math.isfinite(value) and value >= 0, key, value, "must be >= 0")
+    check(
+        0 < config.analysis.prob_threshold < 1,
+        "analysis.prob_threshold",
+        config.analysis.prob_threshold,
+        "must be in (0, 1)",
+    )
+    _validate_beta_steering(config.actor)
+    e = config.eval
+    check(
+        not t.eval_every or bool(e.benchmarks),
+        "eval.benchmarks",
+        e.benchmarks,
+        "trainer.eval_every needs at least one benchmark",
+    )
+    positive("eval.n", e.n)
+    positive("eval.max_new_tokens", e.max_new_tokens, optional=True)
+    positive("eval.limit", e.limit, optional=True)
+    check(e.temperature >= 0, "eval.temperature", e.temperature, "must be >= 0 (0: greedy)")
+    check(0 < e.top_p <= 1, "eval.top_p", e.top_p, "must be in (0, 1]")
     try:
         config.policy_loss_config()
     except ValueError as error:
@@ -278,3 +349,47 @@ def validate(config: Config) -> None:
         config.reward.validate()
     except ValueError as error:
         raise ConfigError(str(error)) from None
+
+
+def _validate_beta_steering(actor: ActorConfig) -> None:
+    for name in ("beta1_schedule", "beta2_schedule"):
+        schedule = getattr(actor, name)
+        key = f"actor.{name}"
+        if schedule.kind not in ("constant", "step", "linear"):
+            raise ConfigError(f"{key}.kind={schedule.kind!r} is invalid: allowed are constant, step, linear")
+        if schedule.kind == "constant":
+            if schedule.points:
+                raise ConfigError(
+                    f"{key}.points is set but {key}.kind is 'constant': set kind to step or linear"
+                )
+            continue
+        if not schedule.points or any(len(point) != 2 for point in schedule.points):
+            raise ConfigError(f"{key}.points={schedule.points!r} is invalid: give [[step, value], ...]")
+        steps = [point[0] for point in schedule.points]
+        if steps != sorted(steps) or any(point[1] < 0 for point in schedule.points):
+            raise ConfigError(
+                f"{key}.points={schedule.points!r} is invalid: steps must increase and values be >= 0"
+            )
+    control = actor.entropy_control
+    if not control.enabled:
+        return
+    if not 0 <= control.target_low < control.target_high:
+        raise ConfigError(
+            f"actor.entropy_control.target_low/target_high=({control.target_low}, {control.target_high}) "
+            "is invalid: need 0 <= target_low < target_high"
+        )
+    if control.step_size <= 0:
+        raise ConfigError(f"actor.entropy_control.step_size={control.step_size} is invalid: must be > 0")
+    bounds = [("beta1", control.beta1_min, control.beta1_max, actor.beta1)]
+    if control.adjust_beta2:
+        bounds.append(("beta2", control.beta2_min, control.beta2_max, actor.beta2))
+    for name, low, high, start in bounds:
+        if not 0 <= low <= start <= high:
+            raise ConfigError(
+                f"actor.entropy_control.{name}_min/{name}_max=({low}, {high}) is invalid: "
+                f"need 0 <= min <= actor.{name}={start} <= max"
+            )
+        if getattr(actor, f"{name}_schedule").kind != "constant":
+            raise ConfigError(
+                f"actor.{name}_schedule and actor.entropy_control both steer {name}: choose one"
+            )

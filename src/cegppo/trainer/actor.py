@@ -14,6 +14,7 @@ import torch
 from transformers import PreTrainedModel, get_constant_schedule_with_warmup
 
 from cegppo.config import Config
+from cegppo.dynamics import QuadrantTotals, quadrant_totals
 from cegppo.losses import agg_loss, get_policy_loss_fn, kl_penalty
 from cegppo.ops import causal_lm_logprobs_and_entropy
 
@@ -128,26 +129,31 @@ class Actor:
         self.model.train()
         totals: dict[str, float] = defaultdict(float)
         weights: dict[str, float] = defaultdict(float)
+        quadrants: QuadrantTotals | None = None
         mini_rows = actor.ppo_mini_batch_size * group_size
         updates = 0
         for _ in range(actor.ppo_epochs):
             for start in range(0, len(batch), mini_rows):
                 mini = batch.select(slice(start, start + mini_rows))
-                metrics = self._update_mini_batch(mini)
+                metrics, mini_quadrants = self._update_mini_batch(mini)
+                if mini_quadrants is not None:
+                    quadrants = mini_quadrants if quadrants is None else quadrants + mini_quadrants
                 updates += 1
                 for key, value in metrics.items():
                     totals[key] += value
                     weights[key] += 1
         result = {key: totals[key] / weights[key] for key in totals}
+        if quadrants is not None:
+            result.update(quadrants.metrics())
         result["actor/lr"] = self.scheduler.get_last_lr()[0]
         result["actor/num_updates"] = float(updates)
         result["actor/skipped_updates"] = float(self.skipped_updates)
         return result
 
-    def _update_mini_batch(self, mini: Experience) -> dict[str, float]:
+    def _update_mini_batch(self, mini: Experience) -> tuple[dict[str, float], QuadrantTotals | None]:
         """Accumulate the mini-batch gradient, clip it, and take one optimiser step (skipped if non-finite)."""
         self.optimizer.zero_grad(set_to_none=True)
-        metrics, finite = self.accumulate_gradients(mini)
+        metrics, quadrants, finite = self.accumulate_gradients(mini)
         grad_norm = float("nan")
         if finite:
             grad_norm = torch.nn.utils.clip_grad_norm_(
@@ -161,14 +167,15 @@ class Actor:
             log.warning("skipping an update: non-finite loss or gradient norm (%s)", grad_norm)
         self.optimizer.zero_grad(set_to_none=True)
         metrics["actor/grad_norm"] = grad_norm
-        return metrics
+        return metrics, quadrants
 
-    def accumulate_gradients(self, mini: Experience) -> tuple[dict[str, float], bool]:
+    def accumulate_gradients(self, mini: Experience) -> tuple[dict[str, float], QuadrantTotals | None, bool]:
         """Backward the mini-batch loss one micro-batch at a time.
 
         Every micro-batch loss is normalised by the *mini-batch's* token and sequence counts, so the
         accumulated gradient is the mini-batch gradient whatever ``micro_batch_size`` is. Returns the
-        metrics and whether everything was finite (if not, the gradients are incomplete: skip the step).
+        metrics, the token-quadrant totals, and whether everything was finite (if not, the gradients are
+        incomplete: skip the step).
         """
         actor = self.config.actor
         num_tokens = int(mini.response_mask.sum().item())
@@ -181,11 +188,12 @@ class Actor:
         want_entropy = actor.entropy_coeff > 0
 
         metrics: dict[str, float] = defaultdict(float)
+        quadrants: QuadrantTotals | None = None
         for micro in self._micro_batches(mini):
             share = micro.response_mask.sum().item() / max(num_tokens, 1)
             log_prob, entropy = self.token_log_probs(self.model, micro, with_entropy=want_entropy)
             if not torch.isfinite(log_prob).all():
-                return dict(metrics), False
+                return dict(metrics), quadrants, False
             pg_loss, pg_metrics = self.loss_fn(
                 old_log_prob=micro.old_log_prob,
                 log_prob=log_prob,
@@ -195,6 +203,20 @@ class Actor:
                 config=loss_config,
                 rollout_is_weights=None,
             )
+            # ∂pg_loss/∂log π per token is the loss's own gradient weight (−F·A/N): it places each token's
+            # share of the update in the entropy quadrants, through the loss ops only, not the model.
+            (loss_grad,) = torch.autograd.grad(pg_loss, log_prob, retain_graph=True)
+            micro_quadrants = quadrant_totals(
+                micro.old_log_prob,
+                log_prob,
+                loss_grad,
+                micro.advantages.unsqueeze(1).expand_as(log_prob),
+                micro.response_mask,
+                prob_threshold=self.config.analysis.prob_threshold,
+                clip_ratio_low=loss_config.clip_ratio_low,
+                clip_ratio_high=loss_config.clip_ratio_high,
+            )
+            quadrants = micro_quadrants if quadrants is None else quadrants + micro_quadrants
             loss = pg_loss
             metrics["actor/pg_loss"] += pg_loss.item()
             if want_entropy:
@@ -214,11 +236,11 @@ class Actor:
                 loss = loss + actor.positive_loss_coeff * nll
                 metrics["actor/positive_nll"] += nll.item()
             if not torch.isfinite(loss):
-                return dict(metrics), False
+                return dict(metrics), quadrants, False
             loss.backward()
             for key, value in pg_metrics.items():
                 metrics[key] += value * share
-        return dict(metrics), True
+        return dict(metrics), quadrants, True
 
     def _micro_batches(self, batch: Experience) -> Iterator[Experience]:
         size = self.config.actor.micro_batch_size

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -28,6 +29,8 @@ from cegppo.data import (
     load_prompt_file,
     render_prompt,
 )
+from cegppo.dynamics import entropy_covariance
+from cegppo.evaluation import sample_and_score
 from cegppo.losses import masked_mean
 from cegppo.models import load_model_and_tokenizer
 from cegppo.rewards import RewardScorer
@@ -40,8 +43,8 @@ from cegppo.trainer.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from cegppo.trainer.evaluation import sample_and_score
 from cegppo.trainer.progress import Progress
+from cegppo.trainer.steering import BetaSteering
 from cegppo.trainer.tracking import RunTracker
 
 log = logging.getLogger(__name__)
@@ -128,14 +131,16 @@ class Trainer:
         self.scorer = RewardScorer(config.reward)
         self.train_data, self.heldout = self._load_data()
 
+        self.steering = BetaSteering(config.actor)
         self.step_count = 0
-        self.state: dict[str, Any] = {"heldout_acc_before": None, "wall_s": 0.0}
+        self.state: dict[str, Any] = {"heldout_acc_before": None, "wall_s": 0.0, "last_entropy": None}
         if checkpoint is not None:
             saved = load_trainer_state(checkpoint)
             self.actor.optimizer.load_state_dict(saved["optimizer"])
             self.actor.scheduler.load_state_dict(saved["scheduler"])
             self.train_data.load_state_dict(saved["trainer"]["data"])
             self.actor.skipped_updates = saved["trainer"]["skipped_updates"]
+            self.steering.load_state_dict(saved["trainer"]["steering"])
             self.state = saved["trainer"]["state"]
             self.step_count = saved["step"]
             set_rng_state(saved["rng"])
@@ -221,6 +226,8 @@ class Trainer:
             keep = ~uniform_groups(rewards, group_ids)
 
         # 4. Update: old log-probs with the current weights, then the clipped policy-gradient epochs.
+        beta1, beta2 = self.steering.betas(self.step_count + 1)
+        self.actor.loss_config = dataclasses.replace(self.actor.loss_config, beta1=beta1, beta2=beta2)
         device = self.actor.device
         experience = Experience(
             input_ids=rollout.input_ids.to(device),
@@ -239,6 +246,19 @@ class Trainer:
         timings["step"] = time.perf_counter() - step_start
 
         self.step_count += 1
+        mean_entropy = masked_mean(entropy, experience.response_mask).item()
+        self.steering.observe_entropy(mean_entropy)
+        entropy_metrics = {
+            "entropy/mean": mean_entropy,
+            "entropy/cov_logp_pA": entropy_covariance(
+                experience.old_log_prob,
+                experience.advantages.unsqueeze(1).expand_as(entropy),
+                experience.response_mask,
+            ),
+        }
+        if self.state["last_entropy"] is not None:
+            entropy_metrics["entropy/delta"] = mean_entropy - self.state["last_entropy"]
+        self.state["last_entropy"] = mean_entropy
         response_lengths = rollout.response_mask.sum(-1).float()
         total_tokens = rollout.attention_mask.sum().item()
         metrics = {
@@ -247,7 +267,9 @@ class Trainer:
             "response_length/mean": response_lengths.mean().item(),
             "response_length/max": response_lengths.max().item(),
             "response_length/clip_ratio": rollout.truncated.float().mean().item(),
-            "entropy/mean": masked_mean(entropy, experience.response_mask).item(),
+            **entropy_metrics,
+            "actor/beta1": beta1,
+            "actor/beta2": beta2,
             "data/filtered_groups": float(len(examples) - keep.view(len(examples), n)[:, 0].sum().item()),
             **update_metrics,
             **{f"timing/{name}_s": seconds for name, seconds in timings.items()},
@@ -312,6 +334,7 @@ class Trainer:
             trainer_state={
                 "data": self.train_data.state_dict(),
                 "skipped_updates": self.actor.skipped_updates,
+                "steering": self.steering.state_dict(),
                 "state": self.state,
             },
         )

@@ -1,0 +1,278 @@
+"""TRL integration: a ``GRPOTrainer`` whose policy loss comes from the cegppo registry.
+
+    from cegppo.integrations.trl import CEGPPOConfig, CEGPPOTrainer
+
+    args = CEGPPOConfig(output_dir="out", loss_mode="ce_gppo", beta1=0.5, beta2=1.0, num_iterations=2)
+    CEGPPOTrainer(model="Qwen/Qwen2.5-0.5B-Instruct", reward_funcs=reward_fn, args=args,
+                  train_dataset=dataset).train()
+
+Everything else is TRL's: generation (``model.generate`` or vLLM), rewards, group advantages, KL to a
+reference model (``beta``), logging, ``accelerate``/DeepSpeed/FSDP. Only ``GRPOTrainer._compute_loss`` is
+replaced, TRL's supported extension route. TRL's clip knobs keep their meaning: ``epsilon`` is ε_low,
+``epsilon_high`` is ε_high and ``delta`` is the dual-clip bound c (TRL's "two-sided clipping" is exactly
+dual-clip; here it defaults to 10, the CE-GPPO recipe's value). ``loss_type`` is replaced by ``loss_mode``
+(the registered loss) and ``loss_agg_mode`` (the aggregation), normalised as TRL normalises:
+
+- ``token-mean``: Σ loss / tokens of the optimizer step across processes, as TRL's ``dapo``;
+- ``seq-mean-token-mean``: mean of per-sequence token means, as TRL's ``grpo``;
+- ``seq-mean-token-sum-norm``: Σ loss / (sequences · ``loss_scale_factor``, default ``max_completion_length``),
+  as TRL's ``dr_grpo``;
+- ``seq-mean-token-sum``: mean of per-sequence token sums.
+
+Clipping only acts when the policy has moved since generation: set ``num_iterations`` > 1 or
+``steps_per_generation`` > ``gradient_accumulation_steps`` (with TRL's defaults the ratio is exactly 1).
+Logged besides TRL's metrics: ``clip_ratio/{low_mean, high_mean, region_mean, low_min, high_max}`` (TRL's
+names and definitions) and the loss's ``actor/{pg_clipfrac, pg_clipfrac_low, pg_clipfrac_high,
+pg_clipfrac_dual, ppo_kl}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+try:
+    from trl import GRPOConfig, GRPOTrainer
+    from trl.trainer.utils import nanmax, nanmin
+except ImportError as exc:  # pragma: no cover - exercised only without trl
+    raise ImportError("cegppo.integrations.trl needs TRL (tested with trl 1.16): `pip install trl`") from exc
+
+from cegppo.losses import LOSS_AGG_MODES, PolicyLossConfig, agg_loss, get_policy_loss_fn, list_policy_losses
+
+_DEFAULTS = PolicyLossConfig()
+
+
+def _help(text: str) -> dict[str, dict[str, str]]:
+    return {"metadata": {"help": text}}
+
+
+@dataclass
+class CEGPPOConfig(GRPOConfig):
+    """``GRPOConfig`` plus the cegppo loss settings (TRL's ``loss_type`` is not used)."""
+
+    loss_mode: str = field(
+        default="ce_gppo",
+        **_help(f"Policy loss from the cegppo registry: {', '.join(list_policy_losses())}."),
+    )
+    beta1: float = field(
+        default=_DEFAULTS.beta1,
+        **_help("CE-GPPO gradient weight of the left boundary (ratio < 1-epsilon, advantage < 0)."),
+    )
+    beta2: float = field(
+        default=_DEFAULTS.beta2,
+        **_help("CE-GPPO gradient weight of the right boundary (ratio > 1+epsilon_high, advantage > 0)."),
+    )
+    loss_agg_mode: str = field(
+        default="token-mean", **_help(f"Loss aggregation: {', '.join(LOSS_AGG_MODES)}.")
+    )
+    loss_scale_factor: float | None = field(
+        default=None,
+        **_help("Divisor of seq-mean-token-sum-norm (Dr. GRPO); default: max_completion_length."),
+    )
+    delta: float | None = field(
+        default=_DEFAULTS.clip_ratio_c,
+        **_help("Dual-clip bound c: an advantage < 0 token's loss is capped at -c·A. None disables it."),
+    )
+    clip_cov_ratio: float = field(default=_DEFAULTS.clip_cov_ratio, **_help("clip_cov: fraction of tokens."))
+    clip_cov_lb: float = field(default=_DEFAULTS.clip_cov_lb, **_help("clip_cov: covariance lower bound."))
+    clip_cov_ub: float = field(default=_DEFAULTS.clip_cov_ub, **_help("clip_cov: covariance upper bound."))
+    kl_cov_ratio: float = field(default=_DEFAULTS.kl_cov_ratio, **_help("kl_cov: fraction of tokens."))
+    ppo_kl_coef: float = field(default=_DEFAULTS.ppo_kl_coef, **_help("kl_cov: KL penalty coefficient."))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        get_policy_loss_fn(self.loss_mode)
+        if self.loss_agg_mode not in LOSS_AGG_MODES:
+            raise ValueError(
+                f"CEGPPOConfig.loss_agg_mode={self.loss_agg_mode!r}: allowed values are {LOSS_AGG_MODES}"
+            )
+        if self.importance_sampling_level != "token":
+            raise ValueError(
+                "CEGPPOConfig.importance_sampling_level must be 'token': the losses take per-token ratios "
+                "(loss_mode='gspo' forms the sequence ratio itself)"
+            )
+        if self.entropy_coef != 0.0 or self.use_adaptive_entropy:
+            raise ValueError(
+                "CEGPPOConfig does not support TRL's entropy bonus (entropy_coef, use_adaptive_entropy); "
+                "CE-GPPO steers entropy through beta1/beta2"
+            )
+        self.policy_loss_config()
+
+    def policy_loss_config(self) -> PolicyLossConfig:
+        """The loss settings, validated (``ValueError`` names a bad field); batch sizes are set per step."""
+        scale = self.max_completion_length if self.loss_scale_factor is None else self.loss_scale_factor
+        return PolicyLossConfig(
+            clip_ratio_low=self.epsilon,
+            clip_ratio_high=self.epsilon if self.epsilon_high is None else self.epsilon_high,
+            clip_ratio_c=self.delta,
+            beta1=self.beta1,
+            beta2=self.beta2,
+            loss_scale_factor=scale,
+            clip_cov_ratio=self.clip_cov_ratio,
+            clip_cov_lb=self.clip_cov_lb,
+            clip_cov_ub=self.clip_cov_ub,
+            kl_cov_ratio=self.kl_cov_ratio,
+            ppo_kl_coef=self.ppo_kl_coef,
+        )
+
+
+# Arguments of GRPOTrainer._get_per_token_logps_and_entropies that the loss sets itself; the others are
+# optional model inputs (images, token types, ...) taken from the batch when present.
+_FORWARD_ARGS = frozenset(
+    [
+        "self",
+        "model",
+        "input_ids",
+        "attention_mask",
+        "logits_to_keep",
+        "batch_size",
+        "compute_entropy",
+        "compute_aux_loss",
+    ]
+)
+
+
+class CEGPPOTrainer(GRPOTrainer):
+    """``GRPOTrainer`` with the policy loss ``args.loss_mode`` from the cegppo registry (see the module doc)."""
+
+    def __init__(self, model: Any, reward_funcs: Any = None, args: CEGPPOConfig | None = None, **kwargs: Any):
+        if args is None:
+            args = CEGPPOConfig()
+        if not isinstance(args, CEGPPOConfig):
+            raise TypeError(f"CEGPPOTrainer needs args=CEGPPOConfig(...), got {type(args).__name__}")
+        super().__init__(model, reward_funcs, args=args, **kwargs)
+        self.policy_loss_fn = get_policy_loss_fn(args.loss_mode)
+        self.policy_loss_settings = args.policy_loss_config()
+        forward_params = inspect.signature(self._get_per_token_logps_and_entropies).parameters
+        self._model_input_keys = [name for name in forward_params if name not in _FORWARD_ARGS]
+
+    def _batch_config(self, inputs: dict[str, Any], num_sequences: int, training: bool) -> PolicyLossConfig:
+        """The loss settings with this micro-batch's global counts, chosen to reproduce TRL's normalisers.
+
+        A loss is Σ(micro-batch) / global count · ``dp_size`` (verl's convention). TRL's ``num_items_in_batch``
+        counts the tokens of the whole generation batch, which is spread over P processes × ``steps_per_generation``
+        micro-batches, while one optimizer step accumulates ``gradient_accumulation_steps`` (GA) of them. With
+        ``dp_size`` = P · steps_per_generation and counts taken × GA, every optimizer step is a mean over its share
+        of tokens (TRL's ``dapo``) or sequences (TRL's ``grpo``/``dr_grpo``). Evaluation has one micro-batch.
+        """
+        accumulation = self.current_gradient_accumulation_steps if training else 1
+        micro_batches = self.accelerator.num_processes * (self.args.steps_per_generation if training else 1)
+        return dataclasses.replace(
+            self.policy_loss_settings,
+            dp_size=micro_batches,
+            batch_num_tokens=int(inputs["num_items_in_batch"].item()) * accumulation,
+            global_batch_size=num_sequences * accumulation * micro_batches,
+        )
+
+    def _compute_loss(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
+        attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        per_token_logps, entropies, aux_loss = self._get_per_token_logps_and_entropies(
+            model,
+            input_ids,
+            attention_mask,
+            completion_ids.size(1),
+            compute_entropy=True,
+            compute_aux_loss=self.aux_loss_enabled,
+            **{key: inputs.get(key) for key in self._model_input_keys},
+        )
+        advantages = inputs["advantages"]
+        advantages = (advantages.unsqueeze(1) if advantages.dim() == 1 else advantages).expand_as(
+            per_token_logps
+        )
+        old_per_token_logps = inputs.get("old_per_token_logps")
+        if old_per_token_logps is None:  # TRL skips it when the batch is used once: the ratio is exactly 1
+            old_per_token_logps = per_token_logps.detach()
+
+        # TRL's per-token multipliers (entropy mask, off-policy sequence mask, vLLM importance sampling) all
+        # scale the token loss before aggregation, which is what the registry's rollout_is_weights does.
+        weights = []
+        if self.top_entropy_quantile < 1.0:
+            weights.append(self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile))
+        if self.off_policy_mask_threshold is not None:
+            weights.append(
+                self.get_off_policy_mask(
+                    advantages=advantages,
+                    per_token_logps=per_token_logps,
+                    sampling_per_token_logps=inputs.get("sampling_per_token_logps", old_per_token_logps),
+                    mask=mask,
+                    off_policy_threshold=self.off_policy_mask_threshold,
+                )
+            )
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            weights.append(inputs["importance_sampling_ratio"])
+        rollout_is_weights = None
+        for weight in weights:
+            weight = weight.to(per_token_logps.dtype).expand_as(per_token_logps)
+            rollout_is_weights = weight if rollout_is_weights is None else rollout_is_weights * weight
+
+        training = self.model.training
+        config = self._batch_config(inputs, completion_ids.size(0), training)
+        loss, metrics = self.policy_loss_fn(
+            old_log_prob=old_per_token_logps,
+            log_prob=per_token_logps,
+            advantages=advantages,
+            response_mask=mask,
+            loss_agg_mode=self.args.loss_agg_mode,
+            config=config,
+            rollout_is_weights=rollout_is_weights,
+        )
+        mode = "train" if training else "eval"
+        if self.beta != 0.0:
+            ref_log_ratio = inputs["ref_per_token_logps"] - per_token_logps
+            per_token_kl = torch.exp(ref_log_ratio) - ref_log_ratio - 1
+            if self.args.use_bias_correction_kl:
+                per_token_kl = per_token_kl * torch.exp(per_token_logps - old_per_token_logps)
+            kl = agg_loss(per_token_kl, mask, self.args.loss_agg_mode, **config.global_batch_info)
+            loss = loss + self.beta * kl
+            self._metrics[mode]["kl"].append(self._global_token_mean(per_token_kl, mask))
+        if self.aux_loss_enabled:
+            accumulation = self.current_gradient_accumulation_steps if training else 1
+            loss = loss + self.router_aux_loss_coef * aux_loss / accumulation
+            self._metrics[mode]["aux_loss"].append(
+                self.accelerator.gather_for_metrics(aux_loss).mean().item()
+            )
+        self._log_loss_metrics(
+            mode, per_token_logps, old_per_token_logps, advantages, mask, entropies, metrics
+        )
+        return loss
+
+    def _global_token_mean(self, values: torch.Tensor, mask: torch.Tensor) -> float:
+        totals = torch.stack([(values * mask).sum(), mask.sum().to(values.dtype)])
+        totals = self.accelerator.reduce(totals, reduction="sum")
+        return (totals[0] / totals[1].clamp(min=1.0)).item()
+
+    def _log_loss_metrics(
+        self,
+        mode: str,
+        per_token_logps: torch.Tensor,
+        old_per_token_logps: torch.Tensor,
+        advantages: torch.Tensor,
+        mask: torch.Tensor,
+        entropies: torch.Tensor,
+        loss_metrics: dict[str, float],
+    ) -> None:
+        metrics = self._metrics[mode]
+        metrics["entropy"].append(self._global_token_mean(entropies, mask))
+        ratio = torch.exp(per_token_logps.detach() - old_per_token_logps)
+        low = ((ratio < 1 - self.policy_loss_settings.clip_ratio_low) & (advantages < 0)).float()
+        high = ((ratio > 1 + self.policy_loss_settings.clip_ratio_high) & (advantages > 0)).float()
+        metrics["clip_ratio/low_mean"].append(self._global_token_mean(low, mask))
+        metrics["clip_ratio/high_mean"].append(self._global_token_mean(high, mask))
+        metrics["clip_ratio/region_mean"].append(self._global_token_mean(torch.maximum(low, high), mask))
+        tokens = mask.sum(-1)  # an empty completion gives NaN, which nanmin/nanmax skip (as TRL)
+        metrics["clip_ratio/low_min"].append(
+            nanmin(self.accelerator.gather((low * mask).sum(-1) / tokens)).item()
+        )
+        metrics["clip_ratio/high_max"].append(
+            nanmax(self.accelerator.gather((high * mask).sum(-1) / tokens)).item()
+        )
+        device = per_token_logps.device
+        for name, value in loss_metrics.items():
+            metrics[name].append(self.accelerator.gather(torch.tensor([value], device=device)).mean().item())

@@ -1,0 +1,179 @@
+"""verl plug-in: cegppo's policy losses in verl's ``POLICY_LOSS_REGISTRY``, selected with one config line.
+
+Importing this module registers, in ``verl.trainer.ppo.core_algos.POLICY_LOSS_REGISTRY``:
+
+- ``ce_gppo`` and ``gppo`` (verl has neither);
+- ``cegppo_vanilla``, ``cegppo_cispo``, ``cegppo_gspo``, ``cegppo_clip_cov``, ``cegppo_kl_cov``, ``cegppo_gpg``
+  (verl already registers the bare names; ours keep verl's losses untouched).
+
+verl loads the module in its Ray workers through any one of: the ``verl.plugins`` entry point that the cegppo
+package declares (verl 0.9+ imports every such plug-in on ``import verl``), or
+``actor_rollout_ref.model.external_lib=cegppo.integrations.verl``, or ``VERL_USE_EXTERNAL_MODULES``. Select the
+loss with ``actor_rollout_ref.actor.policy_loss.loss_mode=ce_gppo``.
+
+β1/β2: verl's ``PolicyLossConfig`` is a fixed dataclass, so set them through the subclass
+:class:`CEGPPOPolicyLossConfig`::
+
+    actor_rollout_ref.actor.policy_loss._target_=cegppo.integrations.verl.CEGPPOPolicyLossConfig
+    +actor_rollout_ref.actor.policy_loss.beta1=0.75
+    +actor_rollout_ref.actor.policy_loss.beta2=1.0
+
+Without the subclass, ``ce_gppo`` uses the paper's β1 = 0.5, β2 = 1 (:class:`cegppo.losses.PolicyLossConfig`'s
+defaults). Everything else comes from verl's actor config (:func:`policy_loss_config_from_verl`), and verl's
+``global_batch_info`` (data-parallel size, global token and sequence counts) reaches the aggregation, so the
+loss does not depend on how verl splits a mini-batch into micro-batches and ranks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import numbers
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+try:
+    from verl.trainer.ppo import core_algos
+    from verl.workers.config import PolicyLossConfig as VerlPolicyLossConfig
+except ImportError as exc:  # pragma: no cover - exercised only without verl
+    raise ImportError(
+        "cegppo.integrations.verl needs verl (tested with verl 0.9.1): `pip install verl`, or see "
+        "docs/scaling.md for a CPU-only install of the parts the loss needs"
+    ) from exc
+
+from cegppo.losses import POLICY_LOSS_REGISTRY, PolicyLossConfig, PolicyLossFn
+
+logger = logging.getLogger(__name__)
+
+# Losses verl has no version of keep their own name; the others get a prefix so verl's stay reachable.
+_UNPREFIXED = ("ce_gppo", "gppo")
+_DEFAULTS = PolicyLossConfig()
+# Settings read from verl's actor_rollout_ref.actor.policy_loss section (beta1/beta2 via CEGPPOPolicyLossConfig).
+_POLICY_LOSS_KEYS = (
+    "beta1",
+    "beta2",
+    "clip_cov_ratio",
+    "clip_cov_lb",
+    "clip_cov_ub",
+    "kl_cov_ratio",
+    "ppo_kl_coef",
+)
+
+
+def verl_loss_name(name: str) -> str:
+    """The name under which cegppo's loss ``name`` is registered in verl."""
+    return name if name in _UNPREFIXED else f"cegppo_{name}"
+
+
+@dataclass
+class CEGPPOPolicyLossConfig(VerlPolicyLossConfig):
+    """verl's ``PolicyLossConfig`` plus CE-GPPO's gradient weights, selectable from the command line.
+
+    ``beta1`` weights the left boundary (δ < 1-ε_low, A < 0), ``beta2`` the right one (δ > 1+ε_high, A > 0);
+    defaults are the paper's 1.5B recipe (β1 = 0.5, β2 = 1; its 7B recipe uses β1 = 0.75).
+    """
+
+    beta1: float = _DEFAULTS.beta1
+    beta2: float = _DEFAULTS.beta2
+
+    def __post_init__(self) -> None:
+        # Fail when verl builds the actor config (on the driver, before any GPU work), not at the first update.
+        PolicyLossConfig(beta1=self.beta1, beta2=self.beta2)
+
+
+def _count(value: Any, key: str) -> int | None:
+    """An optional whole count from verl's ``global_batch_info`` (verl stores ``tensor.sum().item()``)."""
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and float(value).is_integer():
+        return int(value)
+    raise ValueError(
+        f"verl actor config global_batch_info[{key!r}] must be a whole number or None, got {value!r}"
+    )
+
+
+def policy_loss_config_from_verl(config: Any) -> PolicyLossConfig:
+    """Translate verl's actor config (``ActorConfig`` or an OmegaConf node of it) into a cegppo config.
+
+    ``clip_ratio_low``/``clip_ratio_high`` fall back to ``clip_ratio`` when unset, as in verl; ``clip_ratio_c``,
+    ``loss_scale_factor``, ``policy_loss.{clip_cov_ratio, clip_cov_lb, clip_cov_ub, kl_cov_ratio, ppo_kl_coef,
+    beta1, beta2}`` and ``global_batch_info`` are carried over; keys verl does not have keep cegppo's defaults.
+    """
+    if not isinstance(config, Mapping):
+        raise TypeError(
+            f"verl passed a {type(config).__name__} as the actor config; expected verl's ActorConfig"
+        )
+    clip_ratio = config.get("clip_ratio", _DEFAULTS.clip_ratio_low)
+    clip_ratio_low = config.get("clip_ratio_low")
+    clip_ratio_high = config.get("clip_ratio_high")
+    policy_loss = config.get("policy_loss") or {}
+    batch_info = config.get("global_batch_info") or {}
+    loss_scale_factor = batch_info.get("loss_scale_factor", config.get("loss_scale_factor"))
+    return PolicyLossConfig(
+        clip_ratio_low=clip_ratio if clip_ratio_low is None else clip_ratio_low,
+        clip_ratio_high=clip_ratio if clip_ratio_high is None else clip_ratio_high,
+        clip_ratio_c=config.get("clip_ratio_c", _DEFAULTS.clip_ratio_c),
+        loss_scale_factor=loss_scale_factor,
+        **{key: policy_loss.get(key, getattr(_DEFAULTS, key)) for key in _POLICY_LOSS_KEYS},
+        dp_size=_count(batch_info.get("dp_size", 1), "dp_size"),
+        batch_num_tokens=_count(batch_info.get("batch_num_tokens"), "batch_num_tokens"),
+        global_batch_size=_count(batch_info.get("global_batch_size"), "global_batch_size"),
+    )
+
+
+def as_verl_policy_loss(fn: PolicyLossFn) -> PolicyLossFn:
+    """Wrap a cegppo loss so that verl can call it with its ``ActorConfig``."""
+
+    @functools.wraps(fn)
+    def verl_policy_loss(
+        old_log_prob: torch.Tensor,
+        log_prob: torch.Tensor,
+        advantages: torch.Tensor,
+        response_mask: torch.Tensor,
+        loss_agg_mode: str = "token-mean",
+        config: Any = None,
+        rollout_is_weights: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        if config is None:
+            raise ValueError(f"{fn.__name__}: verl passed no actor config (config=None)")
+        ours = policy_loss_config_from_verl(config)
+        if loss_agg_mode == "token-sum":
+            # verl's token-sum is Σ loss · dp_size, which is token-mean over a count of 1.
+            ours = dataclasses.replace(ours, batch_num_tokens=1)
+            loss_agg_mode = "token-mean"
+        loss, metrics = fn(
+            old_log_prob=old_log_prob,
+            log_prob=log_prob,
+            advantages=advantages,
+            response_mask=response_mask,
+            loss_agg_mode=loss_agg_mode,
+            config=ours,
+            rollout_is_weights=rollout_is_weights,
+        )
+        # verl's dashboards call the dual-clip fraction pg_clipfrac_lower.
+        metrics["actor/pg_clipfrac_lower"] = metrics["actor/pg_clipfrac_dual"]
+        return loss, metrics
+
+    return verl_policy_loss
+
+
+def register_with_verl() -> dict[str, str]:
+    """Register every cegppo loss in verl's registry (idempotent); returns {cegppo name: verl name}."""
+    names = {}
+    for name, fn in sorted(POLICY_LOSS_REGISTRY.items()):
+        verl_name = verl_loss_name(name)
+        existing = core_algos.POLICY_LOSS_REGISTRY.get(verl_name)
+        if existing is not None and getattr(existing, "__wrapped__", None) is not fn:
+            logger.warning("replacing verl's policy loss %r with cegppo's %r", verl_name, name)
+        core_algos.register_policy_loss(verl_name)(as_verl_policy_loss(fn))
+        names[name] = verl_name
+    return names
+
+
+REGISTERED = register_with_verl()

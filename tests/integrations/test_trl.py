@@ -1,0 +1,225 @@
+"""The TRL integration, on CPU with a tiny Llama built from a config (skipped without TRL).
+
+``CEGPPOTrainer`` trains for two steps with ``num_iterations=2`` (the second step reuses the first step's
+completions, so the ratio has moved and clipping acts); its loss is then checked against a direct call of the
+cegppo registry and, for ``vanilla``, against TRL's own ``GRPOTrainer`` losses on the same inputs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("trl", reason="TRL is not installed")
+
+from datasets import Dataset
+from trl import GRPOConfig, GRPOTrainer
+
+from _tiny import tiny_model
+from cegppo.integrations.trl import CEGPPOConfig, CEGPPOTrainer
+from cegppo.losses import PolicyLossConfig, get_policy_loss_fn
+
+REPO = Path(__file__).resolve().parents[2]
+PROMPTS = [
+    [{"role": "user", "content": f"What is {a} + {b}?"}] for a, b in [(2, 3), (14, 7), (30, 12), (5, 5)]
+]
+
+
+def length_reward(completions: list, **kwargs) -> list[float]:
+    """A reward that differs within a group: the completion's length in characters, scaled."""
+    return [len(completion[0]["content"]) / 10 for completion in completions]
+
+
+def common_args(tmp_path: Path, **overrides) -> dict:
+    return {
+        "output_dir": str(tmp_path),
+        "use_cpu": True,
+        "bf16": False,
+        "report_to": "none",
+        "save_strategy": "no",
+        "logging_steps": 1,
+        "seed": 0,
+        "learning_rate": 0.05,
+        "per_device_train_batch_size": 4,
+        "num_generations": 4,
+        "max_completion_length": 8,
+        "max_steps": 2,
+        "num_iterations": 2,
+        "epsilon": 0.2,
+        "epsilon_high": 0.28,
+        "delta": 3.0,
+        **overrides,
+    }
+
+
+def make_trainer(model, tokenizer, args: GRPOConfig) -> GRPOTrainer:
+    trainer_class = CEGPPOTrainer if isinstance(args, CEGPPOConfig) else GRPOTrainer
+    return trainer_class(
+        model=model,
+        reward_funcs=length_reward,
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+        processing_class=tokenizer,
+    )
+
+
+def train(tmp_path: Path, tokenizer, **overrides) -> tuple[CEGPPOTrainer, list[dict]]:
+    """Train a fresh tiny Llama; return the trainer and the inputs its loss received at each micro-step."""
+    trainer = make_trainer(
+        tiny_model("llama", tokenizer), tokenizer, CEGPPOConfig(**common_args(tmp_path, **overrides))
+    )
+    seen = []
+    compute_loss = trainer._compute_loss
+
+    def recording(model, inputs):
+        seen.append(inputs)
+        return compute_loss(model, inputs)
+
+    trainer._compute_loss = recording
+    trainer.train()
+    return trainer, seen
+
+
+def loss_and_grad(trainer: GRPOTrainer, inputs: dict) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    trainer.model.zero_grad()
+    loss = trainer._compute_loss(trainer.model, inputs)
+    loss.backward()
+    grads = [p.grad.clone() for p in trainer.model.parameters() if p.grad is not None]
+    trainer.model.zero_grad()
+    return loss.detach(), grads
+
+
+@pytest.fixture(scope="module")
+def ce_gppo_run(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -> tuple[CEGPPOTrainer, list[dict]]:
+    return train(
+        tmp_path_factory.mktemp("ce_gppo"), tiny_tokenizer, loss_mode="ce_gppo", beta1=0.75, beta2=1.0
+    )
+
+
+# Gradient accumulation over 2 micro-batches, a generation batch of 4 micro-batches: TRL's normalisers for this
+# schedule differ from the single-batch case.
+SCHEDULE = {"gradient_accumulation_steps": 2, "steps_per_generation": 4, "num_iterations": 1, "max_steps": 2}
+
+
+@pytest.fixture(scope="module")
+def vanilla_run(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -> tuple[CEGPPOTrainer, list[dict]]:
+    return train(tmp_path_factory.mktemp("vanilla"), tiny_tokenizer, loss_mode="vanilla", **SCHEDULE)
+
+
+def test_trains_two_steps_and_logs_clip_metrics(ce_gppo_run, tiny_tokenizer) -> None:
+    trainer, seen = ce_gppo_run
+    logs = [entry for entry in trainer.state.log_history if "actor/pg_clipfrac_low" in entry]
+    assert len(logs) == 2
+    for key in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "entropy"):
+        assert key in logs[0]
+    # Step 1 is on-policy (ratio 1, nothing clipped); step 2 reuses step 1's completions after an update.
+    assert "old_per_token_logps" in seen[1]
+    assert logs[0]["actor/pg_clipfrac"] == 0
+    second = logs[1]
+    assert second["actor/pg_clipfrac_low"] + second["actor/pg_clipfrac_high"] > 0
+    assert second["actor/pg_clipfrac_low"] == pytest.approx(second["clip_ratio/low_mean"])
+    assert second["actor/pg_clipfrac_high"] == pytest.approx(second["clip_ratio/high_mean"])
+    before = tiny_model("llama", tiny_tokenizer).state_dict()
+    after = trainer.model.state_dict()
+    assert any(not torch.equal(before[name], after[name]) for name in before)
+
+
+def test_loss_equals_the_registry_on_the_same_tensors(ce_gppo_run) -> None:
+    trainer, seen = ce_gppo_run
+    inputs = seen[1]  # off-policy: old log-probs from before step 1's update, model after step 2's
+    loss, grads = loss_and_grad(trainer, inputs)
+
+    completion_ids = inputs["completion_ids"]
+    logps, _, _ = trainer._get_per_token_logps_and_entropies(
+        trainer.model,
+        torch.cat([inputs["prompt_ids"], completion_ids], dim=1),
+        torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1),
+        completion_ids.size(1),
+    )
+    config = PolicyLossConfig(
+        beta1=0.75, beta2=1.0, clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0,
+        batch_num_tokens=int(inputs["num_items_in_batch"]),
+    )  # fmt: skip
+    expected, metrics = get_policy_loss_fn("ce_gppo")(
+        old_log_prob=inputs["old_per_token_logps"],
+        log_prob=logps,
+        advantages=inputs["advantages"].unsqueeze(1).expand_as(logps),
+        response_mask=inputs["completion_mask"],
+        loss_agg_mode="token-mean",
+        config=config,
+    )
+    torch.testing.assert_close(loss, expected.detach())
+    trainer.model.zero_grad()
+    expected.backward()
+    expected_grads = [p.grad.clone() for p in trainer.model.parameters() if p.grad is not None]
+    for grad, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, want)
+    assert metrics["actor/pg_clipfrac_low"] + metrics["actor/pg_clipfrac_high"] > 0
+
+
+@pytest.mark.parametrize(
+    ("loss_agg_mode", "loss_type"),
+    [("token-mean", "dapo"), ("seq-mean-token-mean", "grpo"), ("seq-mean-token-sum-norm", "dr_grpo")],
+)
+def test_vanilla_equals_trls_own_loss(
+    vanilla_run, tiny_tokenizer, tmp_path: Path, loss_agg_mode: str, loss_type: str
+) -> None:
+    """Same model and inputs: our vanilla with an aggregation equals TRL's loss of the matching loss_type."""
+    trained, seen = vanilla_run
+    inputs = seen[-1]  # the 4th micro-batch of the generation batch: 3 updates after its generation
+    assert "old_per_token_logps" in inputs
+    args = common_args(tmp_path, **SCHEDULE)
+    ours = make_trainer(
+        trained.model, tiny_tokenizer, CEGPPOConfig(**args, loss_mode="vanilla", loss_agg_mode=loss_agg_mode)
+    )
+    reference = make_trainer(trained.model, tiny_tokenizer, GRPOConfig(**args, loss_type=loss_type))
+    for trainer in (ours, reference):
+        trainer.current_gradient_accumulation_steps = trained.current_gradient_accumulation_steps
+    our_loss, our_grads = loss_and_grad(ours, inputs)
+    their_loss, their_grads = loss_and_grad(reference, inputs)
+    torch.testing.assert_close(our_loss, their_loss)
+    for grad, want in zip(our_grads, their_grads, strict=True):
+        torch.testing.assert_close(grad, want)
+    region = reference._metrics["train"]["clip_ratio/region_mean"][-1]
+    assert region > 0
+    assert ours._metrics["train"]["clip_ratio/region_mean"][-1] == pytest.approx(region)
+    # Evaluation (no accumulation, one micro-batch) normalises differently in TRL; it must still agree.
+    trained.model.eval()
+    try:
+        torch.testing.assert_close(loss_and_grad(ours, inputs)[0], loss_and_grad(reference, inputs)[0])
+    finally:
+        trained.model.train()
+
+
+def test_bad_config_is_rejected(tmp_path: Path) -> None:
+    args = common_args(tmp_path)
+    with pytest.raises(ValueError, match="unknown policy loss 'cegppo'"):
+        CEGPPOConfig(**args, loss_mode="cegppo")
+    with pytest.raises(ValueError, match="beta1"):
+        CEGPPOConfig(**args, beta1=-1.0)
+    with pytest.raises(ValueError, match="loss_agg_mode"):
+        CEGPPOConfig(**args, loss_agg_mode="token-sum")
+    with pytest.raises(ValueError, match="importance_sampling_level"):
+        CEGPPOConfig(**args, importance_sampling_level="sequence")
+    with pytest.raises(ValueError, match="entropy_coef"):
+        CEGPPOConfig(**args, entropy_coef=0.01)
+    with pytest.raises(TypeError, match="CEGPPOConfig"):
+        CEGPPOTrainer(model="unused", args=GRPOConfig(**args))
+
+
+def test_example_script_trains_a_step(tiny_model_dir: Path, tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location(
+        "train_ce_gppo", REPO / "examples" / "trl" / "train_ce_gppo.py"
+    )
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    output = tmp_path / "out"
+    model, small = (
+        ["--model", str(tiny_model_dir)],
+        ["--max-completion-length", "8", "--num-generations", "2"],
+    )
+    example.main([*model, "--output-dir", str(output), "--cpu", "--max-steps", "1", *small])
+    assert (output / "model.safetensors").is_file()
