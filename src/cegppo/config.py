@@ -56,6 +56,9 @@ class RolloutConfig:
     top_k: int = -1  # -1: off
     max_new_tokens: int = 32
     batch_size: int | None = None  # generation micro-batch in sequences (None: all at once)
+    # Truncated importance sampling against the sampler/trainer mismatch (verl's rollout_is, TRL's
+    # vllm_importance_sampling_cap): each token's loss is weighted by min(π_old/π_sampler, tis_cap).
+    tis_cap: float | None = None
 
 
 @dataclass
@@ -267,6 +270,7 @@ def validate(config: Config) -> None:
     ]:
         positive(key, value)
     positive("rollout.batch_size", r.batch_size, optional=True)
+    positive("rollout.tis_cap", r.tis_cap, optional=True)
     positive("trainer.num_threads", t.num_threads, optional=True)
     check(
         t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"),

@@ -33,6 +33,7 @@ class Experience:
     response_mask: torch.Tensor  # [N, R], float
     advantages: torch.Tensor  # [N]
     correct: torch.Tensor  # [N], bool
+    sampler_log_prob: torch.Tensor | None = None  # [N, R], from the rollout engine
     old_log_prob: torch.Tensor | None = None  # [N, R]
     ref_log_prob: torch.Tensor | None = None  # [N, R]
 
@@ -121,6 +122,14 @@ class Actor:
             batch.ref_log_prob = torch.cat(ref_log_probs)
         return torch.cat(entropies)
 
+    def rollout_is_weights(self, batch: Experience) -> torch.Tensor | None:
+        """Truncated importance weights min(π_old/π_sampler, cap) per token, or None when not configured."""
+        cap = self.config.rollout.tis_cap
+        if cap is None or batch.sampler_log_prob is None or batch.old_log_prob is None:
+            return None
+        log_ratio = (batch.old_log_prob - batch.sampler_log_prob).clamp(max=math.log(cap))
+        return log_ratio.exp() * batch.response_mask
+
     def update(self, batch: Experience, group_size: int) -> dict[str, float]:
         """``ppo_epochs`` passes over mini-batches of ``ppo_mini_batch_size`` prompts; one optimiser step each."""
         if batch.old_log_prob is None:
@@ -201,7 +210,7 @@ class Actor:
                 response_mask=micro.response_mask,
                 loss_agg_mode=actor.loss_agg_mode,
                 config=loss_config,
-                rollout_is_weights=None,
+                rollout_is_weights=self.rollout_is_weights(micro),
             )
             # ∂pg_loss/∂log π per token is the loss's own gradient weight (−F·A/N): it places each token's
             # share of the update in the entropy quadrants, through the loss ops only, not the model.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import random
 import signal
 import threading
@@ -235,6 +236,7 @@ class Trainer:
             response_mask=rollout.response_mask.to(device, torch.float32),
             advantages=advantages.to(device),
             correct=correct.to(device),
+            sampler_log_prob=rollout.sampler_logprobs.to(device),
         )
         with _timed(timings, "old_logprob"):
             entropy = self.actor.compute_old_log_probs(experience)
@@ -268,6 +270,7 @@ class Trainer:
             "response_length/max": response_lengths.max().item(),
             "response_length/clip_ratio": rollout.truncated.float().mean().item(),
             **entropy_metrics,
+            **self._sampler_mismatch(experience),
             "actor/beta1": beta1,
             "actor/beta2": beta2,
             "data/filtered_groups": float(len(examples) - keep.view(len(examples), n)[:, 0].sum().item()),
@@ -276,6 +279,21 @@ class Trainer:
             "perf/tokens_per_s": total_tokens / timings["step"],
         }
         self._log_samples(examples, rollout.response_texts, scored.scores, n)
+        return metrics
+
+    def _sampler_mismatch(self, experience: Experience) -> dict[str, float]:
+        """How far the sampler's log-probs are from the trainer's recomputation (and the IS weights, if on)."""
+        mask = experience.response_mask
+        metrics = {
+            "rollout/logprob_diff": masked_mean(
+                (experience.old_log_prob - experience.sampler_log_prob).abs(), mask
+            ).item()
+        }
+        weights = self.actor.rollout_is_weights(experience)
+        if weights is not None:
+            metrics["rollout/is_weight_mean"] = masked_mean(weights, mask).item()
+            capped = (experience.old_log_prob - experience.sampler_log_prob) > math.log(self.config.rollout.tis_cap)
+            metrics["rollout/is_capped_frac"] = masked_mean(capped, mask).item()
         return metrics
 
     # -- the run --------------------------------------------------------------------------------------

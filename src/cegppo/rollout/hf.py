@@ -1,0 +1,213 @@
+"""Rollout engine on transformers' ``generate``: batched, left-padded, with KV cache."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from cegppo.rollout.base import RolloutBatch, SamplingParams, eos_token_ids
+
+
+class _SampledTokenLogprobs(LogitsProcessor):
+    """Records ``log_softmax(logits / T)`` of each sampled token while generation runs.
+
+    A logits processor sees step ``t``'s logits before the token is drawn and step ``t+1``'s input ids
+    after, so it keeps one step of log-probs (``rows x vocab``) and gathers the drawn token one call later;
+    storing every step's logits (``output_logits``) would cost ``rows x R x vocab`` floats instead.
+    transformers runs user processors before the temperature/top-k/top-p warpers, so ``scores`` here are
+    the unprocessed logits.
+    """
+
+    def __init__(self, temperature: float) -> None:
+        self.temperature = temperature
+        self._pending: torch.Tensor | None = None
+        self._gathered: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self._pending is not None:
+            self._gathered.append(self._pending.gather(1, input_ids[:, -1:]))
+        self._pending = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+    def finish(self, new_tokens: torch.Tensor) -> torch.Tensor:
+        """Log-probs of ``new_tokens`` (``[rows, R]``, the tokens generate appended)."""
+        if self._pending is None or len(self._gathered) + 1 != new_tokens.shape[1]:
+            raise RuntimeError(
+                f"recorded {len(self._gathered) + (self._pending is not None)} generation steps but generate "
+                f"returned {new_tokens.shape[1]} new tokens"
+            )
+        self._gathered.append(self._pending.gather(1, new_tokens[:, -1:]))
+        return torch.cat(self._gathered, dim=1)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
+    """Seed torch's generators for the block and restore their previous state afterwards."""
+    if seed is None:
+        yield
+        return
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+class HFRolloutEngine:
+    """Samples with ``model.generate`` on the policy module itself.
+
+    Because it generates with the very module being trained, ``sync_weights`` has nothing to copy.
+    ``batch_size`` caps the rows (prompts x n) per ``generate`` call to bound memory; ``None`` generates all
+    rows at once. ``autocast_dtype`` (e.g. ``torch.bfloat16``) runs generation under ``torch.autocast``.
+    The model's own ``generation_config`` is ignored while sampling (only ``SamplingParams`` decide the
+    distribution, so checkpoint defaults such as a repetition penalty cannot skew the recorded log-probs).
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        batch_size: int | None = None,
+        autocast_dtype: torch.dtype | None = None,
+    ) -> None:
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"HFRolloutEngine batch_size must be >= 1 or None, got {batch_size}")
+        if tokenizer.pad_token_id is None:
+            raise ValueError(
+                "HFRolloutEngine needs a tokenizer with a pad token (load_model_and_tokenizer sets one)"
+            )
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.autocast_dtype = autocast_dtype
+        self.eos_token_ids = eos_token_ids(model, tokenizer)
+
+    def sync_weights(self, model: torch.nn.Module) -> None:
+        """No-op: the engine shares the policy module. Raises if given a different module."""
+        if model is not self.model:
+            raise ValueError(
+                "HFRolloutEngine generates with the module it was built with; build a new engine to switch "
+                "models instead of calling sync_weights with a different one"
+            )
+
+    def _generation_config(self, params: SamplingParams) -> GenerationConfig:
+        common = {
+            "max_new_tokens": params.max_new_tokens,
+            "eos_token_id": self.eos_token_ids,
+            "pad_token_id": self.tokenizer.pad_token_id,
+            "use_cache": True,
+        }
+        if params.greedy:
+            return GenerationConfig(do_sample=False, **common)
+        return GenerationConfig(
+            do_sample=True,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=0 if params.top_k == -1 else params.top_k,  # transformers' "off" is 0
+            **common,
+        )
+
+    def _tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        if not prompts:
+            raise ValueError("generate() got no prompts")
+        enc = self.tokenizer(
+            list(prompts), add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt"
+        )
+        empty = (enc["attention_mask"].sum(dim=1) == 0).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(f"prompts at indices {empty} tokenize to no tokens")
+        return enc["input_ids"], enc["attention_mask"]
+
+    def generate(self, prompts: list[str], params: SamplingParams) -> RolloutBatch:
+        """Sample ``params.n`` responses per rendered prompt (tokenized without adding special tokens)."""
+        prompt_ids, prompt_mask = self._tokenize(prompts)
+        prompt_ids = prompt_ids.repeat_interleave(params.n, dim=0)
+        prompt_mask = prompt_mask.repeat_interleave(params.n, dim=0)
+        rows = prompt_ids.shape[0]
+        chunk = self.batch_size or rows
+        model = self.model
+        device = model.device
+        config = self._generation_config(params)
+        temperature = 1.0 if params.greedy else params.temperature
+
+        pieces: list[tuple[torch.Tensor, torch.Tensor]] = []
+        was_training = model.training
+        saved_config = model.generation_config
+        autocast = (
+            torch.autocast(device.type, dtype=self.autocast_dtype)
+            if self.autocast_dtype is not None
+            else contextlib.nullcontext()
+        )
+        try:
+            model.eval()
+            model.generation_config = GenerationConfig()
+            with torch.inference_mode(), _seeded(params.seed, device), autocast:
+                for start in range(0, rows, chunk):
+                    mask = prompt_mask[start : start + chunk]
+                    # Drop the padding columns this chunk does not need (rows are left-padded to the
+                    # longest prompt overall).
+                    first = int(mask.any(dim=0).nonzero()[0])
+                    ids = prompt_ids[start : start + chunk, first:].to(device)
+                    mask = mask[:, first:].to(device)
+                    recorder = _SampledTokenLogprobs(temperature)
+                    sequences = model.generate(
+                        input_ids=ids,
+                        attention_mask=mask,
+                        generation_config=config,
+                        logits_processor=LogitsProcessorList([recorder]),
+                    )
+                    new_tokens = sequences[:, ids.shape[1] :]
+                    pieces.append((new_tokens.cpu(), recorder.finish(new_tokens).cpu()))
+        finally:
+            model.generation_config = saved_config
+            model.train(was_training)
+        return self._assemble(prompt_ids, prompt_mask, pieces, params)
+
+    def _assemble(
+        self,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        pieces: list[tuple[torch.Tensor, torch.Tensor]],
+        params: SamplingParams,
+    ) -> RolloutBatch:
+        rows = prompt_ids.shape[0]
+        width = max(tokens.shape[1] for tokens, _ in pieces)
+        response_ids = torch.full((rows, width), self.tokenizer.pad_token_id, dtype=prompt_ids.dtype)
+        logprobs = torch.zeros(rows, width, dtype=torch.float32)
+        start = 0
+        for tokens, lp in pieces:
+            response_ids[start : start + tokens.shape[0], : tokens.shape[1]] = tokens
+            logprobs[start : start + tokens.shape[0], : tokens.shape[1]] = lp
+            start += tokens.shape[0]
+
+        # The pad id may equal EOS (SmolLM2), so the mask comes from the first EOS, not from != pad.
+        is_eos = torch.isin(response_ids, torch.tensor(self.eos_token_ids, dtype=response_ids.dtype))
+        has_eos = is_eos.any(dim=1)
+        first_eos = torch.where(has_eos, is_eos.int().argmax(dim=1), width - 1)
+        # A row without EOS ran the full max_new_tokens, which is then the batch's width.
+        response_mask = (torch.arange(width).unsqueeze(0) <= first_eos.unsqueeze(1)).long()
+        logprobs = logprobs * response_mask
+        lengths = response_mask.sum(dim=1).tolist()
+        texts = self.tokenizer.batch_decode(
+            [row[:length].tolist() for row, length in zip(response_ids, lengths, strict=True)],
+            skip_special_tokens=True,
+        )
+        return RolloutBatch(
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
+            response_ids=response_ids,
+            response_mask=response_mask,
+            sampler_logprobs=logprobs,
+            response_texts=texts,
+            truncated=~has_eos,
+            n=params.n,
+        )

@@ -1,0 +1,250 @@
+"""Rollout engine: batch layout, EOS handling, log-prob correctness, seeding, and the engine registry."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import cegppo.rollout as rollout
+from _tiny import tiny_model
+from cegppo.rollout import (
+    HFRolloutEngine,
+    RolloutBatch,
+    RolloutEngine,
+    SamplingParams,
+    build_rollout_engine,
+    register_rollout_engine,
+)
+
+QUESTIONS = ["What is 1 + 2?", "What is 12 + 30? Think step by step, then answer.", "Hi", "What is 7 + 8?"]
+
+
+def render(tokenizer, questions=QUESTIONS) -> list[str]:
+    return [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
+        )
+        for q in questions
+    ]
+
+
+def teacher_forced_logprobs(
+    model, batch: RolloutBatch, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs of the responses from one plain forward pass, and the logits used."""
+    with torch.no_grad():
+        logits = model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
+        ).logits.float()
+    prompt_len = batch.prompt_ids.shape[1]
+    logits = logits[:, prompt_len - 1 : -1]
+    logprobs = torch.log_softmax(logits / temperature, dim=-1).gather(-1, batch.response_ids.unsqueeze(-1))
+    return logprobs.squeeze(-1) * batch.response_mask, logits
+
+
+def test_shapes_and_padding_layout(tiny_llama, tiny_tokenizer):
+    prompts = render(tiny_tokenizer)
+    params = SamplingParams(n=2, max_new_tokens=10, seed=0)
+    batch = HFRolloutEngine(tiny_llama, tiny_tokenizer).generate(prompts, params)
+
+    rows = len(prompts) * params.n
+    lengths = [len(tiny_tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]
+    assert batch.prompt_ids.shape == (rows, max(lengths))
+    assert batch.response_ids.shape[0] == rows and 1 <= batch.response_ids.shape[1] <= params.max_new_tokens
+    assert batch.sampler_logprobs.dtype == torch.float32
+    assert batch.truncated.shape == (rows,) and batch.truncated.dtype == torch.bool
+    assert len(batch.response_texts) == rows
+    # The trainer backpropagates through ops that index with these tensors; inference tensors would fail.
+    assert not any(t.is_inference() for t in (batch.input_ids, batch.response_ids, batch.sampler_logprobs))
+    pad = tiny_tokenizer.pad_token_id
+    for row in range(rows):
+        n_pad = max(lengths) - lengths[row // params.n]
+        assert batch.prompt_mask[row].tolist() == [0] * n_pad + [1] * lengths[row // params.n]
+        assert (batch.prompt_ids[row, :n_pad] == pad).all()
+        length = int(batch.response_mask[row].sum())
+        assert batch.response_mask[row].tolist() == [1] * length + [0] * (
+            batch.response_ids.shape[1] - length
+        )
+        assert (batch.response_ids[row, length:] == pad).all()
+        assert (batch.sampler_logprobs[row, length:] == 0).all()
+        assert (batch.sampler_logprobs[row, :length] < 0).all()
+        expected = tiny_tokenizer.decode(batch.response_ids[row, :length], skip_special_tokens=True)
+        assert batch.response_texts[row] == expected
+    assert torch.equal(batch.input_ids, torch.cat([batch.prompt_ids, batch.response_ids], dim=1))
+    assert torch.equal(batch.attention_mask, torch.cat([batch.prompt_mask, batch.response_mask], dim=1))
+
+
+def test_rows_are_prompt_major(tiny_llama, tiny_tokenizer):
+    prompts = render(tiny_tokenizer)
+    batch = HFRolloutEngine(tiny_llama, tiny_tokenizer).generate(
+        prompts, SamplingParams(n=3, max_new_tokens=4)
+    )
+    assert batch.num_prompts == len(prompts) and batch.n == 3
+    for i, prompt in enumerate(prompts):
+        expected = tiny_tokenizer(prompt, add_special_tokens=False).input_ids
+        for row in range(i * 3, i * 3 + 3):
+            assert batch.prompt_ids[row][batch.prompt_mask[row].bool()].tolist() == expected
+
+
+def test_response_mask_ends_at_first_eos(tiny_llama, tiny_tokenizer):
+    params = SamplingParams(n=8, max_new_tokens=12, seed=3)
+    batch = HFRolloutEngine(tiny_llama, tiny_tokenizer).generate(render(tiny_tokenizer), params)
+    eos = tiny_tokenizer.eos_token_id
+    # The seed is fixed, so both kinds of rows are present deterministically; without them the test is vacuous.
+    assert batch.truncated.any() and (~batch.truncated).any()
+    for row in range(batch.response_ids.shape[0]):
+        length = int(batch.response_mask[row].sum())
+        tokens = batch.response_ids[row, :length].tolist()
+        if batch.truncated[row]:
+            assert length == params.max_new_tokens and eos not in tokens
+        else:
+            assert tokens[-1] == eos and eos not in tokens[:-1]
+
+
+def test_all_rows_stop_early_at_eos(tiny_tokenizer):
+    model = tiny_model("llama", tiny_tokenizer, eos_bias=40.0)
+    batch = HFRolloutEngine(model, tiny_tokenizer).generate(
+        render(tiny_tokenizer), SamplingParams(n=2, max_new_tokens=8, seed=0)
+    )
+    assert batch.response_ids.shape[1] == 1
+    assert (batch.response_ids[:, 0] == tiny_tokenizer.eos_token_id).all()
+    assert not batch.truncated.any()
+    assert batch.response_texts == [""] * 8
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize(
+    ("temperature", "top_p", "top_k", "batch_size"),
+    [(1.0, 1.0, -1, None), (0.7, 0.9, 20, 3), (1.3, 0.8, -1, 5), (0.0, 1.0, -1, 2)],
+)
+def test_sampler_logprobs_match_teacher_forcing(
+    request, tiny_tokenizer, arch, temperature, top_p, top_k, batch_size
+):
+    model = request.getfixturevalue(f"tiny_{arch}")
+    params = SamplingParams(n=3, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=12, seed=7)
+    engine = HFRolloutEngine(model, tiny_tokenizer, batch_size=batch_size)
+    batch = engine.generate(render(tiny_tokenizer), params)
+    # Log-probs are under softmax(logits / T) before top-k/top-p filtering; greedy uses T = 1.
+    expected, _ = teacher_forced_logprobs(model, batch, temperature or 1.0)
+    torch.testing.assert_close(batch.sampler_logprobs, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_filtered_sampling_keeps_tokens_inside_top_k(tiny_llama, tiny_tokenizer):
+    params = SamplingParams(n=4, top_k=3, max_new_tokens=10, seed=1)
+    batch = HFRolloutEngine(tiny_llama, tiny_tokenizer).generate(render(tiny_tokenizer), params)
+    _, logits = teacher_forced_logprobs(tiny_llama, batch, 1.0)
+    top3 = logits.topk(3, dim=-1).indices
+    inside = (top3 == batch.response_ids.unsqueeze(-1)).any(-1)
+    assert inside[batch.response_mask.bool()].all()
+
+
+def test_greedy_picks_argmax_and_is_deterministic(tiny_qwen2, tiny_tokenizer):
+    prompts = render(tiny_tokenizer)
+    params = SamplingParams(n=2, temperature=0.0, max_new_tokens=10)
+    first = HFRolloutEngine(tiny_qwen2, tiny_tokenizer).generate(prompts, params)
+    again = HFRolloutEngine(tiny_qwen2, tiny_tokenizer, batch_size=3).generate(prompts, params)
+    assert torch.equal(first.response_ids, again.response_ids)
+    assert torch.equal(first.response_ids[0::2], first.response_ids[1::2])
+    _, logits = teacher_forced_logprobs(tiny_qwen2, first, 1.0)
+    mask = first.response_mask.bool()
+    assert torch.equal(logits.argmax(-1)[mask], first.response_ids[mask])
+
+
+def test_seed_determinism(tiny_llama, tiny_tokenizer):
+    engine = HFRolloutEngine(tiny_llama, tiny_tokenizer, batch_size=4)
+    prompts = render(tiny_tokenizer)
+    rng_before = torch.get_rng_state()
+    a = engine.generate(prompts, SamplingParams(n=4, max_new_tokens=10, seed=11))
+    assert torch.equal(torch.get_rng_state(), rng_before), "a seeded generate must not touch the global RNG"
+    b = engine.generate(prompts, SamplingParams(n=4, max_new_tokens=10, seed=11))
+    c = engine.generate(prompts, SamplingParams(n=4, max_new_tokens=10, seed=12))
+    assert torch.equal(a.response_ids, b.response_ids)
+    assert torch.equal(a.sampler_logprobs, b.sampler_logprobs)
+    assert a.response_ids.shape != c.response_ids.shape or not torch.equal(a.response_ids, c.response_ids)
+
+
+def test_truncated_flag_with_one_new_token(tiny_llama, tiny_tokenizer):
+    batch = HFRolloutEngine(tiny_llama, tiny_tokenizer).generate(
+        render(tiny_tokenizer), SamplingParams(n=16, max_new_tokens=1, seed=5)
+    )
+    assert batch.response_ids.shape[1] == 1
+    assert torch.equal(batch.truncated, batch.response_ids[:, 0] != tiny_tokenizer.eos_token_id)
+    assert batch.truncated.any() and (~batch.truncated).any()
+    assert (batch.response_mask == 1).all()
+
+
+def test_restores_mode_and_generation_config(tiny_tokenizer):
+    model = tiny_model("llama", tiny_tokenizer)
+    config = model.generation_config
+    engine = HFRolloutEngine(model, tiny_tokenizer)
+    model.train()
+    engine.generate(render(tiny_tokenizer)[:1], SamplingParams(max_new_tokens=3))
+    assert all(m.training for m in model.modules())
+    assert model.generation_config is config
+    model.eval()
+    engine.generate(render(tiny_tokenizer)[:1], SamplingParams(max_new_tokens=3))
+    assert not any(m.training for m in model.modules())
+
+
+def test_checkpoint_generation_defaults_do_not_leak(tiny_tokenizer):
+    model = tiny_model("llama", tiny_tokenizer)
+    model.generation_config.repetition_penalty = 5.0
+    model.generation_config.top_k = 2
+    batch = HFRolloutEngine(model, tiny_tokenizer).generate(
+        render(tiny_tokenizer), SamplingParams(n=4, max_new_tokens=12, seed=2)
+    )
+    expected, logits = teacher_forced_logprobs(model, batch, 1.0)
+    torch.testing.assert_close(batch.sampler_logprobs, expected, atol=1e-4, rtol=1e-4)
+    top2 = logits.topk(2, dim=-1).indices
+    outside_top2 = ~(top2 == batch.response_ids.unsqueeze(-1)).any(-1)
+    assert outside_top2[batch.response_mask.bool()].any()
+
+
+def test_bf16_autocast_is_close_to_float32(tiny_llama, tiny_tokenizer):
+    engine = HFRolloutEngine(tiny_llama, tiny_tokenizer, autocast_dtype=torch.bfloat16)
+    batch = engine.generate(render(tiny_tokenizer), SamplingParams(n=2, max_new_tokens=8, seed=0))
+    expected, _ = teacher_forced_logprobs(tiny_llama, batch, 1.0)
+    assert batch.sampler_logprobs.dtype == torch.float32
+    torch.testing.assert_close(batch.sampler_logprobs, expected, atol=0.05, rtol=0.05)
+
+
+def test_engine_contract(tiny_llama, tiny_qwen2, tiny_tokenizer):
+    engine = build_rollout_engine("hf", tiny_llama, tiny_tokenizer, batch_size=2)
+    assert isinstance(engine, HFRolloutEngine) and isinstance(engine, RolloutEngine)
+    assert engine.batch_size == 2
+    engine.sync_weights(tiny_llama)
+    with pytest.raises(ValueError, match="module it was built with"):
+        engine.sync_weights(tiny_qwen2)
+    with pytest.raises(ValueError, match="no prompts"):
+        engine.generate([], SamplingParams())
+    with pytest.raises(ValueError, match=r"indices \[1\]"):
+        engine.generate(["hello", ""], SamplingParams())
+
+
+def test_unknown_engine_lists_the_available_ones(tiny_llama, tiny_tokenizer):
+    with pytest.raises(ValueError, match=r"unknown rollout engine 'sglang'.*\['hf', 'vllm'\]"):
+        build_rollout_engine("sglang", tiny_llama, tiny_tokenizer)
+
+
+def test_register_engine(monkeypatch, tiny_llama, tiny_tokenizer):
+    monkeypatch.setattr(rollout, "_ENGINES", dict(rollout._ENGINES))
+    register_rollout_engine(
+        "hf-small", lambda model, tok, **kw: HFRolloutEngine(model, tok, batch_size=1, **kw)
+    )
+    engine = build_rollout_engine("hf-small", tiny_llama, tiny_tokenizer)
+    assert engine.batch_size == 1
+    with pytest.raises(ValueError, match="already registered"):
+        register_rollout_engine("hf", HFRolloutEngine)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("n", 0), ("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("top_k", 0), ("max_new_tokens", 0)],
+)
+def test_invalid_sampling_params(field, value):
+    with pytest.raises(ValueError, match=f"SamplingParams.{field}"):
+        SamplingParams(**{field: value})
+
+
+def test_greedy_is_temperature_zero():
+    assert SamplingParams(temperature=0.0).greedy and not SamplingParams().greedy

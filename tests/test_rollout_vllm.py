@@ -1,0 +1,410 @@
+"""The vllm rollout engine on CPU, against a stand-in with vLLM's interface (vLLM itself needs a GPU).
+
+``FakeLLM`` mimics ``vllm.LLM``: ``generate`` returns ``RequestOutput``-like objects (``prompt_token_ids``,
+``outputs[i].index / token_ids / logprobs[t][token].logprob / finish_reason``), ``collective_rpc`` calls a
+function with a worker whose ``model_runner.model.load_weights`` records what it receives, and sleep,
+wake-up and prefix-cache resets are logged in call order. The ``vllm`` module itself is replaced by a
+stand-in whose ``SamplingParams`` records its arguments.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+import sys
+import types
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+import cegppo.rollout as rollout
+from _tiny import tiny_model
+from cegppo.rollout import (
+    HFRolloutEngine,
+    RolloutEngine,
+    SamplingParams,
+    VLLMRolloutEngine,
+    available_rollout_engines,
+    build_rollout_engine,
+)
+from cegppo.rollout.vllm import _write_model_files
+
+QUESTIONS = ["What is 1 + 2?", "What is 12 + 30? Think step by step.", "Hi"]
+
+
+def render(tokenizer, questions=QUESTIONS) -> list[str]:
+    return [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
+        )
+        for q in questions
+    ]
+
+
+class FakeSamplingParams:
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+
+
+class FakeVLLMModel:
+    """vLLM's model as ``load_weights`` sees it: parameters by vLLM name; returns the names it loaded."""
+
+    def __init__(self, names):
+        self.names = list(names)
+        self.received: list[list[tuple[str, torch.Tensor]]] = []
+
+    def load_weights(self, weights):
+        weights = list(weights)
+        self.received.append(weights)
+        return {name for name, _ in weights}
+
+    def named_parameters(self):
+        return [(name, None) for name in self.names]
+
+
+class FakeLLM:
+    """``vllm.LLM``'s interface; ``respond(prompt_index, prompt_ids, params)`` scripts each prompt's samples
+    as ``(token_ids, logprobs, finish_reason)`` triples, returned in reverse ``index`` order."""
+
+    def __init__(self, respond, vllm_param_names):
+        self.respond = respond
+        self.model = FakeVLLMModel(vllm_param_names)
+        self.calls: list[tuple] = []
+        self.requests: list = []
+
+    def generate(self, prompts, sampling_params, use_tqdm=True):
+        self.calls.append(("generate",))
+        self.requests.append((prompts, sampling_params))
+        outputs = []
+        for i, prompt in enumerate(prompts):
+            params = sampling_params[i] if isinstance(sampling_params, list) else sampling_params
+            samples = self.respond(i, prompt["prompt_token_ids"], params)
+            completions = [
+                SimpleNamespace(
+                    index=j,
+                    token_ids=tuple(tokens),
+                    logprobs=[
+                        {tok: SimpleNamespace(logprob=lp, rank=1)}
+                        for tok, lp in zip(tokens, lps, strict=True)
+                    ],
+                    finish_reason=reason,
+                )
+                for j, (tokens, lps, reason) in enumerate(samples)
+            ]
+            outputs.append(
+                SimpleNamespace(prompt_token_ids=list(prompt["prompt_token_ids"]), outputs=completions[::-1])
+            )
+        return outputs
+
+    def collective_rpc(self, method, timeout=None, args=(), kwargs=None):
+        self.calls.append(("collective_rpc",))
+        worker = SimpleNamespace(model_runner=SimpleNamespace(model=self.model))
+        return [method(worker, *args, **(kwargs or {}))]
+
+    def sleep(self, level=1):
+        self.calls.append(("sleep", level))
+
+    def wake_up(self, tags=None):
+        self.calls.append(("wake_up", tuple(tags)))
+
+    def reset_prefix_cache(self):
+        self.calls.append(("reset_prefix_cache",))
+
+
+@pytest.fixture
+def fake_vllm(monkeypatch):
+    module = types.ModuleType("vllm")
+    module.SamplingParams = FakeSamplingParams
+
+    def llm_must_not_be_built(**kwargs):
+        raise AssertionError(f"vllm.LLM built with {kwargs}")
+
+    module.LLM = llm_must_not_be_built
+    monkeypatch.setitem(sys.modules, "vllm", module)
+    # Restored after the test; the engine must switch it off.
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    return module
+
+
+def hf_names(model) -> list[str]:
+    return [name for name, _ in model.named_parameters()]
+
+
+def scripted(samples_for):
+    """A FakeLLM answering prompt i with ``samples_for(i, prompt_ids)``."""
+    return lambda model: FakeLLM(lambda i, ids, params: samples_for(i, ids), hf_names(model))
+
+
+def test_batch_layout_eos_truncation_and_logprob_placement(fake_vllm, tiny_llama, tiny_tokenizer):
+    eos = tiny_tokenizer.eos_token_id
+    word = tiny_tokenizer("ok", add_special_tokens=False).input_ids[0]
+    # Per prompt, two samples: (tokens, finish_reason); log-probs are -(row + position / 10).
+    script = {
+        0: [([word, word, eos], "stop"), ([word] * 5, "length")],
+        1: [([eos], "stop"), ([word, word, word, word, eos], "length")],  # EOS as the last allowed token
+        2: [([word, word], "stop"), ([word, eos], "stop")],  # the first stopped on a token that is not EOS
+    }
+
+    def samples(i, ids):
+        return [
+            (tokens, [-(2 * i + j + t / 10) for t in range(len(tokens))], reason)
+            for j, (tokens, reason) in enumerate(script[i])
+        ]
+
+    llm = scripted(samples)(tiny_llama)
+    engine = VLLMRolloutEngine(tiny_llama, tiny_tokenizer, enable_sleep_mode=False, llm=llm)
+    prompts = render(tiny_tokenizer)
+    batch = engine.generate(prompts, SamplingParams(n=2, max_new_tokens=5))
+
+    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    prompt_ids = [tiny_tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+    assert [r["prompt_token_ids"] for r in llm.requests[0][0]] == prompt_ids
+    width = max(len(ids) for ids in prompt_ids)
+    assert batch.prompt_ids.shape == (6, width) and batch.response_ids.shape == (6, 5)
+    pad = tiny_tokenizer.pad_token_id
+    for row in range(6):
+        i, j = divmod(row, 2)
+        ids = prompt_ids[i]
+        assert batch.prompt_mask[row].tolist() == [0] * (width - len(ids)) + [1] * len(ids)
+        assert batch.prompt_ids[row].tolist() == [pad] * (width - len(ids)) + ids
+        tokens, _ = script[i][j]
+        assert batch.response_ids[row].tolist() == tokens + [pad] * (5 - len(tokens))
+        assert batch.response_mask[row].tolist() == [1] * len(tokens) + [0] * (5 - len(tokens))
+        expected = [-(row + t / 10) for t in range(len(tokens))] + [0.0] * (5 - len(tokens))
+        torch.testing.assert_close(batch.sampler_logprobs[row], torch.tensor(expected))
+        assert batch.response_texts[row] == tiny_tokenizer.decode(tokens, skip_special_tokens=True)
+    assert batch.truncated.tolist() == [False, True, False, False, False, False]
+    assert batch.sampler_logprobs.dtype == torch.float32 and batch.n == 2
+
+
+def test_pad_equal_to_eos_does_not_extend_the_mask(fake_vllm, tiny_llama, tiny_tokenizer):
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.pad_token = tokenizer.eos_token  # as SmolLM2 ships
+    eos = tokenizer.eos_token_id
+    samples = [
+        ([5, 6, 7], [-1.0] * 3, "length"),
+        ([5, eos], [-1.0] * 2, "stop"),
+        ([5, 6], [-1.0] * 2, "stop"),
+    ]
+    llm = scripted(lambda i, ids: samples)(tiny_llama)
+    engine = VLLMRolloutEngine(tiny_llama, tokenizer, enable_sleep_mode=False, llm=llm)
+    batch = engine.generate(render(tokenizer)[:1], SamplingParams(n=3, max_new_tokens=3))
+    assert batch.response_ids[1:].tolist() == [[5, eos, eos], [5, 6, eos]]
+    # The last row stopped on a non-EOS stop token: its padding EOS is not part of the response.
+    assert batch.response_mask.tolist() == [[1, 1, 1], [1, 1, 0], [1, 1, 0]]
+    assert batch.truncated.tolist() == [True, False, False]
+
+
+def test_same_batch_as_the_hf_engine_for_the_same_samples(fake_vllm, tiny_llama, tiny_tokenizer):
+    """Fed the hf engine's own samples, the vllm engine assembles an identical RolloutBatch."""
+    prompts = render(tiny_tokenizer)
+    params = SamplingParams(n=3, max_new_tokens=8, seed=4)
+    reference = HFRolloutEngine(tiny_llama, tiny_tokenizer).generate(prompts, params)
+    assert reference.truncated.any() and (~reference.truncated).any()
+
+    def samples(i, ids):
+        out = []
+        for row in range(i * params.n, (i + 1) * params.n):
+            length = int(reference.response_mask[row].sum())
+            out.append(
+                (
+                    reference.response_ids[row, :length].tolist(),
+                    reference.sampler_logprobs[row, :length].tolist(),
+                    "length" if reference.truncated[row] else "stop",
+                )
+            )
+        return out
+
+    engine = VLLMRolloutEngine(
+        tiny_llama, tiny_tokenizer, enable_sleep_mode=False, llm=scripted(samples)(tiny_llama)
+    )
+    batch = engine.generate(prompts, params)
+    for field in (
+        "prompt_ids",
+        "prompt_mask",
+        "response_ids",
+        "response_mask",
+        "sampler_logprobs",
+        "truncated",
+    ):
+        assert torch.equal(getattr(batch, field), getattr(reference, field)), field
+    assert batch.response_texts == reference.response_texts
+    assert torch.equal(batch.position_ids, reference.position_ids)
+
+
+def test_sampling_params_sent_to_vllm(fake_vllm, tiny_llama, tiny_tokenizer):
+    llm = scripted(lambda i, ids: [([5], [-1.0], "length")] * 4)(tiny_llama)
+    engine = VLLMRolloutEngine(tiny_llama, tiny_tokenizer, enable_sleep_mode=False, llm=llm)
+    prompts = render(tiny_tokenizer)
+    engine.generate(
+        prompts, SamplingParams(n=4, temperature=0.7, top_p=0.9, top_k=20, max_new_tokens=9, seed=11)
+    )
+    seeded = llm.requests[-1][1]
+    assert [p.kwargs["seed"] for p in seeded] == [11, 15, 19]  # vLLM adds the sample index: all 12 differ
+    assert seeded[0].kwargs == {
+        "n": 4,
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "top_k": 20,
+        "max_tokens": 9,
+        "seed": 11,
+        "logprobs": 0,
+        "stop_token_ids": [tiny_tokenizer.eos_token_id],
+        "detokenize": False,
+    }
+    engine.generate(prompts, SamplingParams(n=4, temperature=0.0, max_new_tokens=9))
+    unseeded = llm.requests[-1][1]
+    assert isinstance(unseeded, FakeSamplingParams)
+    assert unseeded.kwargs["temperature"] == 0.0 and unseeded.kwargs["seed"] is None
+
+
+def test_sync_weights_pushes_every_parameter_once_by_reference(fake_vllm, tiny_tokenizer):
+    config = LlamaConfig(
+        vocab_size=len(tiny_tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=True,
+    )
+    with torch.random.fork_rng(devices=[]):
+        model = LlamaForCausalLM(config)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    names = hf_names(model)
+    assert "lm_head.weight" not in names and "model.embed_tokens.weight" in names
+    llm = FakeLLM(lambda i, ids, params: [], names)
+    engine = VLLMRolloutEngine(model, tiny_tokenizer, enable_sleep_mode=False, llm=llm)
+    assert llm.calls == [("collective_rpc",), ("reset_prefix_cache",)]  # built awake: pushed at once
+
+    with torch.no_grad():
+        model.model.norm.weight.add_(1.0)
+    engine.sync_weights(model)
+    pushed = llm.model.received[-1]
+    assert [name for name, _ in pushed] == names
+    params = dict(model.named_parameters())
+    for name, tensor in pushed:
+        assert not tensor.requires_grad
+        assert tensor.data_ptr() == params[name].data_ptr()  # handed over, not copied
+    assert torch.equal(dict(pushed)["model.norm.weight"], torch.full((16,), 2.0))
+    assert llm.calls[-2:] == [("collective_rpc",), ("reset_prefix_cache",)]
+
+
+def test_unmatched_parameters_are_an_error(fake_vllm, tiny_llama, tiny_tokenizer):
+    llm = FakeLLM(lambda i, ids, params: [], [*hf_names(tiny_llama), "model.layers.0.extra.weight"])
+    with pytest.raises(RuntimeError, match=r"left 1 vLLM parameters unset.*extra\.weight"):
+        VLLMRolloutEngine(tiny_llama, tiny_tokenizer, enable_sleep_mode=False, llm=llm)
+
+
+def test_sleep_mode_pushes_weights_after_every_wake(fake_vllm, tiny_tokenizer):
+    model = tiny_model("llama", tiny_tokenizer)
+    llm = scripted(lambda i, ids: [([5], [-1.0], "length")])(model)
+    engine = VLLMRolloutEngine(model, tiny_tokenizer, llm=llm)
+    assert llm.calls == [("sleep", 2)] and not llm.model.received
+    wake_and_generate = [
+        ("wake_up", ("weights",)),
+        ("collective_rpc",),
+        ("wake_up", ("kv_cache",)),
+        ("generate",),
+        ("sleep", 2),
+    ]
+    prompts = render(tiny_tokenizer)[:1]
+    engine.generate(prompts, SamplingParams(max_new_tokens=1))
+    assert llm.calls[1:] == wake_and_generate
+    other = tiny_model("llama", tiny_tokenizer, seed=1)
+    engine.sync_weights(other)
+    assert len(llm.calls) == 6  # nothing to copy while vLLM sleeps
+    engine.generate(prompts, SamplingParams(max_new_tokens=1))
+    assert llm.calls[6:] == wake_and_generate
+    assert torch.equal(dict(llm.model.received[-1])["lm_head.weight"], other.lm_head.weight)
+
+
+def test_sleeps_again_when_generation_fails(fake_vllm, tiny_llama, tiny_tokenizer):
+    def fail(i, ids):
+        raise RuntimeError("CUDA out of memory")
+
+    llm = scripted(fail)(tiny_llama)
+    engine = VLLMRolloutEngine(tiny_llama, tiny_tokenizer, llm=llm)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        engine.generate(render(tiny_tokenizer)[:1], SamplingParams())
+    assert llm.calls[-1] == ("sleep", 2)
+
+
+@pytest.mark.parametrize(
+    ("samples", "message"),
+    [
+        ([([5], [-1.0], "abort")], "finish reason 'abort'"),
+        ([([], [], "stop")], "has 0 tokens"),
+        ([([5, 6], [-1.0, float("-inf")], "length")], r"non-finite log-prob \(-inf\) for row 0, token 1"),
+        ([([5], [-1.0], "stop"), ([6], [-1.0], "stop")], "2 samples for prompt 0, expected n=1"),
+    ],
+)
+def test_malformed_vllm_results(fake_vllm, tiny_llama, tiny_tokenizer, samples, message):
+    llm = scripted(lambda i, ids: samples)(tiny_llama)
+    engine = VLLMRolloutEngine(tiny_llama, tiny_tokenizer, enable_sleep_mode=False, llm=llm)
+    with pytest.raises(RuntimeError, match=message):
+        engine.generate(render(tiny_tokenizer)[:1], SamplingParams(max_new_tokens=2))
+
+
+def test_bad_input(fake_vllm, tiny_llama, tiny_tokenizer):
+    engine = VLLMRolloutEngine(
+        tiny_llama, tiny_tokenizer, enable_sleep_mode=False, llm=scripted(None)(tiny_llama)
+    )
+    with pytest.raises(ValueError, match="no prompts"):
+        engine.generate([], SamplingParams())
+    with pytest.raises(ValueError, match=r"indices \[1\]"):
+        engine.generate(["hello", ""], SamplingParams())
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        VLLMRolloutEngine(tiny_llama, tiny_tokenizer, gpu_memory_utilization=1.5, llm=engine.llm)
+    with pytest.raises(ValueError, match="batch_size"):
+        VLLMRolloutEngine(tiny_llama, tiny_tokenizer, batch_size=0, llm=engine.llm)
+
+
+def test_missing_vllm_names_the_extra(monkeypatch, tiny_llama, tiny_tokenizer):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # makes `import vllm` fail even where it is installed
+    with pytest.raises(ImportError, match=r"pip install 'cegppo\[vllm\]'"):
+        build_rollout_engine("vllm", tiny_llama, tiny_tokenizer)
+
+
+def test_cpu_model_is_refused_before_building_vllm(fake_vllm, tiny_llama, tiny_tokenizer):
+    with pytest.raises(ValueError, match=r"model is on cpu.*rollout.engine=hf"):
+        VLLMRolloutEngine(tiny_llama, tiny_tokenizer)  # fake_vllm.LLM fails the test if called
+
+
+def test_model_files_for_vllm(tmp_path, tiny_llama, tiny_tokenizer):
+    assert tiny_llama.config.architectures is None  # built from a config, never saved
+    _write_model_files(tiny_llama, tiny_tokenizer, tmp_path)
+    assert tiny_llama.config.architectures is None
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert AutoConfig.from_pretrained(tmp_path).vocab_size == tiny_llama.config.vocab_size
+    text = render(tiny_tokenizer)[0]
+    assert AutoTokenizer.from_pretrained(tmp_path)(text).input_ids == tiny_tokenizer(text).input_ids
+    assert not list(tmp_path.glob("*.safetensors"))  # vLLM gets the weights from the policy
+
+
+def test_registry_builds_the_vllm_engine(fake_vllm, tiny_llama, tiny_tokenizer):
+    assert available_rollout_engines() == ["hf", "vllm"]
+    assert rollout._ENGINES["vllm"] is VLLMRolloutEngine
+    # The trainer's keyword arguments are accepted (autocast_dtype is ignored: vLLM has its own dtype).
+    engine = build_rollout_engine(
+        "vllm",
+        tiny_llama,
+        tiny_tokenizer,
+        batch_size=4,
+        autocast_dtype=torch.bfloat16,
+        llm=scripted(None)(tiny_llama),
+    )
+    assert isinstance(engine, VLLMRolloutEngine) and isinstance(engine, RolloutEngine)
+
+
+def test_importing_the_package_does_not_import_vllm(monkeypatch):
+    # With sys.modules["vllm"] = None any `import vllm` raises; re-running the modules' top-level code
+    # (into fresh module objects, leaving the imported ones alone) must therefore succeed.
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    for name in ("cegppo.rollout.vllm", "cegppo.rollout"):
+        spec = importlib.util.find_spec(name)
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
