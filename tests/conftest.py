@@ -9,9 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from _tiny import save_tiny, tiny_model, tiny_tokenizer
+
+
+# Tests use tiny models, which gain nothing from a second thread, while OpenMP threads spinning against
+# other processes on a busy 2-core machine slow them down by orders of magnitude.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session", name="tiny_tokenizer")

@@ -60,7 +60,16 @@ def test_a_run_writes_metrics_samples_checkpoint_and_summary(tiny_model_dir, tmp
     config = load_config(
         None,
         tiny_overrides(
-            tiny_model_dir, tmp_path, **{"reward.name": short_reward, "trainer.tensorboard": True}
+            tiny_model_dir,
+            tmp_path,
+            **{
+                "reward.name": short_reward,
+                "trainer.tensorboard": True,
+                "trainer.eval_every": 1,
+                "eval.benchmarks": "[arithmetic]",
+                "eval.n": 2,
+                "eval.limit": 2,
+            },
         ),
     )
     run_dir = run_dir_of(config)
@@ -96,6 +105,10 @@ def test_a_run_writes_metrics_samples_checkpoint_and_summary(tiny_model_dir, tmp
     ]:
         assert key in records[0], key
     assert records[0]["actor/num_updates"] == 2  # 4 prompts / mini-batches of 2
+    assert all(0 <= r["val/arithmetic/avg@2"] <= r["val/arithmetic/pass@2"] <= 1 for r in records)
+    assert "entropy/delta" in records[1] and "entropy/cov_logp_pA" in records[0]
+    assert sum(records[0][f"quadrant/{q}/frac"] for q in ("PA&HP", "PA&LP", "NA&HP", "NA&LP")) <= 1 + 1e-9
+    assert records[0]["actor/beta1"] == 0.5 and records[0]["actor/beta2"] == 1.0
     assert 0 < records[0]["entropy/mean"] < torch.log(torch.tensor(float(len(tiny_tokenizer())))).item()
     samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert {"question", "response", "ground_truth", "reward", "step"} <= set(samples[0])

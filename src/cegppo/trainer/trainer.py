@@ -12,7 +12,6 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -26,12 +25,11 @@ from cegppo.data import (
     PromptDataset,
     PromptExample,
     arithmetic_problems,
-    load_benchmark,
     load_prompt_file,
     render_prompt,
 )
 from cegppo.dynamics import entropy_covariance
-from cegppo.evaluation import sample_and_score
+from cegppo.evaluation import evaluate_benchmark, evaluate_examples, load_problems
 from cegppo.losses import masked_mean
 from cegppo.models import load_model_and_tokenizer
 from cegppo.rewards import RewardScorer
@@ -51,6 +49,8 @@ from cegppo.trainer.tracking import RunTracker
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.yaml"
+# Held-out prompts generated per call: larger batches generate faster on CPU, 64 keeps memory modest.
+HELDOUT_CHUNK = 64
 SUMMARY_FILE = "summary.json"
 
 
@@ -61,13 +61,6 @@ class Interrupted(Exception):
         super().__init__(f"{signal.Signals(signum).name}: checkpoint saved at {checkpoint}")
         self.signum = signum
         self.checkpoint = checkpoint
-
-
-@dataclass
-class HeldOut:
-    prompts: list[str]
-    ground_truths: list[str]
-    data_sources: list[str]
 
 
 def new_run_dir(config: Config) -> Path:
@@ -156,7 +149,7 @@ class Trainer:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         return torch.device(device)
 
-    def _load_data(self) -> tuple[PromptDataset, HeldOut | None]:
+    def _load_data(self) -> tuple[PromptDataset, list[PromptExample]]:
         data = self.config.data
         if data.task == "arithmetic":  # its train and held-out pools are disjoint by construction
             train = arithmetic_problems(data.train_size, seed=data.seed)
@@ -170,16 +163,9 @@ class Trainer:
             raise ValueError(f"the training set is empty: data.train_files={data.train_files}")
         dataset = PromptDataset(train, seed=data.seed, shuffle=data.shuffle)
         if data.heldout is None:
-            return dataset, None
-        if Path(data.heldout).suffix in (".jsonl", ".json", ".parquet"):
-            heldout = load_prompt_file(data.heldout, question_template=data.question_template)
-        else:
-            heldout = load_benchmark(data.heldout, question_template=data.question_template)
-        heldout = heldout[: data.heldout_size]
-        return dataset, HeldOut(
-            prompts=[self._render(example) for example in heldout],
-            ground_truths=[example.ground_truth for example in heldout],
-            data_sources=[example.data_source for example in heldout],
+            return dataset, []
+        return dataset, load_problems(
+            data.heldout, limit=data.heldout_size, question_template=data.question_template
         )
 
     def _render(self, example: PromptExample) -> str:
@@ -292,7 +278,9 @@ class Trainer:
         weights = self.actor.rollout_is_weights(experience)
         if weights is not None:
             metrics["rollout/is_weight_mean"] = masked_mean(weights, mask).item()
-            capped = (experience.old_log_prob - experience.sampler_log_prob) > math.log(self.config.rollout.tis_cap)
+            capped = (experience.old_log_prob - experience.sampler_log_prob) > math.log(
+                self.config.rollout.tis_cap
+            )
             metrics["rollout/is_capped_frac"] = masked_mean(capped, mask).item()
         return metrics
 
@@ -300,30 +288,59 @@ class Trainer:
 
     def evaluate_heldout(self) -> float | None:
         """Greedy accuracy on the held-out set, or None when none is configured."""
-        if self.heldout is None:
+        if not self.heldout:
             return None
-        result = sample_and_score(
+        result = evaluate_examples(
             self.engine,
             self.scorer,
-            self.heldout.prompts,
-            self.heldout.ground_truths,
-            self.heldout.data_sources,
+            self.tokenizer,
+            "heldout",
+            self.heldout,
             SamplingParams(n=1, temperature=0.0, max_new_tokens=self.config.rollout.max_new_tokens),
+            system_prompt=self.config.data.system_prompt,
+            chunk_size=HELDOUT_CHUNK,
         )
-        return result.accuracy
+        return result.avg_at_n
+
+    def evaluate_benchmarks(self) -> dict[str, float]:
+        """``eval.benchmarks`` sampled as configured: ``val/<bench>/avg@<n>`` and ``val/<bench>/pass@<n>``."""
+        cfg = self.config.eval
+        params = SamplingParams(
+            n=cfg.n,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            max_new_tokens=cfg.max_new_tokens or self.config.rollout.max_new_tokens,
+        )
+        metrics = {}
+        for benchmark in cfg.benchmarks:
+            result = evaluate_benchmark(
+                self.engine,
+                self.scorer,
+                self.tokenizer,
+                benchmark,
+                params,
+                limit=cfg.limit,
+                system_prompt=self.config.data.system_prompt,
+            )
+            metrics[f"val/{result.name}/avg@{cfg.n}"] = result.avg_at_n
+            metrics[f"val/{result.name}/pass@{cfg.n}"] = result.pass_at_k[cfg.n]
+        return metrics
 
     def fit(self) -> dict[str, Any]:
         """Train to ``trainer.total_steps``; checkpoint on schedule, at the end and on SIGINT/SIGTERM."""
         config = self.config.trainer
         started = time.perf_counter() - self.state["wall_s"]
         with Progress(total=config.total_steps, done=self.step_count, quiet=config.quiet) as progress:
-            if self.state["heldout_acc_before"] is None and self.heldout is not None:
+            if self.state["heldout_acc_before"] is None and self.heldout:
                 progress.note("evaluating the held-out set before training")
                 self.state["heldout_acc_before"] = self.evaluate_heldout()
                 progress.note(f"held-out accuracy before: {self.state['heldout_acc_before']:.3f}")
             with self._signals_deferred():
                 while self.step_count < config.total_steps:
                     metrics = self.step()
+                    last = self.step_count == config.total_steps
+                    if config.eval_every and (self.step_count % config.eval_every == 0 or last):
+                        metrics.update(self.evaluate_benchmarks())
                     self.tracker.log(self.step_count, metrics)
                     progress.advance(self.step_count, metrics)
                     self.state["wall_s"] = time.perf_counter() - started
@@ -332,7 +349,7 @@ class Trainer:
                         raise Interrupted(self._stop_signal, checkpoint)
                     if config.save_every and self.step_count % config.save_every == 0:
                         self.save()
-            if self.heldout is not None:
+            if self.heldout:
                 progress.note("evaluating the held-out set after training")
             summary = self._summary(self.evaluate_heldout(), time.perf_counter() - started)
             self.state["wall_s"] = summary["wall_s"]
@@ -367,10 +384,10 @@ class Trainer:
             "steps": self.step_count,
             "wall_s": round(wall_s, 1),
         }
-        if self.heldout is not None:
+        if self.heldout:
             summary["heldout_acc_before"] = self.state["heldout_acc_before"]
             summary["heldout_acc_after"] = heldout_after
-            summary["heldout_size"] = len(self.heldout.prompts)
+            summary["heldout_size"] = len(self.heldout)
         return summary
 
     def _log_samples(
