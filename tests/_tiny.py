@@ -126,3 +126,27 @@ def save_tiny(directory: Path, arch: str = "llama", seed: int = 0, *, eos_bias: 
     tiny_model(arch, tokenizer, seed, eos_bias=eos_bias).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def tiny_overrides(model_dir: Path, out: Path, **extra: object) -> list[str]:
+    """Config overrides for a fast run of a saved tiny model (``trainer.name=run`` under ``out``)."""
+    values = {
+        "model.path": model_dir,
+        "data.train_batch_size": 4,
+        "data.heldout_size": 4,
+        "rollout.n": 4,
+        "rollout.max_new_tokens": 6,
+        "reward.num_workers": 0,
+        "reward.strict_boxed": False,
+        "actor.ppo_mini_batch_size": 2,
+        "actor.micro_batch_size": 4,
+        "actor.bf16_autocast": False,
+        "actor.lr": 1e-3,
+        "trainer.total_steps": 2,
+        "trainer.output_dir": out,
+        "trainer.name": "run",
+        "trainer.quiet": True,
+        "trainer.tensorboard": False,
+    }
+    values.update(extra)
+    return [f"{key}={value}" for key, value in values.items()]

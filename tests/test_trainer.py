@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _tiny import tiny_model, tiny_tokenizer
+from _tiny import tiny_model, tiny_overrides, tiny_tokenizer
 from cegppo.config import load_config
 from cegppo.trainer import Interrupted, Trainer, load_run_config
 from cegppo.trainer.actor import Actor, Experience
@@ -27,29 +27,6 @@ def short_reward(tmp_path: Path) -> str:
     path = tmp_path / "short_reward.py"
     path.write_text(SHORT_IS_RIGHT)
     return f"{path}:compute_score"
-
-
-def tiny_overrides(model_dir: Path, out: Path, **extra: object) -> list[str]:
-    values = {
-        "model.path": model_dir,
-        "data.train_batch_size": 4,
-        "data.heldout_size": 4,
-        "rollout.n": 4,
-        "rollout.max_new_tokens": 6,
-        "reward.num_workers": 0,
-        "reward.strict_boxed": False,
-        "actor.ppo_mini_batch_size": 2,
-        "actor.micro_batch_size": 4,
-        "actor.bf16_autocast": False,
-        "actor.lr": 1e-3,
-        "trainer.total_steps": 2,
-        "trainer.output_dir": out,
-        "trainer.name": "run",
-        "trainer.quiet": True,
-        "trainer.tensorboard": False,
-    }
-    values.update(extra)
-    return [f"{key}={value}" for key, value in values.items()]
 
 
 def run_dir_of(config) -> Path:

@@ -6,6 +6,7 @@ learning 2-digit addition with CE-GPPO on a CPU. Keys follow verl's names where 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,15 @@ from omegaconf.errors import OmegaConfBaseException
 from cegppo.advantages import ADVANTAGE_REGISTRY
 from cegppo.losses import KL_ESTIMATORS, LOSS_AGG_MODES, PolicyLossConfig, list_policy_losses
 from cegppo.rewards import RewardConfig
+
+
+_LOSS = PolicyLossConfig()
+# The PolicyLossConfig fields a run sets under actor.*; the batch-size fields are set per mini-batch.
+LOSS_SETTINGS = tuple(
+    f.name
+    for f in dataclasses.fields(PolicyLossConfig)
+    if f.name not in ("dp_size", "batch_num_tokens", "global_batch_size", "generator")
+)
 
 
 class ConfigError(ValueError):
@@ -98,22 +108,24 @@ class EntropyControlConfig:
 
 @dataclass
 class ActorConfig:
+    """The update. The loss settings are ``PolicyLossConfig``'s fields under verl's flat names, with its defaults."""
+
     policy_loss: str = "ce_gppo"
-    clip_ratio_low: float = 0.2
-    clip_ratio_high: float = 0.2
-    clip_ratio_c: float | None = 10.0
-    beta1: float = 0.5
-    beta2: float = 1.0
+    clip_ratio_low: float = _LOSS.clip_ratio_low
+    clip_ratio_high: float = _LOSS.clip_ratio_high
+    clip_ratio_c: float | None = _LOSS.clip_ratio_c
+    beta1: float = _LOSS.beta1
+    beta2: float = _LOSS.beta2
     beta1_schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     beta2_schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     entropy_control: EntropyControlConfig = field(default_factory=EntropyControlConfig)
     loss_agg_mode: str = "token-mean"
-    loss_scale_factor: float | None = None
-    clip_cov_ratio: float = 2e-4
-    clip_cov_lb: float = 1.0
-    clip_cov_ub: float = 5.0
-    kl_cov_ratio: float = 2e-4
-    ppo_kl_coef: float = 1.0
+    loss_scale_factor: float | None = _LOSS.loss_scale_factor
+    clip_cov_ratio: float = _LOSS.clip_cov_ratio
+    clip_cov_lb: float = _LOSS.clip_cov_lb
+    clip_cov_ub: float = _LOSS.clip_cov_ub
+    kl_cov_ratio: float = _LOSS.kl_cov_ratio
+    ppo_kl_coef: float = _LOSS.ppo_kl_coef
     ppo_epochs: int = 1
     ppo_mini_batch_size: int = 4  # prompts per optimiser update
     micro_batch_size: int = 8  # sequences per forward/backward (memory only: never changes the gradient)
@@ -176,20 +188,7 @@ class Config:
 
     def policy_loss_config(self) -> PolicyLossConfig:
         """The loss settings of ``actor``, validated by the loss library."""
-        a = self.actor
-        return PolicyLossConfig(
-            clip_ratio_low=a.clip_ratio_low,
-            clip_ratio_high=a.clip_ratio_high,
-            clip_ratio_c=a.clip_ratio_c,
-            beta1=a.beta1,
-            beta2=a.beta2,
-            loss_scale_factor=a.loss_scale_factor,
-            clip_cov_ratio=a.clip_cov_ratio,
-            clip_cov_lb=a.clip_cov_lb,
-            clip_cov_ub=a.clip_cov_ub,
-            kl_cov_ratio=a.kl_cov_ratio,
-            ppo_kl_coef=a.ppo_kl_coef,
-        )
+        return PolicyLossConfig(**{name: getattr(self.actor, name) for name in LOSS_SETTINGS})
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

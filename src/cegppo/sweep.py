@@ -1,0 +1,104 @@
+"""The entropy experiment: the same budget for GRPO, DAPO clip-higher, GPPO and CE-GPPO at several (β1, β2).
+
+Each variant × seed is an ordinary run under ``output_dir``; a finished run (``summary.json``) is skipped and an
+interrupted one resumed, so re-running the same command completes a sweep.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from cegppo.config import load_config
+from cegppo.trainer import Trainer, load_run_config
+from cegppo.trainer.checkpoint import latest_checkpoint
+from cegppo.trainer.tracking import read_metrics
+
+# CE-GPPO §5.1's comparison on the demo task; 2+ updates per rollout batch come from the base config.
+VARIANTS: dict[str, list[str]] = {
+    "grpo": ["actor.policy_loss=vanilla", "actor.clip_ratio_low=0.2", "actor.clip_ratio_high=0.2"],
+    "dapo": ["actor.policy_loss=vanilla", "actor.clip_ratio_low=0.2", "actor.clip_ratio_high=0.28"],
+    "gppo": ["actor.policy_loss=gppo"],
+    "ce_gppo_b0_1": ["actor.policy_loss=ce_gppo", "actor.beta1=0.0", "actor.beta2=1.0"],
+    "ce_gppo_b0.5_1": ["actor.policy_loss=ce_gppo", "actor.beta1=0.5", "actor.beta2=1.0"],
+    "ce_gppo_b0.75_1": ["actor.policy_loss=ce_gppo", "actor.beta1=0.75", "actor.beta2=1.0"],
+    "ce_gppo_b1_0.5": ["actor.policy_loss=ce_gppo", "actor.beta1=1.0", "actor.beta2=0.5"],
+}
+
+SUMMARY_FILE = "summary.json"
+
+
+def run_sweep(
+    output_dir: Path,
+    *,
+    config_path: Path | None = None,
+    overrides: Sequence[str] = (),
+    seeds: Sequence[int] = (0,),
+    variants: Sequence[str] = tuple(VARIANTS),
+    on_run: Callable[[str, Path], None] | None = None,
+) -> list[Path]:
+    """Run (or finish) every variant × seed; returns the run directories in order."""
+    unknown = [name for name in variants if name not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown sweep variants {unknown}: known are {list(VARIANTS)}")
+    run_dirs = []
+    for variant in variants:
+        for seed in seeds:
+            name = f"{variant}-s{seed}"
+            run_dir = output_dir / name
+            run_dirs.append(run_dir)
+            if (run_dir / SUMMARY_FILE).is_file():
+                continue
+            if on_run is not None:
+                on_run(name, run_dir)
+            if latest_checkpoint(run_dir / "checkpoints") is not None:
+                trainer = Trainer(load_run_config(run_dir), run_dir, resume=True)
+            else:
+                config = load_config(
+                    config_path,
+                    [
+                        *overrides,
+                        *VARIANTS[variant],
+                        f"trainer.seed={seed}",
+                        f"data.seed={seed}",
+                        f"trainer.output_dir={output_dir}",
+                        f"trainer.name={name}",
+                    ],
+                )
+                trainer = Trainer(config, run_dir)
+            trainer.fit()
+    return run_dirs
+
+
+def sweep_table(run_dirs: Sequence[Path]) -> str:
+    """Markdown: held-out accuracy before/after, final entropy and clip fractions (mean over the last 3 steps)."""
+    header = (
+        "| run | held-out before | held-out after | Δ | entropy first → last | clip low | clip high | "
+        "clip dual | NA&LP grad share | PA&LP grad share |\n|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    rows = []
+    for run_dir in run_dirs:
+        summary: dict[str, Any] = json.loads((run_dir / SUMMARY_FILE).read_text())
+        records = read_metrics(run_dir)
+        tail = records[-3:]
+
+        def mean(key: str, tail: list[dict] = tail) -> float:
+            values = [r[key] for r in tail if r.get(key) is not None]
+            return sum(values) / len(values) if values else float("nan")
+
+        before, after = summary.get("heldout_acc_before"), summary.get("heldout_acc_after")
+        delta = f"{100 * (after - before):+.1f}" if before is not None and after is not None else "-"
+        rows.append(
+            f"| {run_dir.name} | {_pct(before)} | {_pct(after)} | {delta} | "
+            f"{records[0]['entropy/mean']:.3f} → {records[-1]['entropy/mean']:.3f} | "
+            f"{mean('actor/pg_clipfrac_low'):.4f} | {mean('actor/pg_clipfrac_high'):.4f} | "
+            f"{mean('actor/pg_clipfrac_dual'):.4f} | {mean('quadrant/NA&LP/grad_share'):.3f} | "
+            f"{mean('quadrant/PA&LP/grad_share'):.3f} |"
+        )
+    return header + "\n".join(rows) + "\n"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"

@@ -1,0 +1,71 @@
+"""Run configuration: the embedded default, presets, overrides and the errors a user sees."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cegppo.config import ConfigError, load_config, to_yaml
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_demo_yaml_spells_out_the_built_in_defaults():
+    assert load_config(CONFIGS / "demo_cpu.yaml") == load_config(None)
+
+
+def test_demo_default_is_ce_gppo_with_two_updates_per_rollout_batch():
+    config = load_config(None)
+    assert config.actor.policy_loss == "ce_gppo"
+    assert (config.actor.beta1, config.actor.beta2, config.actor.clip_ratio_c) == (0.5, 1.0, 10.0)
+    assert config.data.train_batch_size // config.actor.ppo_mini_batch_size >= 2
+
+
+@pytest.mark.parametrize("name,beta1", [("paper_1p5b.yaml", 0.5), ("paper_7b.yaml", 0.75)])
+def test_paper_presets_carry_the_recipe(name, beta1):
+    config = load_config(CONFIGS / name)
+    actor = config.actor
+    assert (actor.beta1, actor.beta2, actor.clip_ratio_low, actor.clip_ratio_high) == (beta1, 1.0, 0.2, 0.2)
+    assert (actor.lr, actor.ppo_mini_batch_size, actor.loss_agg_mode) == (1e-6, 16, "token-mean")
+    assert (config.rollout.n, config.rollout.temperature, config.rollout.max_new_tokens) == (8, 1.0, 16384)
+    assert config.data.train_batch_size == 128
+    assert not actor.use_kl_loss and actor.entropy_coeff == 0
+
+
+def test_overrides_are_typed_and_round_trip_through_yaml(tmp_path):
+    config = load_config(None, ["actor.lr=1e-5", "rollout.n=4", "data.train_files=[a.jsonl,b.parquet]"])
+    assert (config.actor.lr, config.rollout.n, config.data.train_files) == (1e-5, 4, ["a.jsonl", "b.parquet"])
+    path = tmp_path / "c.yaml"
+    path.write_text(to_yaml(config))
+    assert load_config(path) == config
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("actor.lrr=1", r"key 'actor.lrr'.*Did you mean: 'lr'"),
+        ("rollout.n=abc", r"rollout.n.*could not be converted to Integer"),
+        ("actor.ppo_mini_batch_size=3", r"must divide data.train_batch_size=8"),
+        ("actor.policy_loss=ppo", r"registered losses are \[.*'ce_gppo'"),
+        ("actor.beta1=-1", r"actor.beta1=-1.0 is invalid"),
+        ("actor.clip_ratio_c=1", r"actor.clip_ratio_c"),
+        ("reward.timeout_s=0", r"reward.timeout_s"),
+        ("rollout.top_p=0", r"rollout.top_p"),
+        ("trainer.device=tpu", r"trainer.device"),
+        ("actor.loss_agg_mode=sum", r"allowed values are \['token-mean'"),
+        ("no_equals_sign", r"must look like key.sub=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_a_bad_yaml_file_error_names_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("actor:\n  beta3: 1.0\n")
+    with pytest.raises(ConfigError, match=rf"{path}: key 'actor.beta3'"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
