@@ -56,3 +56,22 @@ $(VERL_STAMP): pyproject.toml
 
 test-verl: $(VERL_STAMP)
 	$(VERL_PY) -m pytest -q tests/integrations/test_verl.py
+
+# Render a run report in headless Chromium and save a screenshot to look at: `make report-check` uses two
+# synthetic runs; `make report-check RUNS="runs/a runs/b"` reports real ones. Needs `chromium` (Debian:
+# apt-get install chromium).
+REPORT_CHECK := build/report-check
+RUNS ?=
+
+.PHONY: report-check
+
+report-check: setup
+	@command -v chromium >/dev/null || { echo "report-check needs chromium (apt-get install chromium)"; exit 1; }
+	rm -rf $(REPORT_CHECK) && mkdir -p $(REPORT_CHECK)
+	$(if $(RUNS),,$(PY) tests/test_report.py $(REPORT_CHECK)/runs)
+	$(PY) -m cegppo report $(or $(RUNS),$(REPORT_CHECK)/runs/*) -o $(REPORT_CHECK)/report.html
+	chromium --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1400,3000 \
+		--screenshot=$(abspath $(REPORT_CHECK))/top.png file://$(abspath $(REPORT_CHECK))/report.html 2>/dev/null
+	chromium --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1400,6000 \
+		--screenshot=$(abspath $(REPORT_CHECK))/full.png file://$(abspath $(REPORT_CHECK))/report.html 2>/dev/null
+	@echo "look at $(REPORT_CHECK)/top.png (first screen) and $(REPORT_CHECK)/full.png (whole page)"

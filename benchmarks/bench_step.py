@@ -56,15 +56,19 @@ def main() -> None:
     # The first step includes one-off warm-up (allocator, kernels); report the median of the rest too.
     later = steps[1:] or steps
     summary = {f"median_{key}": statistics.median(s[key] for s in later) for key in steps[0]}
-    print(json.dumps({
-        "case": "rl_step_summary",
-        "steps": args.steps,
-        "setup_s": round(setup_s, 1),
-        **summary,
-        "torch_threads": torch.get_num_threads(),
-        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-        "overrides": args.overrides,
-    }))
+    print(
+        json.dumps(
+            {
+                "case": "rl_step_summary",
+                "steps": args.steps,
+                "setup_s": round(setup_s, 1),
+                **summary,
+                "torch_threads": torch.get_num_threads(),
+                "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+                "overrides": args.overrides,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

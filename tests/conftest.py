@@ -14,7 +14,6 @@ from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from _tiny import save_tiny, tiny_model, tiny_tokenizer
 
-
 # Tests use tiny models, which gain nothing from a second thread, while OpenMP threads spinning against
 # other processes on a busy 2-core machine slow them down by orders of magnitude.
 torch.set_num_threads(1)

@@ -32,8 +32,9 @@ def test_quadrants_place_tokens_and_gradient_weight(beta1):
     old, new, adv, mask = _quadrant_batch()
     loss, _ = get_policy_loss_fn("ce_gppo")(old, new, adv, mask, "token-mean", PolicyLossConfig(beta1=beta1))
     (grad,) = torch.autograd.grad(loss, new)
-    metrics = quadrant_totals(old, new, grad, adv, mask, prob_threshold=0.5, clip_ratio_low=0.2,
-                              clip_ratio_high=0.2).metrics()
+    metrics = quadrant_totals(
+        old, new, grad, adv, mask, prob_threshold=0.5, clip_ratio_low=0.2, clip_ratio_high=0.2
+    ).metrics()
     fracs = [metrics[f"quadrant/{q}/frac"] for q in QUADRANTS]
     assert fracs == pytest.approx([1 / 6, 2 / 6, 1 / 6, 1 / 6])
     assert metrics["quadrant/PA&LP/clipped_frac"] == pytest.approx(0.5)
@@ -51,8 +52,9 @@ def test_quadrant_totals_add_over_micro_batches():
     grad = torch.ones_like(adv)
     kw = {"prob_threshold": 0.5, "clip_ratio_low": 0.2, "clip_ratio_high": 0.2}
     whole = quadrant_totals(old, new, grad, adv, mask, **kw).metrics()
-    halves = quadrant_totals(old[:, :3], new[:, :3], grad[:, :3], adv[:, :3], mask[:, :3], **kw) + quadrant_totals(
-        old[:, 3:], new[:, 3:], grad[:, 3:], adv[:, 3:], mask[:, 3:], **kw)
+    halves = quadrant_totals(
+        old[:, :3], new[:, :3], grad[:, :3], adv[:, :3], mask[:, :3], **kw
+    ) + quadrant_totals(old[:, 3:], new[:, 3:], grad[:, 3:], adv[:, 3:], mask[:, 3:], **kw)
     assert halves.metrics() == pytest.approx(whole)
 
 
@@ -83,8 +85,15 @@ def test_covariance_of_an_empty_batch_is_zero():
 
 
 def test_schedules():
-    config = load_config(None, ["actor.beta1_schedule.kind=step", "actor.beta1_schedule.points=[[0,0.0],[585,0.5]]",
-                                "actor.beta2_schedule.kind=linear", "actor.beta2_schedule.points=[[10,1.0],[20,0.5]]"])
+    config = load_config(
+        None,
+        [
+            "actor.beta1_schedule.kind=step",
+            "actor.beta1_schedule.points=[[0,0.0],[585,0.5]]",
+            "actor.beta2_schedule.kind=linear",
+            "actor.beta2_schedule.points=[[10,1.0],[20,0.5]]",
+        ],
+    )
     steering = BetaSteering(config.actor)
     assert steering.betas(1) == (0.0, 1.0)
     assert steering.betas(584) == (0.0, 0.5)
@@ -94,10 +103,18 @@ def test_schedules():
 
 
 def test_entropy_controller_moves_beta_toward_the_band_and_clamps():
-    config = load_config(None, ["actor.entropy_control.enabled=true", "actor.entropy_control.target_low=0.4",
-                                "actor.entropy_control.target_high=0.6", "actor.entropy_control.step_size=0.1",
-                                "actor.entropy_control.adjust_beta2=true", "actor.beta1=0.5",
-                                "actor.entropy_control.beta1_max=0.65"])
+    config = load_config(
+        None,
+        [
+            "actor.entropy_control.enabled=true",
+            "actor.entropy_control.target_low=0.4",
+            "actor.entropy_control.target_high=0.6",
+            "actor.entropy_control.step_size=0.1",
+            "actor.entropy_control.adjust_beta2=true",
+            "actor.beta1=0.5",
+            "actor.entropy_control.beta1_max=0.65",
+        ],
+    )
     steering = BetaSteering(config.actor)
     steering.observe_entropy(0.9)  # too high: more weight on NA&LP (β1 up), less on PA&LP (β2 down)
     assert steering.betas(2) == pytest.approx((0.6, 0.9))
@@ -118,12 +135,28 @@ def test_entropy_controller_moves_beta_toward_the_band_and_clamps():
         (["actor.beta1_schedule.kind=cosine"], "beta1_schedule.kind"),
         (["actor.beta1_schedule.kind=step"], "beta1_schedule.points"),
         (["actor.beta1_schedule.points=[[0,1.0]]"], "kind is 'constant'"),
-        (["actor.beta1_schedule.kind=linear", "actor.beta1_schedule.points=[[5,0.1],[2,0.3]]"], "steps must increase"),
+        (
+            ["actor.beta1_schedule.kind=linear", "actor.beta1_schedule.points=[[5,0.1],[2,0.3]]"],
+            "steps must increase",
+        ),
         (["actor.entropy_control.enabled=true"], "target_low"),
-        (["actor.entropy_control.enabled=true", "actor.entropy_control.target_high=1.0",
-          "actor.beta1_schedule.kind=step", "actor.beta1_schedule.points=[[0,0.5]]"], "choose one"),
-        (["actor.entropy_control.enabled=true", "actor.entropy_control.target_high=1.0", "actor.beta1=2.0"],
-         "beta1_min/beta1_max"),
+        (
+            [
+                "actor.entropy_control.enabled=true",
+                "actor.entropy_control.target_high=1.0",
+                "actor.beta1_schedule.kind=step",
+                "actor.beta1_schedule.points=[[0,0.5]]",
+            ],
+            "choose one",
+        ),
+        (
+            [
+                "actor.entropy_control.enabled=true",
+                "actor.entropy_control.target_high=1.0",
+                "actor.beta1=2.0",
+            ],
+            "beta1_min/beta1_max",
+        ),
         (["analysis.prob_threshold=1.5"], "analysis.prob_threshold"),
         (["trainer.eval_every=5"], "eval.benchmarks"),
     ],

@@ -1,4 +1,4 @@
-"""``cegppo`` command line: ``cegppo train [--config FILE] [key.sub=value ...]``."""
+"""``cegppo`` command line: ``cegppo train``, ``cegppo eval`` and ``cegppo report``."""
 
 from __future__ import annotations
 
@@ -43,6 +43,137 @@ def _train(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def resolve_eval_model(model: str) -> str:
+    """A run directory means its latest checkpoint's model, a checkpoint directory its ``model/``; anything else
+    (a model directory, the embedded default's name) is passed on as given."""
+    from cegppo.trainer.checkpoint import MODEL_DIR, latest_checkpoint
+
+    path = Path(model)
+    if (path / "checkpoints").is_dir():
+        checkpoint = latest_checkpoint(path / "checkpoints")
+        if checkpoint is None:
+            raise ValueError(f"run directory {path} has no complete checkpoint under checkpoints/")
+        return str(checkpoint / MODEL_DIR)
+    if (path / MODEL_DIR / "config.json").is_file():
+        return str(path / MODEL_DIR)
+    return model
+
+
+def _eval(args: argparse.Namespace, console: Console) -> int:
+    import torch
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from cegppo.evaluation import (
+        benchmark_name,
+        evaluate_examples,
+        load_problems,
+        markdown_table,
+        write_results,
+    )
+    from cegppo.models import load_model_and_tokenizer
+    from cegppo.rewards import RewardConfig, RewardScorer
+    from cegppo.rollout import SamplingParams, build_rollout_engine
+
+    try:
+        names = [name.strip() for name in args.benchmarks.split(",") if name.strip()]
+        if not names:
+            raise ValueError("--benchmarks: give at least one benchmark name or prompt file")
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"--benchmarks lists {', '.join(repeated)} more than once")
+        problems = {
+            benchmark_name(name): load_problems(
+                name, limit=args.limit, question_template=args.question_template
+            )
+            for name in names
+        }
+        params = SamplingParams(
+            n=args.n,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            max_new_tokens=args.max_new_tokens,
+            seed=args.seed,
+        )
+        reward = RewardConfig(
+            name=args.reward,
+            strict_boxed=args.reward == "math" and not args.no_strict_boxed,
+            num_workers=args.reward_workers,
+        )
+        reward.validate()
+        model_path = resolve_eval_model(args.model)
+        device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        model, tokenizer = load_model_and_tokenizer(model_path, dtype=getattr(torch, args.dtype))
+        model.to(device)
+        engine = build_rollout_engine("hf", model, tokenizer, batch_size=args.batch_size)
+        scorer = RewardScorer(reward)  # last: it starts worker processes
+    except (ValueError, FileNotFoundError) as error:  # bad input: the message names the file or option
+        console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+        return 2
+    console.print(f"model: {model_path} ({device}, {args.dtype})", highlight=False)
+    results = []
+    progress_console = Console(stderr=True)
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("problems"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    try:
+        with scorer, Progress(*columns, console=progress_console, disable=args.quiet) as bar:
+            for name, examples in problems.items():
+                task = bar.add_task(f"{name} (n={params.n})", total=len(examples))
+                results.append(
+                    evaluate_examples(
+                        engine,
+                        scorer,
+                        tokenizer,
+                        name,
+                        examples,
+                        params,
+                        system_prompt=args.system_prompt,
+                        progress=lambda done, task=task: bar.advance(task, done),
+                    )
+                )
+    except KeyboardInterrupt:
+        console.print("interrupted: no results written")
+        return 130
+    table = markdown_table(results)
+    console.print(table, markup=False, highlight=False, soft_wrap=True)
+    if args.output is not None:
+        settings = (
+            f"n={params.n}, temperature={params.temperature}, top_p={params.top_p}, "
+            f"max_new_tokens={params.max_new_tokens}, seed={params.seed}"
+        )
+        write_results(results, args.output, title=f"{args.model} ({settings})")
+        console.print(f"results: {args.output}", highlight=False)
+    return 0
+
+
+def _report(args: argparse.Namespace, console: Console) -> int:
+    from cegppo.report import write_report
+
+    try:
+        report = write_report(args.run_dirs, args.output, smooth=args.smooth)
+    except ValueError as error:
+        console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+        return 2
+    skipped = [panel.title for panel in report.panels if panel.png is None]
+    if skipped:
+        console.print(f"not logged by any run (shown as a note): {', '.join(skipped)}", highlight=False)
+    console.print(f"report: {report.html} (figures in {report.figures_dir})", highlight=False)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cegppo", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -60,6 +191,69 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     train.set_defaults(handler=_train)
+
+    from cegppo.models import DEFAULT_MODEL
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="avg@n and pass@k on math benchmarks (or the arithmetic set)",
+        description="Sample n responses per problem and score them with the training reward (math-verify on the "
+        "last \\boxed{} by default). Reports avg@n and unbiased pass@k with 95% intervals over problems.",
+    )
+    evaluate.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"model directory, run directory (its latest checkpoint), checkpoint directory, or {DEFAULT_MODEL!r}",
+    )
+    evaluate.add_argument(
+        "--benchmarks",
+        default="arithmetic",
+        help="comma-separated benchmark names (aime24, aime25, amc23, math500, gsm8k, arithmetic) or prompt files",
+    )
+    evaluate.add_argument("--n", type=int, default=4, help="samples per problem (avg@n, pass@k up to n)")
+    evaluate.add_argument("--temperature", type=float, default=0.6, help="0 is greedy")
+    evaluate.add_argument("--top-p", type=float, default=0.95)
+    evaluate.add_argument("--top-k", type=int, default=-1, help="-1: off")
+    evaluate.add_argument("--max-new-tokens", type=int, default=1024)
+    evaluate.add_argument("--limit", type=int, help="only the first K problems of each benchmark")
+    evaluate.add_argument("--seed", type=int, default=0, help="sampling seed")
+    evaluate.add_argument(
+        "--question-template",
+        help="how questions are asked, with {problem}; default: the boxed-answer instruction for math "
+        "benchmarks, the question as is for arithmetic and prompt files",
+    )
+    evaluate.add_argument("--system-prompt", help="system turn (default: the chat template's own)")
+    evaluate.add_argument(
+        "--reward",
+        default="math",
+        help="'math' or a custom reward 'pkg.module:function' / 'file.py:function'",
+    )
+    evaluate.add_argument(
+        "--no-strict-boxed",
+        action="store_true",
+        help="math reward: let math-verify find the answer anywhere, not only in the last \\boxed{}",
+    )
+    evaluate.add_argument("--reward-workers", type=int, default=1, help="scoring processes (0: in-process)")
+    evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    evaluate.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weights dtype")
+    evaluate.add_argument(
+        "--batch-size", type=int, help="sequences per generate call (default: 8 problems x n)"
+    )
+    evaluate.add_argument("--output", type=Path, help="write eval.json, eval.md and generations/ here")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
+    evaluate.set_defaults(handler=_eval)
+
+    report = commands.add_parser(
+        "report",
+        help="HTML report comparing runs' training curves",
+        description="One self-contained HTML page (figures embedded) with the PNGs beside it in <name>_figures/.",
+    )
+    report.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
+    report.add_argument("-o", "--output", type=Path, default=Path("report.html"), help="default: report.html")
+    report.add_argument(
+        "--smooth", type=int, help="moving-average window in steps (default: automatic for long runs; 1: off)"
+    )
+    report.set_defaults(handler=_report)
     return parser
 
 

@@ -19,7 +19,6 @@ from cegppo.advantages import ADVANTAGE_REGISTRY
 from cegppo.losses import KL_ESTIMATORS, LOSS_AGG_MODES, PolicyLossConfig, list_policy_losses
 from cegppo.rewards import RewardConfig
 
-
 _LOSS = PolicyLossConfig()
 # The PolicyLossConfig fields a run sets under actor.*; the batch-size fields are set per mini-batch.
 LOSS_SETTINGS = tuple(

@@ -1,0 +1,227 @@
+"""Run reports on synthetic run directories; a screenshot check in headless Chromium where it is installed.
+
+Run as a script (``python tests/test_report.py DIR``) to write the two synthetic runs into DIR (``make
+report-check`` does, to render and screenshot them).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import random
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cegppo.dynamics import QUADRANTS
+from cegppo.report import Report, final_and_best, load_run, write_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def write_synthetic_run(
+    run_dir: Path, *, steps: int, seed: int, quadrants: bool, entropy_floor: float, val_every: int = 10
+) -> Path:
+    """A plausible run: rising reward, decaying entropy; quadrant and covariance metrics only if asked."""
+    rng = random.Random(seed)
+    run_dir.mkdir(parents=True)
+    entropies = [
+        entropy_floor + (0.9 - entropy_floor) * math.exp(-2.5 * step / steps) + rng.gauss(0, 0.01)
+        for step in range(steps + 2)
+    ]
+    records = []
+    for step in range(1, steps + 1):
+        progress = step / steps
+        acc = min(1.0, 0.3 + 0.4 * (1 - math.exp(-3 * progress)) + rng.gauss(0, 0.05))
+        previous, entropy, following = entropies[step - 1 : step + 2]
+        clip_low, clip_high = abs(rng.gauss(0.004, 0.001)), abs(rng.gauss(0.006, 0.0015))
+        record = {
+            "step": step,
+            "reward/mean": 2 * acc - 1,
+            "acc/mean": acc,
+            "entropy/mean": entropy,
+            "response_length/mean": 120 + 60 * progress + rng.gauss(0, 5),
+            "response_length/clip_ratio": max(0.0, 0.05 + 0.1 * progress + rng.gauss(0, 0.02)),
+            "actor/pg_clipfrac": clip_low + clip_high,
+            "actor/pg_clipfrac_low": clip_low,
+            "actor/pg_clipfrac_high": clip_high,
+            "actor/pg_clipfrac_dual": abs(rng.gauss(0.0002, 0.0001)),
+            "actor/grad_norm": None if step == 3 else 0.5,  # a skipped update logs null
+        }
+        if quadrants:
+            shares = [0.45, 0.1, 0.35, 0.1]
+            for name, share in zip(QUADRANTS, shares, strict=True):
+                record[f"quadrant/{name}/frac"] = share + rng.gauss(0, 0.01)
+                record[f"quadrant/{name}/clipped_frac"] = abs(
+                    rng.gauss(0.02 if "LP" in name else 0.001, 0.005)
+                )
+                record[f"quadrant/{name}/grad_share"] = share + rng.gauss(0, 0.02)
+            # Positive covariance predicts the entropy drop that the next step observes.
+            record["entropy/cov_logp_pA"] = (entropy - following) * 5 + rng.gauss(0, 0.02)
+            if step > 1:
+                record["entropy/delta"] = entropy - previous
+            record["actor/beta1"] = 0.5
+            record["actor/beta2"] = 1.0
+        if step % val_every == 0:
+            record["val/aime24/avg@4"] = 0.1 + 0.1 * progress + rng.gauss(0, 0.01)
+            record["val/aime24/pass@4"] = 0.2 + 0.1 * progress + rng.gauss(0, 0.01)
+        records.append(record)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    summary = {
+        "run_dir": str(run_dir),
+        "steps": steps,
+        "wall_s": 123.4,
+        "heldout_acc_before": 0.35,
+        "heldout_acc_after": round(records[-1]["acc/mean"], 3),
+        "heldout_size": 200,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    return run_dir
+
+
+def write_two_runs(root: Path) -> list[Path]:
+    """``ce_gppo`` with every metric, and an older ``grpo`` run without quadrant/covariance metrics."""
+    return [
+        write_synthetic_run(root / "ce_gppo", steps=120, seed=1, quadrants=True, entropy_floor=0.45),
+        write_synthetic_run(root / "grpo", steps=100, seed=2, quadrants=False, entropy_floor=0.1),
+    ]
+
+
+def embedded_pngs(page: str) -> list[bytes]:
+    return [base64.b64decode(data) for data in re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", page)]
+
+
+@pytest.fixture(scope="module")
+def two_run_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Path], Report]:
+    """The report of the two synthetic runs (read-only: rendering it takes a few seconds)."""
+    root = tmp_path_factory.mktemp("report")
+    runs = write_two_runs(root / "runs")
+    return runs, write_report(runs, root / "out" / "report.html")
+
+
+def test_report_embeds_every_figure_and_writes_the_pngs_beside_it(two_run_report):
+    _, report = two_run_report
+    out = report.html.parent
+
+    page = report.html.read_text()
+    images = embedded_pngs(page)
+    slugs = [panel.slug for panel in report.panels]
+    assert slugs == ["reward", "validation", "entropy", "clipping", "quadrants", "entropy_dynamics", "length"]
+    assert len(images) == len(report.figures) == len(slugs)  # the quadrant panel shows the run that has them
+    assert all(image.startswith(PNG_MAGIC) for image in images)
+    assert [p.name for p in report.figures] == [f"{slug}.png" for slug in slugs]
+    assert report.figures_dir == out / "report_figures"
+    assert all(p.parent == report.figures_dir for p in report.figures)
+    assert images == [p.read_bytes() for p in report.figures]
+    assert 'src="http' not in page and "src='http" not in page  # self-contained
+    # The older run is named where quadrant metrics are missing, and both runs are in the legend tables.
+    quadrants = next(panel for panel in report.panels if panel.slug == "quadrants")
+    assert any("grpo" in note for note in quadrants.notes)
+    assert "ce_gppo" in page and "grpo" in page
+
+
+def test_report_table_has_final_and_best_values_and_the_summary(two_run_report):
+    runs, report = two_run_report
+    page = report.html.read_text()
+
+    run = load_run(runs[0])
+    accuracies = [r["acc/mean"] for r in run.records]
+    final, best, step = final_and_best(run, "acc/mean")
+    assert final == accuracies[-1] and best == max(accuracies) and step == accuracies.index(best) + 1
+    assert final_and_best(run, "entropy/mean")[1:] == (None, None)  # no "best" entropy
+    assert final_and_best(load_run(runs[1]), "quadrant/PA&HP/frac") is None
+    for key in (
+        "acc/mean",
+        "val/aime24/avg@4",
+        "val/aime24/pass@4",
+        "entropy/mean",
+        "heldout_acc_before",
+        "heldout_acc_after",
+    ):
+        assert key in page
+    assert f"{best:.4g}" in page and f"({step})" in page
+    assert "0.35" in page  # summary.json's heldout_acc_before
+
+
+def test_a_run_without_any_optional_metric_gets_notes_not_errors(tmp_path):
+    run = tmp_path / "minimal"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": s, "reward/mean": 0.1 * s, "entropy/mean": None}) + "\n" for s in (1, 2))
+    )
+    report = write_report([run], tmp_path / "r.html")
+
+    by_slug = {panel.slug: panel for panel in report.panels}
+    assert by_slug["reward"].png is not None
+    for slug in ("validation", "entropy", "clipping", "quadrants", "entropy_dynamics", "length"):
+        assert by_slug[slug].png is None and by_slug[slug].notes == ["Not logged by any of these runs."]
+    page = report.html.read_text()
+    assert len(embedded_pngs(page)) == 1 and page.count("Not logged by any of these runs.") == 6
+    assert "No run has a summary.json" in page
+
+
+def test_runs_with_the_same_directory_name_are_told_apart(tmp_path):
+    a = write_synthetic_run(tmp_path / "a" / "run", steps=5, seed=0, quadrants=False, entropy_floor=0.2)
+    b = write_synthetic_run(tmp_path / "b" / "run", steps=5, seed=1, quadrants=False, entropy_floor=0.2)
+    page = write_report([a, b], tmp_path / "r.html").html.read_text()
+    assert "a/run" in page and "b/run" in page
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        (lambda d: None, "does not exist"),
+        (lambda d: d.mkdir(), "is not a run directory"),
+        (
+            lambda d: (d.mkdir(), (d / "metrics.jsonl").write_text('{"step": 1}\nnot json\n')),
+            "metrics.jsonl:2",
+        ),
+        (lambda d: (d.mkdir(), (d / "summary.json").write_text("{")), "summary.json"),
+        (lambda d: (d.mkdir(), (d / "metrics.jsonl").write_text('{"loss": 1}\n')), "metrics.jsonl:1"),
+    ],
+)
+def test_bad_run_directories_are_named(tmp_path, setup, message):
+    run = tmp_path / "bad"
+    setup(run)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        write_report([run], tmp_path / "r.html")
+
+
+@pytest.mark.skipif(
+    shutil.which("chromium") is None, reason="needs the chromium browser (Debian: apt install chromium)"
+)
+@pytest.mark.timeout(120)
+def test_report_renders_in_headless_chromium(two_run_report, tmp_path):
+    _, report = two_run_report
+    screenshot = tmp_path / "screenshot.png"
+    subprocess.run(
+        [
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            f"--screenshot={screenshot}",
+            "--window-size=1400,3000",
+            report.html.resolve().as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=110,
+    )
+    from matplotlib.image import imread
+
+    pixels = imread(screenshot)
+    assert pixels.shape[:2] == (3000, 1400)
+    # A blank or broken page is (nearly) one color; a rendered report has text, tables and plots.
+    assert pixels[..., :3].std() > 0.05
+
+
+if __name__ == "__main__":
+    for path in write_two_runs(Path(sys.argv[1])):
+        print(path)
