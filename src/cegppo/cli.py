@@ -174,6 +174,33 @@ def _report(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace, console: Console) -> int:
+    from cegppo.config import ConfigError
+    from cegppo.report import write_report
+    from cegppo.sweep import VARIANTS, run_sweep, sweep_table
+
+    variants = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
+    seeds = [int(seed) for seed in args.seeds.split(",")]
+    try:
+        run_dirs = run_sweep(
+            args.output_dir,
+            config_path=args.config,
+            overrides=args.overrides,
+            seeds=seeds,
+            variants=variants,
+            on_run=lambda name, run_dir: console.print(f"sweep run {name}: {run_dir}", highlight=False),
+        )
+    except (ConfigError, ValueError, FileNotFoundError) as error:
+        console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+        return 2
+    table = sweep_table(run_dirs)
+    (args.output_dir / "sweep.md").write_text(table)
+    report = write_report(run_dirs, args.output_dir / "report.html")
+    console.print(table, highlight=False, markup=False)
+    console.print(f"table: {args.output_dir / 'sweep.md'}; report: {report.html}", highlight=False)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cegppo", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -254,6 +281,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--smooth", type=int, help="moving-average window in steps (default: automatic for long runs; 1: off)"
     )
     report.set_defaults(handler=_report)
+
+    sweep = commands.add_parser(
+        "sweep",
+        help="GRPO, DAPO, GPPO and CE-GPPO at several (β1, β2) on the same budget, then a table and a report",
+        description="Runs each variant x seed under OUTPUT_DIR (finished runs are skipped, interrupted ones "
+        "resumed), then writes OUTPUT_DIR/sweep.md and OUTPUT_DIR/report.html.",
+    )
+    sweep.add_argument("--config", type=Path, help="base config (default: the demo)")
+    sweep.add_argument("--output-dir", type=Path, default=Path("runs/sweep"))
+    sweep.add_argument("--seeds", default="0", help="comma-separated, e.g. 0,1")
+    sweep.add_argument("--variants", default="all", help="comma-separated subset of the variants, or all")
+    sweep.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides for every run")
+    sweep.set_defaults(handler=_sweep)
     return parser
 
 
