@@ -306,8 +306,22 @@ def test_fused_and_plain_log_prob_paths_train_identically(tiny_model_dir, tmp_pa
             assert fused[key] == pytest.approx(plain[key], rel=1e-3, abs=1e-5), key
 
 
-def test_starting_over_an_existing_run_or_resuming_nothing_is_an_error(tiny_model_dir, tmp_path):
+def test_bad_input_fails_before_the_run_directory_exists(tiny_model_dir, tmp_path):
+    config = load_config(
+        None,
+        tiny_overrides(
+            tiny_model_dir,
+            tmp_path,
+            **{"data.task": "null", "data.train_files": f"[{tmp_path / 'missing.jsonl'}]"},
+        ),
+    )
+    with pytest.raises(FileNotFoundError, match=r"missing\.jsonl"):
+        Trainer(config, run_dir_of(config))
+    assert not run_dir_of(config).exists()
+
     config = load_config(None, tiny_overrides(tiny_model_dir, tmp_path))
     run_dir_of(config).mkdir(parents=True)
     with pytest.raises(ValueError, match="nothing to resume"):
         Trainer(config, run_dir_of(config), resume=True)
+    with pytest.raises(ValueError, match="already exists"):
+        Trainer(config, run_dir_of(config))

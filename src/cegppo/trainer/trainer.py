@@ -98,21 +98,20 @@ class Trainer:
         checkpoint = latest_checkpoint(run_dir / "checkpoints") if resume else None
         if resume and checkpoint is None:
             raise ValueError(f"nothing to resume in {run_dir}: no complete checkpoint under checkpoints/")
-        if not resume:
-            run_dir.mkdir(parents=True, exist_ok=False)
-            random.seed(config.trainer.seed)
-            np.random.seed(config.trainer.seed)
-            torch.manual_seed(config.trainer.seed)
-        (run_dir / CONFIG_FILE).write_text(to_yaml(config))
-
+        if not resume and run_dir.exists():
+            raise ValueError(f"run directory {run_dir} already exists: resume it, or choose another name")
+        # Everything a bad input can break is loaded before the run directory exists.
+        self.train_data, self.heldout = self._load_data()
+        self.scorer = RewardScorer(config.reward)
         device = self._device()
-        model_path = checkpoint / MODEL_DIR if checkpoint else config.model.path
-        self.model, self.tokenizer = load_model_and_tokenizer(str(model_path))
+        self.model, self.tokenizer = load_model_and_tokenizer(
+            str(checkpoint / MODEL_DIR if checkpoint else config.model.path)
+        )
         self.model.to(device)
         if config.model.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         ref_model = None
-        if config.actor.use_kl_loss and checkpoint is not None:
+        if config.actor.use_kl_loss and checkpoint is not None:  # the reference is the starting policy
             ref_model = load_model_and_tokenizer(config.model.path)[0].to(device)
         self.actor = Actor(self.model, config, ref_model=ref_model)
         self.engine = build_rollout_engine(
@@ -122,8 +121,11 @@ class Trainer:
             batch_size=config.rollout.batch_size,
             autocast_dtype=torch.bfloat16 if config.actor.bf16_autocast else None,
         )
-        self.scorer = RewardScorer(config.reward)
-        self.train_data, self.heldout = self._load_data()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / CONFIG_FILE).write_text(to_yaml(config))
+        random.seed(config.trainer.seed)
+        np.random.seed(config.trainer.seed)
+        torch.manual_seed(config.trainer.seed)
 
         self.steering = BetaSteering(config.actor)
         self.step_count = 0
