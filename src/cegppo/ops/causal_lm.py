@@ -1,0 +1,106 @@
+"""Log-probs and entropy of a causal LM's response tokens: the call the trainer makes on its policy."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from cegppo.ops._validation import check_settings
+from cegppo.ops.fused_linear import linear_logprobs_and_entropy
+from cegppo.ops.logprobs import logprobs_and_entropy
+
+# Config fields of models whose LM head does more than hidden @ W.T + b, with the value that makes it a no-op.
+# The fused path only sees the head's weight and bias, so it would silently drop these transforms.
+_LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0}
+
+
+def sampler_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids as ``generate`` derives them for a left-padded batch: cumsum(mask) - 1, padding set to 1."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill_(attention_mask == 0, 1)
+
+
+def causal_lm_logprobs_and_entropy(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    response_len: int,
+    *,
+    temperature: float = 1.0,
+    fused: bool = True,
+    chunk_size: int = 1024,
+    with_entropy: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log p and entropy [B, R] of the last ``response_len`` tokens of each row under ``model``.
+
+    Args:
+        model: a Hugging Face causal LM (``LlamaForCausalLM``, ``Qwen2ForCausalLM``, ...).
+        input_ids: [B, P + R] prompt (left-padded) followed by response (right-padded).
+        attention_mask: [B, P + R], 1 on real tokens.
+        response_len: R; response token t is scored from the hidden state at the position before it.
+        temperature: the sampler's temperature (log-probs then match the sampling distribution).
+        fused: run the backbone only and apply :func:`linear_logprobs_and_entropy` to the LM head, so no logits
+            are ever held; ``False`` asks the model for the logits of the R positions and applies
+            :func:`logprobs_and_entropy`.
+        chunk_size: tokens per chunk in the log-prob kernel.
+        with_entropy: return the entropy (else ``None``; it then costs nothing in backward).
+
+    Position ids follow the attention mask as in ``generate``, so left-padded rows see the positions the
+    sampler used. Gradients reach every parameter, including a tied embedding through both of its uses.
+
+    Raises:
+        ValueError: on mismatched shapes, a response length outside [1, P + R), or (fused only) a model whose
+            head rescales or soft-caps its logits.
+    """
+    check_settings(temperature, chunk_size)
+    if input_ids.dim() != 2 or input_ids.is_floating_point():
+        raise ValueError(
+            f"input_ids must be an integer [B, L] tensor, got {input_ids.dtype} {tuple(input_ids.shape)}"
+        )
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids {tuple(input_ids.shape)}"
+        )
+    seq_len = input_ids.shape[1]
+    if isinstance(response_len, bool) or not isinstance(response_len, int) or not 0 < response_len < seq_len:
+        raise ValueError(
+            f"response_len must be an int in [1, {seq_len}) for sequences of {seq_len}, got {response_len!r}"
+        )
+
+    inputs = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": sampler_position_ids(attention_mask),
+        "use_cache": False,
+    }
+    first = seq_len - response_len
+    labels = input_ids[:, first:]
+    if fused:
+        _reject_logit_transforms(model)
+        backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+        hidden = backbone(**inputs).last_hidden_state[:, first - 1 : seq_len - 1]
+        head = model.get_output_embeddings()
+        logp, entropy = linear_logprobs_and_entropy(
+            hidden,
+            head.weight,
+            labels,
+            bias=getattr(head, "bias", None),
+            temperature=temperature,
+            chunk_size=chunk_size,
+        )
+    else:
+        positions = torch.arange(first - 1, seq_len - 1, device=input_ids.device)
+        logits = model(**inputs, logits_to_keep=positions).logits
+        logp, entropy = logprobs_and_entropy(logits, labels, temperature=temperature, chunk_size=chunk_size)
+    return logp, entropy if with_entropy else None
+
+
+def _reject_logit_transforms(model: nn.Module) -> None:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for name, neutral in _LOGIT_TRANSFORMS.items():
+        value = getattr(config, name, neutral)
+        if value != neutral:
+            raise ValueError(
+                f"{type(model).__name__} has config.{name}={value}, which the fused path would ignore; "
+                "pass fused=False"
+            )
