@@ -33,6 +33,7 @@ CASES = {
 }
 VARIANTS = ("naive", "chunked_logits", "fused_linear")
 # The targets for the fused path at SmolLM2 dims: memory and time relative to naive.
+TARGET_CASE = "smollm2"
 TARGET_MEMORY_RATIO = 0.15
 TARGET_TIME_RATIO = 1.1
 
@@ -155,7 +156,7 @@ def _run_case(case: str, variants: list[str], chunk_size: int, runs: int) -> dic
                     "time": round(result["time_s"] / naive["time_s"], 3),
                     "memory": round(result["extra_peak_mb"] / naive["extra_peak_mb"], 3),
                 }
-        if "fused_linear" in results:
+        if case == TARGET_CASE and "fused_linear" in results:
             ratios = report["fused_linear_vs_naive"]
             report["meets_targets"] = {
                 f"memory<={TARGET_MEMORY_RATIO}x": ratios["memory"] <= TARGET_MEMORY_RATIO,
