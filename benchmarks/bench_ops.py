@@ -1,4 +1,4 @@
-"""Time and peak memory of per-token log-prob + entropy, forward + backward through ``logp.sum() + ent.sum()``.
+"""Time and peak memory of per-token log-prob + entropy, forward + backward of ``logp.sum() + ent.sum()``.
 
 Variants, each measured in its own process so allocator state and peak RSS do not leak between them:
 
@@ -128,7 +128,7 @@ def _run_case(case: str, variants: list[str], chunk_size: int, runs: int) -> dic
         variant: {
             "time_s": round(statistics.median(s["time_s"] for s in taken), 3),
             "times_s": [round(s["time_s"], 3) for s in taken],
-            "extra_peak_mb": round(max(s["extra_kib"] for s in taken) / 1024, 1),
+            "extra_peak_mib": round(max(s["extra_kib"] for s in taken) / 1024, 1),
             **setup[variant],
         }
         for variant, taken in samples.items()
@@ -154,7 +154,7 @@ def _run_case(case: str, variants: list[str], chunk_size: int, runs: int) -> dic
             if name != "naive":
                 report[f"{name}_vs_naive"] = {
                     "time": round(result["time_s"] / naive["time_s"], 3),
-                    "memory": round(result["extra_peak_mb"] / naive["extra_peak_mb"], 3),
+                    "memory": round(result["extra_peak_mib"] / naive["extra_peak_mib"], 3),
                 }
         if case == TARGET_CASE and "fused_linear" in results:
             ratios = report["fused_linear_vs_naive"]

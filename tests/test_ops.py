@@ -128,6 +128,14 @@ def test_gradcheck_logits():
     assert torch.autograd.gradcheck(lambda z: logprobs_and_entropy(z, labels, 1.7, 2), (logits,))
 
 
+def test_double_backward_is_refused():
+    hidden, weight, b, labels, _, _ = make_inputs()
+    logp, ent = linear_logprobs_and_entropy(hidden, weight, labels, bias=b)
+    (grad,) = torch.autograd.grad((logp + ent).sum(), [hidden], create_graph=True)
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        grad.sum().backward()
+
+
 def test_logits_slice_stays_a_view_and_matches():
     gen = torch.Generator().manual_seed(3)
     full = torch.randn(3, 6, 11, dtype=F64, generator=gen, requires_grad=True)

@@ -1,8 +1,8 @@
 """Per-chunk softmax statistics (forward) and the analytic logit gradient (backward).
 
 Both kernels work on one [C, V] block of tempered logits in the compute dtype, overwrite it in place and use
-one scratch block of the same size. Callers feed them blocks of :func:`elementwise_rows` rows, which bounds the
-scratch memory whatever the chunk size.
+one scratch block of the same size. Callers feed them blocks of :func:`elementwise_rows` rows, which bounds
+the scratch memory whatever the chunk size.
 
 With z the tempered logits of a row, log Z = logsumexp(z), p = softmax(z), y the label:
 

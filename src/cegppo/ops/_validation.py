@@ -1,4 +1,4 @@
-"""Argument checks shared by the log-prob/entropy kernels; every failure is a ValueError naming the culprit."""
+"""Argument checks shared by the log-prob/entropy kernels; each failure is a ValueError naming the culprit."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 
 
 def check_settings(temperature: float, chunk_size: int) -> None:
-    """Reject a temperature that is not a finite positive number and a chunk size that is not a positive int."""
+    """Reject a temperature that is not finite and positive, and a chunk size that is not a positive int."""
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise ValueError(f"temperature must be a positive number, got {temperature!r}")
     if not (math.isfinite(temperature) and temperature > 0):

@@ -15,7 +15,7 @@ _LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logit
 
 
 def sampler_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids as ``generate`` derives them for a left-padded batch: cumsum(mask) - 1, padding set to 1."""
+    """Position ids as ``generate`` derives them for a left-padded batch: cumsum(mask) - 1, padding at 1."""
     positions = attention_mask.long().cumsum(-1) - 1
     return positions.masked_fill_(attention_mask == 0, 1)
 
@@ -39,8 +39,8 @@ def causal_lm_logprobs_and_entropy(
         attention_mask: [B, P + R], 1 on real tokens.
         response_len: R; response token t is scored from the hidden state at the position before it.
         temperature: the sampler's temperature (log-probs then match the sampling distribution).
-        fused: run the backbone only and apply :func:`linear_logprobs_and_entropy` to the LM head, so no logits
-            are ever held; ``False`` asks the model for the logits of the R positions and applies
+        fused: run the backbone only and apply :func:`linear_logprobs_and_entropy` to the LM head, so no
+            logits are ever held; ``False`` asks the model for the logits of the R positions and applies
             :func:`logprobs_and_entropy`.
         chunk_size: tokens per chunk in the log-prob kernel.
         with_entropy: return the entropy (else ``None``; it then costs nothing in backward).

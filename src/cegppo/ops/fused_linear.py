@@ -11,6 +11,7 @@ outputs, so the weight gradient cannot be formed in forward without keeping some
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from cegppo.ops._softmax_chunk import block_grad_, block_stats_, compute_dtype, elementwise_rows
 from cegppo.ops._validation import check_floating, check_labels, check_same_device, check_settings
@@ -21,8 +22,8 @@ _STAGING_BYTES = 8 << 20
 
 
 class _Workspace:
-    """Buffers for one call: the [C, V] logits block in the input dtype, plus [c, V] elementwise blocks (c <= C) in the
-    compute dtype (``work`` only for half inputs, whose block is upcast a few rows at a time)."""
+    """Buffers for one call: the [C, V] logits block in the input dtype, plus [c, V] elementwise blocks
+    (c <= C) in the compute dtype (``work`` only for half inputs, whose block is upcast c rows at a time)."""
 
     def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, chunk_size: int) -> None:
         tokens, vocab = hidden.shape[0], weight.shape[0]
@@ -37,7 +38,7 @@ class _Workspace:
     def logits(
         self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, inv_temperature: float
     ) -> torch.Tensor:
-        """The block's logits hidden @ weight.T + bias, divided by T here only in full precision (see ``rows_of``)."""
+        """hidden @ weight.T + bias into the block, divided by T here in full precision only (``rows_of``)."""
         out = self.block[: hidden.shape[0]]
         if not self.half and inv_temperature != 1.0:
             # Scale the [C, H] input rather than the [C, V] output; the bias was pre-scaled by ``_head_bias``.
@@ -49,8 +50,8 @@ class _Workspace:
     def rows_of(self, block: torch.Tensor, inv_temperature: float):
         """(start, stop, tempered logits in the compute dtype) for each elementwise row block of ``block``.
 
-        Full precision yields views into ``block`` (so in-place results land there); half precision upcasts
-        into ``work``, applying 1/T in the same pass, as the model's head would round before the sampler scaled.
+        Full precision yields views into ``block`` (so in-place results land there). Half precision upcasts
+        into ``work`` and applies 1/T in the same pass: the head rounds first, then the sampler scales.
         """
         for start in range(0, block.shape[0], self.rows):
             stop = min(start + self.rows, block.shape[0])
@@ -89,6 +90,7 @@ class _LinearLogprobsEntropy(torch.autograd.Function):
         return logp, entropy
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_logp, grad_entropy):
         hidden, weight, bias, labels, log_norm, entropy = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
@@ -187,11 +189,13 @@ def linear_logprobs_and_entropy(
             dtype plus one or two bounded elementwise blocks (32 MiB each on a CPU).
 
     Returns:
-        ``(logp, entropy)`` with the shape of ``labels``, in float32 for half-precision inputs (else the inputs'
-        dtype). Under ``torch.autocast`` the inputs are first cast to the autocast dtype, as ``nn.Linear`` would.
+        ``(logp, entropy)`` with the shape of ``labels``, in float32 for half-precision inputs (else the
+        inputs' dtype). Under ``torch.autocast`` the inputs are first cast to the autocast dtype, as
+        ``nn.Linear`` would.
 
     Raises:
-        ValueError: on a shape, dtype, device or label-range mismatch, or a non-positive temperature/chunk size.
+        ValueError: on a shape, dtype, device or label-range mismatch, or a non-positive temperature or
+            chunk size.
     """
     check_settings(temperature, chunk_size)
     check_floating("hidden", hidden)

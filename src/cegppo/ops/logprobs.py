@@ -1,13 +1,14 @@
 """Log-probabilities of the labels and the entropy of each row of a logits tensor, walked in token chunks.
 
-The naive path (``log_softmax``, ``gather``, ``-(p · log p).sum``) keeps two extra [N, V] float tensors alive for
-backward. This one keeps log Z and H per token, recomputes each chunk's softmax in backward and writes the
+The naive path (``log_softmax``, ``gather``, ``-(p · log p).sum``) keeps two extra [N, V] float tensors alive
+for backward. This one keeps log Z and H per token, recomputes each chunk's softmax in backward and writes the
 logits gradient chunk by chunk, so the only [N, V] tensor it allocates is that gradient.
 """
 
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from cegppo.ops._softmax_chunk import block_grad_, compute_dtype, elementwise_rows, shifted_block_stats_
 from cegppo.ops._validation import check_floating, check_labels, check_same_device, check_settings
@@ -37,7 +38,7 @@ class _LogprobsEntropyFromLogits(torch.autograd.Function):
         with torch.autocast(logits.device.type, enabled=False):
             for row, start, stop in _blocks(batch, tokens, rows):
                 block = logits[row, start:stop]
-                # max commutes with a positive scale, so one fused pass writes z - max(z) in the compute dtype.
+                # max commutes with a positive scale, so one pass writes z - max(z) in the compute dtype.
                 row_max = block.amax(-1, keepdim=True).to(dtype) * inv_temperature
                 out = shifted[: stop - start]
                 torch.add(-row_max, block, alpha=inv_temperature, out=out)
@@ -49,6 +50,7 @@ class _LogprobsEntropyFromLogits(torch.autograd.Function):
         return logp, entropy
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_logp, grad_entropy):
         logits, labels, log_norm, entropy = ctx.saved_tensors
         if grad_logp is None and grad_entropy is None:
@@ -99,12 +101,13 @@ def logprobs_and_entropy(
             where C is ``chunk_size`` or fewer rows (a block is at most 32 MiB on a CPU).
 
     Returns:
-        ``(logp, entropy)`` with the shape of ``labels``, in float32 for half-precision logits (else the logits'
-        dtype). Gradients from both outputs flow to ``logits``; the softmax is recomputed chunk by chunk in
-        backward, so apart from the logits' own gradient nothing [N, V]-sized is kept or allocated.
+        ``(logp, entropy)`` with the shape of ``labels``, in float32 for half-precision logits (else the
+        logits' dtype). Gradients from both outputs flow to ``logits``; the softmax is recomputed chunk by
+        chunk in backward, so apart from the logits' own gradient nothing [N, V]-sized is kept or allocated.
 
     Raises:
-        ValueError: on a shape, dtype, device or label-range mismatch, or a non-positive temperature/chunk size.
+        ValueError: on a shape, dtype, device or label-range mismatch, or a non-positive temperature or
+            chunk size.
     """
     check_settings(temperature, chunk_size)
     check_floating("logits", logits)
