@@ -33,7 +33,7 @@ from cegppo.evaluation import evaluate_benchmark, evaluate_examples, load_proble
 from cegppo.losses import masked_mean
 from cegppo.models import load_model_and_tokenizer
 from cegppo.rewards import RewardScorer
-from cegppo.rollout import SamplingParams, build_rollout_engine
+from cegppo.rollout import RolloutBatch, SamplingParams, build_rollout_engine
 from cegppo.trainer.actor import Actor, Experience
 from cegppo.trainer.checkpoint import (
     MODEL_DIR,
@@ -237,36 +237,45 @@ class Trainer:
 
         self.step_count += 1
         mean_entropy = masked_mean(entropy, experience.response_mask).item()
-        self.steering.observe_entropy(mean_entropy)
-        entropy_metrics = {
+        self.steering.observe_entropy(mean_entropy)  # the controller, if on, sets the next step's β
+        self._log_samples(examples, rollout.response_texts, scored.scores, n)
+        return {
+            **scored.metrics(),
+            **self._rollout_metrics(rollout, rewards, keep.view(len(examples), n)[:, 0]),
+            **self._entropy_metrics(mean_entropy, experience),
+            **self._sampler_mismatch(experience),
+            "actor/beta1": beta1,
+            "actor/beta2": beta2,
+            **update_metrics,
+            **{f"timing/{name}_s": seconds for name, seconds in timings.items()},
+            "perf/tokens_per_s": rollout.attention_mask.sum().item() / timings["step"],
+        }
+
+    def _rollout_metrics(
+        self, rollout: RolloutBatch, rewards: torch.Tensor, kept_groups: torch.Tensor
+    ) -> dict:
+        lengths = rollout.response_mask.sum(-1).float()
+        return {
+            "reward/std": rewards.std().item() if len(rewards) > 1 else 0.0,
+            "response_length/mean": lengths.mean().item(),
+            "response_length/max": lengths.max().item(),
+            "response_length/clip_ratio": rollout.truncated.float().mean().item(),
+            "data/filtered_groups": float((~kept_groups).sum().item()),
+        }
+
+    def _entropy_metrics(self, mean_entropy: float, experience: Experience) -> dict[str, float]:
+        """Observed entropy, its change since the last step, and the covariance that predicts it (Eq. 7)."""
+        metrics = {
             "entropy/mean": mean_entropy,
             "entropy/cov_logp_pA": entropy_covariance(
                 experience.old_log_prob,
-                experience.advantages.unsqueeze(1).expand_as(entropy),
+                experience.advantages.unsqueeze(1).expand_as(experience.old_log_prob),
                 experience.response_mask,
             ),
         }
         if self.state["last_entropy"] is not None:
-            entropy_metrics["entropy/delta"] = mean_entropy - self.state["last_entropy"]
+            metrics["entropy/delta"] = mean_entropy - self.state["last_entropy"]
         self.state["last_entropy"] = mean_entropy
-        response_lengths = rollout.response_mask.sum(-1).float()
-        total_tokens = rollout.attention_mask.sum().item()
-        metrics = {
-            **scored.metrics(),
-            "reward/std": rewards.std().item() if len(rewards) > 1 else 0.0,
-            "response_length/mean": response_lengths.mean().item(),
-            "response_length/max": response_lengths.max().item(),
-            "response_length/clip_ratio": rollout.truncated.float().mean().item(),
-            **entropy_metrics,
-            **self._sampler_mismatch(experience),
-            "actor/beta1": beta1,
-            "actor/beta2": beta2,
-            "data/filtered_groups": float(len(examples) - keep.view(len(examples), n)[:, 0].sum().item()),
-            **update_metrics,
-            **{f"timing/{name}_s": seconds for name, seconds in timings.items()},
-            "perf/tokens_per_s": total_tokens / timings["step"],
-        }
-        self._log_samples(examples, rollout.response_texts, scored.scores, n)
         return metrics
 
     def _sampler_mismatch(self, experience: Experience) -> dict[str, float]:
