@@ -294,6 +294,9 @@ def _entropy_dynamics(runs: Sequence[Run], smooth: int | None) -> tuple[bytes | 
     if scatter_drawn:
         _style(scatter_ax, "Observed vs predicted", "observed ΔH at step t+1")
         scatter_ax.set_xlabel("predicted direction −Cov at step t")
+        # Covariances are small numbers: few ticks in scientific notation stay legible.
+        scatter_ax.xaxis.set_major_locator(MaxNLocator(4))
+        scatter_ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 2))
         scatter_ax.axhline(0.0, color="#444444", linewidth=0.8)
         scatter_ax.axvline(0.0, color="#444444", linewidth=0.8)
         scatter_ax.legend(fontsize=8, loc="upper left", framealpha=0.9)
