@@ -35,7 +35,11 @@ def gradient_preserving_loss(
     pg_losses = -inputs.advantages * torch.where(boundary, weight * gradient_carrier, ratio)
     pg_losses = apply_dual_clip(pg_losses, inputs, config)
     loss = aggregate(pg_losses, inputs, loss_agg_mode, config)
-    return loss, clip_metrics(regions, boundary | regions["dual"], inputs)
+    metrics = clip_metrics(regions, boundary | regions["dual"], inputs)
+    metrics.update(
+        {"actor/beta1": float(beta1), "actor/beta2": float(beta2)}
+    )  # as applied (schedules move them)
+    return loss, metrics
 
 
 @register_policy_loss("ce_gppo")

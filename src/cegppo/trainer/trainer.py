@@ -244,8 +244,6 @@ class Trainer:
             **self._rollout_metrics(rollout, rewards, keep.view(len(examples), n)[:, 0]),
             **self._entropy_metrics(mean_entropy, experience),
             **self._sampler_mismatch(experience),
-            "actor/beta1": beta1,
-            "actor/beta2": beta2,
             **update_metrics,
             **{f"timing/{name}_s": seconds for name, seconds in timings.items()},
             "perf/tokens_per_s": rollout.attention_mask.sum().item() / timings["step"],
