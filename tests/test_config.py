@@ -33,6 +33,23 @@ def test_paper_presets_carry_the_recipe(name, beta1):
     assert not actor.use_kl_loss and actor.entropy_coeff == 0
 
 
+def test_entropy_control_preset_is_the_demo_with_clipping_active_and_the_controller_on():
+    demo, preset = load_config(None), load_config(CONFIGS / "entropy_control_cpu.yaml")
+    assert (preset.model, preset.data, preset.reward, preset.algorithm) == (
+        demo.model,
+        demo.data,
+        demo.reward,
+        demo.algorithm,
+    )
+    assert preset.data.train_batch_size // preset.actor.ppo_mini_batch_size == 8
+    control = preset.actor.entropy_control
+    assert control.enabled and control.adjust_beta2
+    assert control.beta2_min <= preset.actor.beta2 <= control.beta2_max
+    # without the controller the same file is the fixed-β reference run
+    fixed = load_config(CONFIGS / "entropy_control_cpu.yaml", ["actor.entropy_control.enabled=false"])
+    assert (fixed.actor.beta1, fixed.actor.beta2) == (demo.actor.beta1, demo.actor.beta2)
+
+
 def test_overrides_are_typed_and_round_trip_through_yaml(tmp_path):
     config = load_config(None, ["actor.lr=1e-5", "rollout.n=4", "data.train_files=[a.jsonl,b.parquet]"])
     assert (config.actor.lr, config.rollout.n, config.data.train_files) == (1e-5, 4, ["a.jsonl", "b.parquet"])

@@ -113,6 +113,7 @@ def test_entropy_controller_moves_beta_toward_the_band_and_clamps():
             "actor.entropy_control.adjust_beta2=true",
             "actor.beta1=0.5",
             "actor.entropy_control.beta1_max=0.65",
+            "actor.entropy_control.trend_weight=0",  # the entropy measured, not its extrapolation
         ],
     )
     steering = BetaSteering(config.actor)
@@ -127,6 +128,32 @@ def test_entropy_controller_moves_beta_toward_the_band_and_clamps():
     restored = BetaSteering(config.actor)
     restored.load_state_dict(steering.state_dict())
     assert restored.betas(6) == steering.betas(6)
+
+
+def test_entropy_controller_extrapolates_the_trend_and_resumes_with_it():
+    config = load_config(
+        None,
+        [
+            "actor.entropy_control.enabled=true",
+            "actor.entropy_control.target_low=0.4",
+            "actor.entropy_control.target_high=1.0",
+            "actor.entropy_control.step_size=0.5",
+            "actor.entropy_control.adjust_beta2=true",
+            "actor.entropy_control.beta2_max=2.5",
+        ],
+    )
+    steering = BetaSteering(config.actor)
+    steering.observe_entropy(2.6)  # no trend yet: above the band
+    assert steering.betas(2) == pytest.approx((1.0, 0.5))
+    steering.observe_entropy(1.3)  # still above, but falling fast: 1.3 - 1.3 expected, below the band
+    assert steering.betas(3) == pytest.approx((0.5, 1.0))
+    steering.observe_entropy(0.9)  # in the band and expected at 0.5: no change
+    assert steering.betas(4) == pytest.approx((0.5, 1.0))
+    restored = BetaSteering(config.actor)
+    restored.load_state_dict(steering.state_dict())
+    for observer in (steering, restored):
+        observer.observe_entropy(0.6)  # 0.6 - 0.3 expected: below the band only given the last step
+    assert restored.betas(5) == steering.betas(5) == pytest.approx((0.0, 1.5))
 
 
 @pytest.mark.parametrize(
@@ -156,6 +183,14 @@ def test_entropy_controller_moves_beta_toward_the_band_and_clamps():
                 "actor.beta1=2.0",
             ],
             "beta1_min/beta1_max",
+        ),
+        (
+            [
+                "actor.entropy_control.enabled=true",
+                "actor.entropy_control.target_high=1.0",
+                "actor.entropy_control.trend_weight=-1",
+            ],
+            "trend_weight",
         ),
         (["analysis.prob_threshold=1.5"], "analysis.prob_threshold"),
         (["trainer.eval_every=5"], "eval.benchmarks"),

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from cegppo.config import load_config, to_yaml
 from cegppo.dynamics import QUADRANTS
 from cegppo.report import Report, final_and_best, load_run, write_report
 
@@ -172,6 +173,26 @@ def test_runs_with_the_same_directory_name_are_told_apart(tmp_path):
     assert "a/run" in page and "b/run" in page
 
 
+def test_a_controlled_run_has_its_target_band_shaded_on_the_entropy_axes(tmp_path):
+    control = ["actor.entropy_control.target_low=0.4", "actor.entropy_control.target_high=0.6"]
+    runs = {}
+    for name, overrides in (
+        ("fixed", control),
+        ("controlled", [*control, "actor.entropy_control.enabled=true"]),
+    ):
+        runs[name] = write_synthetic_run(tmp_path / name, steps=20, seed=0, quadrants=True, entropy_floor=0.3)
+        (runs[name] / "config.yaml").write_text(to_yaml(load_config(None, overrides)))
+    assert load_run(runs["controlled"]).entropy_band == (0.4, 0.6)
+    assert load_run(runs["fixed"]).entropy_band is None  # the controller is off
+
+    def entropy_png(run: Path) -> bytes:
+        report = write_report([run], tmp_path / f"{run.name}.html")
+        return (report.figures_dir / "entropy.png").read_bytes()
+
+    # the two runs differ only in whether the band is drawn
+    assert entropy_png(runs["controlled"]) != entropy_png(runs["fixed"])
+
+
 @pytest.mark.parametrize(
     ("setup", "message"),
     [
@@ -183,6 +204,14 @@ def test_runs_with_the_same_directory_name_are_told_apart(tmp_path):
         ),
         (lambda d: (d.mkdir(), (d / "summary.json").write_text("{")), "summary.json"),
         (lambda d: (d.mkdir(), (d / "metrics.jsonl").write_text('{"loss": 1}\n')), "metrics.jsonl:1"),
+        (
+            lambda d: (
+                d.mkdir(),
+                (d / "metrics.jsonl").write_text('{"step": 1}\n'),
+                (d / "config.yaml").write_text("actor: [\n"),
+            ),
+            "config.yaml: not valid YAML",
+        ),
     ],
 )
 def test_bad_run_directories_are_named(tmp_path, setup, message):

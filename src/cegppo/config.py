@@ -90,14 +90,18 @@ class ScheduleConfig:
 class EntropyControlConfig:
     """Keep ``entropy/mean`` in [target_low, target_high] by moving β1 (and β2 if asked) after each step.
 
-    Entropy above the band: β1 += step_size (and β2 -= step_size): NA&LP tokens, which lower entropy, get
-    more weight (CE-GPPO §5.1). Below the band: the opposite. β stays within its bounds.
+    The controller compares the entropy it expects at the next step, H_t + trend_weight·(H_t − H_{t−1}), with
+    the band. Above it: β1 += step_size (and β2 -= step_size): NA&LP tokens, which lower entropy, get more
+    weight (CE-GPPO §5.1). Below it: the opposite. β stays within its bounds.
     """
 
     enabled: bool = False
     target_low: float = 0.0
     target_high: float = 0.0
     step_size: float = 0.05
+    # 0 reacts to the entropy measured; 1 extrapolates the last change, so that a fall already under way is
+    # not sped up while entropy is still above the band (and a rise not while it is below)
+    trend_weight: float = 1.0
     beta1_min: float = 0.0
     beta1_max: float = 1.0
     adjust_beta2: bool = False
@@ -382,6 +386,10 @@ def _validate_beta_steering(actor: ActorConfig) -> None:
         )
     if control.step_size <= 0:
         raise ConfigError(f"actor.entropy_control.step_size={control.step_size} is invalid: must be > 0")
+    if control.trend_weight < 0:
+        raise ConfigError(
+            f"actor.entropy_control.trend_weight={control.trend_weight} is invalid: must be >= 0"
+        )
     bounds = [("beta1", control.beta1_min, control.beta1_max, actor.beta1)]
     if control.adjust_beta2:
         bounds.append(("beta2", control.beta2_min, control.beta2_max, actor.beta2))

@@ -19,15 +19,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from cegppo.dynamics import QUADRANTS
-from cegppo.trainer.tracking import METRICS_FILE, read_metrics
+from cegppo.trainer.tracking import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_metrics
 
-SUMMARY_FILE = "summary.json"
 CLIP_KEYS = ("actor/pg_clipfrac", "actor/pg_clipfrac_low", "actor/pg_clipfrac_high", "actor/pg_clipfrac_dual")
 QUADRANT_STATS = ("frac", "clipped_frac", "grad_share")
 # Metrics where higher is better: the table shows their best value and step.
@@ -58,6 +58,8 @@ class Run:
     records: list[dict[str, Any]]
     summary: dict[str, Any]
     color: str = _COLORS[0]
+    # [target_low, target_high] of the run's entropy controller, if it had one on
+    entropy_band: tuple[float, float] | None = None
 
     def series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
         """Steps and values of ``key`` at the steps that logged a finite value."""
@@ -98,7 +100,32 @@ def load_run(run_dir: str | Path) -> Run:
             raise ValueError(f"{summary_path}: not valid JSON ({error.msg}, line {error.lineno})") from None
         if not isinstance(summary, dict):
             raise ValueError(f"{summary_path}: expected a JSON object, got {type(summary).__name__}")
-    return Run(name=path.resolve().name, path=path, records=records, summary=summary)
+    return Run(
+        name=path.resolve().name,
+        path=path,
+        records=records,
+        summary=summary,
+        entropy_band=_entropy_band(path / CONFIG_FILE),
+    )
+
+
+def _entropy_band(config_path: Path) -> tuple[float, float] | None:
+    """The controller's target band from a run's config.yaml; None without one (or with the controller off)."""
+    if not config_path.is_file():
+        return None
+    try:
+        config = yaml.safe_load(config_path.read_text())
+    except yaml.YAMLError as error:
+        raise ValueError(f"{config_path}: not valid YAML ({error})") from None
+    control = ((config or {}).get("actor") or {}).get("entropy_control") or {}
+    if not control.get("enabled"):
+        return None
+    try:
+        return float(control["target_low"]), float(control["target_high"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(
+            f"{config_path}: actor.entropy_control is enabled but target_low/target_high are not numbers"
+        ) from None
 
 
 def _name_runs(runs: list[Run]) -> None:
@@ -229,8 +256,10 @@ def _metric_grid(
     smooth: int | None,
     row_height: float = 3.4,
     share_row_y: bool = False,
+    bands: dict[str, list[tuple[float, float, str]]] | None = None,
 ) -> tuple[bytes | None, list[str]]:
-    """One axes per ``(key, title, ylabel)``, runs overlaid; None when no run logged any of the keys."""
+    """One axes per ``(key, title, ylabel)``, runs overlaid; None when no run logged any of the keys.
+    ``bands``: per key, horizontal ``(low, high, color)`` spans shaded behind the curves."""
     if not any(run.has(key) for run in runs for key, _, _ in cells):
         return None, []
     rows = math.ceil(len(cells) / columns)
@@ -239,6 +268,8 @@ def _metric_grid(
     for ax, (key, title, ylabel) in zip(axes, cells, strict=False):  # the last row may have spare axes
         drawn[key] = [_plot_series(ax, run, key, smooth) for run in runs]
         if any(drawn[key]):
+            for low, high, color in (bands or {}).get(key, []):
+                ax.axhspan(low, high, color=color, alpha=0.12, linewidth=0, zorder=0)
             _style(ax, title, ylabel)
         else:
             _empty(ax, title)
@@ -329,7 +360,8 @@ def build_panels(runs: Sequence[Run], *, smooth: int | None = None) -> list[Pane
             "entropy",
             "Policy entropy",
             "Mean token entropy of the sampled responses, and CE-GPPO's gradient scales β1 (NA&amp;LP) "
-            "and β2 (PA&amp;LP).",
+            "and β2 (PA&amp;LP). A run steered by the entropy controller has its target band shaded in its "
+            "color.",
         ),
         Panel(
             "clipping",
@@ -411,6 +443,9 @@ def build_panels(runs: Sequence[Run], *, smooth: int | None = None) -> list[Pane
                     smooth=smooth,
                     row_height={"quadrants": 2.8, "clipping": 3.0}.get(panel.slug, 3.4),
                     share_row_y=panel.slug == "quadrants",  # quadrants are compared within a row
+                    bands={
+                        "entropy/mean": [(*run.entropy_band, run.color) for run in runs if run.entropy_band]
+                    },
                 )
                 if cells
                 else (None, [])

@@ -14,7 +14,7 @@ from typing import Any
 from cegppo.config import load_config
 from cegppo.trainer import Trainer, load_run_config
 from cegppo.trainer.checkpoint import latest_checkpoint
-from cegppo.trainer.tracking import read_metrics
+from cegppo.trainer.tracking import SUMMARY_FILE, read_metrics
 
 # CE-GPPO §5.1's comparison on the demo task; 2+ updates per rollout batch come from the base config.
 VARIANTS: dict[str, list[str]] = {
@@ -26,8 +26,6 @@ VARIANTS: dict[str, list[str]] = {
     "ce_gppo_b0.75_1": ["actor.policy_loss=ce_gppo", "actor.beta1=0.75", "actor.beta2=1.0"],
     "ce_gppo_b1_0.5": ["actor.policy_loss=ce_gppo", "actor.beta1=1.0", "actor.beta2=0.5"],
 }
-
-SUMMARY_FILE = "summary.json"
 
 
 def run_sweep(

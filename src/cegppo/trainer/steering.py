@@ -35,6 +35,7 @@ class BetaSteering:
         self.actor = actor
         self.control = actor.entropy_control
         self.controlled = {"beta1": actor.beta1, "beta2": actor.beta2}
+        self.previous_entropy: float | None = None
 
     def betas(self, step: int) -> tuple[float, float]:
         """β1, β2 for the step about to run (1-based)."""
@@ -46,14 +47,19 @@ class BetaSteering:
         )
 
     def observe_entropy(self, entropy: float) -> None:
-        """Controller rule: entropy above the band raises β1 (and lowers β2 if adjusting it), which speeds
-        up the entropy decrease (CE-GPPO §5.1); below the band, the opposite."""
+        """Controller rule: entropy expected above the band raises β1 (and lowers β2 if adjusting it), which
+        speeds up the entropy decrease (CE-GPPO §5.1); below the band, the opposite. The expectation
+        extrapolates the last change by ``trend_weight``."""
         control = self.control
         if not control.enabled:
             return
-        if entropy > control.target_high:
+        expected = entropy
+        if self.previous_entropy is not None:
+            expected += control.trend_weight * (entropy - self.previous_entropy)
+        self.previous_entropy = entropy
+        if expected > control.target_high:
             direction = 1.0
-        elif entropy < control.target_low:
+        elif expected < control.target_low:
             direction = -1.0
         else:
             return
@@ -64,7 +70,8 @@ class BetaSteering:
             self.controlled["beta2"] = min(max(beta2, control.beta2_min), control.beta2_max)
 
     def state_dict(self) -> dict[str, Any]:
-        return dict(self.controlled)
+        return {**self.controlled, "previous_entropy": self.previous_entropy}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.controlled = dict(state)
+        self.controlled = {"beta1": state["beta1"], "beta2": state["beta2"]}
+        self.previous_entropy = state.get("previous_entropy")  # absent in checkpoints before trend_weight

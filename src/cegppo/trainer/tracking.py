@@ -7,8 +7,11 @@ import math
 from pathlib import Path
 from typing import Any
 
+# A run directory's files
+CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
+SUMMARY_FILE = "summary.json"
 
 
 class RunTracker:

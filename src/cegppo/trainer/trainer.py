@@ -44,14 +44,12 @@ from cegppo.trainer.checkpoint import (
 )
 from cegppo.trainer.progress import Progress
 from cegppo.trainer.steering import BetaSteering
-from cegppo.trainer.tracking import RunTracker
+from cegppo.trainer.tracking import CONFIG_FILE, SUMMARY_FILE, RunTracker
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.yaml"
 # Held-out prompts generated per call: larger batches generate faster on CPU, 64 keeps memory modest.
 HELDOUT_CHUNK = 64
-SUMMARY_FILE = "summary.json"
 
 
 class Interrupted(Exception):
