@@ -180,13 +180,16 @@ def test_a_controlled_run_has_its_target_band_shaded_on_the_entropy_axes(tmp_pat
         ("fixed", control),
         ("controlled", [*control, "actor.entropy_control.enabled=true"]),
     ):
-        runs[name] = write_synthetic_run(tmp_path / name, steps=20, seed=0, quadrants=True, entropy_floor=0.3)
+        # the same directory name, so that the legends match too
+        runs[name] = write_synthetic_run(
+            tmp_path / name / "run", steps=20, seed=0, quadrants=True, entropy_floor=0.3
+        )
         (runs[name] / "config.yaml").write_text(to_yaml(load_config(None, overrides)))
     assert load_run(runs["controlled"]).entropy_band == (0.4, 0.6)
     assert load_run(runs["fixed"]).entropy_band is None  # the controller is off
 
     def entropy_png(run: Path) -> bytes:
-        report = write_report([run], tmp_path / f"{run.name}.html")
+        report = write_report([run], tmp_path / f"{run.parent.name}.html")
         return (report.figures_dir / "entropy.png").read_bytes()
 
     # the two runs differ only in whether the band is drawn
