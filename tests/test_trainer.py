@@ -12,6 +12,7 @@ import torch
 
 from _tiny import tiny_model, tiny_overrides, tiny_tokenizer
 from cegppo.config import load_config
+from cegppo.rewards import RewardFailure
 from cegppo.trainer import Interrupted, Trainer, load_run_config
 from cegppo.trainer.actor import Actor, Experience
 from cegppo.trainer.tracking import read_metrics
@@ -150,7 +151,7 @@ def _experience(model, tokenizer, rows: int = 8, prompt_len: int = 5, response_l
     )
 
 
-@pytest.mark.parametrize("loss", ["ce_gppo", "vanilla", "gspo"])
+@pytest.mark.parametrize("loss", ["ce_gppo", "vanilla", "gspo", "clip_cov", "kl_cov"])
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
 def test_micro_batch_splitting_never_changes_the_gradient(loss, agg):
     tokenizer = tiny_tokenizer()
@@ -166,6 +167,11 @@ def test_micro_batch_splitting_never_changes_the_gradient(loss, agg):
             "actor.entropy_coeff=0.01",
             "actor.clip_ratio_low=0.01",
             "actor.clip_ratio_high=0.01",
+            # Clip-Cov/KL-Cov: select several tokens (Clip-Cov among |Cov| in (0.05, 5)), so a per-micro-batch
+            # selection would differ
+            "actor.clip_cov_ratio=0.1",
+            "actor.clip_cov_lb=0.05",
+            "actor.kl_cov_ratio=0.1",
         ],
     )
     actor = Actor(model, config)
@@ -177,10 +183,13 @@ def test_micro_batch_splitting_never_changes_the_gradient(loss, agg):
     for micro in (8, 3, 1):
         actor.config.actor.micro_batch_size = micro
         actor.optimizer.zero_grad()
+        torch.manual_seed(0)  # Clip-Cov's random draw among its candidates
         metrics, _, finite = actor.accumulate_gradients(batch)
         assert finite
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
         clipped.append(metrics["actor/pg_clipfrac"])
+        if loss in ("clip_cov", "kl_cov"):
+            assert metrics[f"actor/{loss}_frac"] > 0
     assert clipped[0] > 0
     for other in grads[1:]:
         torch.testing.assert_close(other, grads[0], rtol=1e-4, atol=1e-7)
@@ -320,9 +329,155 @@ def test_bad_input_fails_before_the_run_directory_exists(tiny_model_dir, tmp_pat
         Trainer(config, run_dir_of(config))
     assert not run_dir_of(config).exists()
 
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")
+    config = load_config(None, tiny_overrides(tiny_model_dir, blocked))
+    with pytest.raises(ValueError, match=r"trainer.output_dir: .*a_file is a file"):
+        Trainer(config, run_dir_of(config))
+
     config = load_config(None, tiny_overrides(tiny_model_dir, tmp_path))
     run_dir_of(config).mkdir(parents=True)
     with pytest.raises(ValueError, match="nothing to resume"):
         Trainer(config, run_dir_of(config), resume=True)
     with pytest.raises(ValueError, match="already exists"):
         Trainer(config, run_dir_of(config))
+
+
+# Reward by call order (in-process, so the counter is shared): with 4 prompts x 4 samples per round, round 0
+# scores everything 0 (no group has signal), round 1 gives groups 0 and 1 mixed scores, round 2 all four.
+BY_CALL_ORDER = """
+calls = 0
+
+def compute_score(data_source, solution_str, ground_truth, extra_info=None):
+    global calls
+    index, calls = calls, calls + 1
+    round_, row = divmod(index, 16)
+    if round_ == 0 or (round_ == 1 and row >= 8):
+        return 0.0
+    return float(row % 2)
+"""
+
+
+@pytest.mark.parametrize("max_rounds", [10, 1])
+def test_dynamic_sampling_refills_the_batch_with_groups_that_have_signal(tiny_model_dir, tmp_path, max_rounds):
+    reward = tmp_path / "by_call_order.py"
+    reward.write_text(BY_CALL_ORDER)
+    config = load_config(
+        None,
+        tiny_overrides(
+            tiny_model_dir,
+            tmp_path,
+            **{
+                "reward.name": f"{reward}:compute_score",
+                "data.heldout": "null",
+                "trainer.total_steps": 1,
+                "algorithm.filter_groups": True,
+                "algorithm.max_num_gen_batches": max_rounds,
+            },
+        ),
+    )
+    trainer = Trainer(config, run_dir_of(config))
+    old_log_prob_rows = []
+    compute = trainer.actor.compute_old_log_probs
+    trainer.actor.compute_old_log_probs = lambda batch: old_log_prob_rows.append(len(batch)) or compute(batch)
+    trainer.fit()
+    (record,) = read_metrics(run_dir_of(config))
+    if max_rounds == 1:  # no re-sampling: nothing had signal, nothing is trained, no old-log-prob pass
+        assert (record["data/gen_rounds"], record["data/filtered_groups"], record["data/train_groups"]) == (1, 4, 0)
+        assert old_log_prob_rows == [] and "actor/pg_loss" not in record
+        return
+    # rounds 0-2: 0 + 2 + 4 groups with signal, trimmed to train_batch_size = 4; 6 groups dropped
+    assert (record["data/gen_rounds"], record["data/filtered_groups"], record["data/train_groups"]) == (3, 6, 4)
+    assert old_log_prob_rows == [16]  # only the kept rows
+    assert record["actor/num_updates"] == 2  # 4 groups in mini-batches of 2
+    assert record["acc/mean"] == pytest.approx((0 + 4 + 8) / 48)  # over every response sampled this step
+
+
+ALWAYS_RAISES = """
+def compute_score(data_source, solution_str, ground_truth, extra_info=None):
+    raise KeyError("answer_key")
+"""
+
+
+def test_a_reward_that_always_raises_stops_the_run(tiny_model_dir, tmp_path):
+    reward = tmp_path / "broken.py"
+    reward.write_text(ALWAYS_RAISES)
+    config = load_config(
+        None,
+        tiny_overrides(
+            tiny_model_dir, tmp_path, **{"reward.name": f"{reward}:compute_score", "data.heldout": "null"}
+        ),
+    )
+    trainer = Trainer(config, run_dir_of(config))
+    with pytest.raises(RewardFailure, match=r"broken\.py:compute_score.* 16 of 16 .*KeyError: 'answer_key'"):
+        trainer.fit()
+    trainer.close()
+    assert read_metrics(run_dir_of(config)) == []  # stopped in the first step, before any update
+
+
+def test_dropout_is_off_so_the_first_on_policy_ratio_is_exactly_one(tmp_path, short_reward):
+    tokenizer = tiny_tokenizer()
+    model = tiny_model("llama", tokenizer)
+    model.config.attention_dropout = 0.5
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    config = load_config(
+        None,
+        tiny_overrides(
+            tmp_path / "model",
+            tmp_path,
+            **{"reward.name": short_reward, "data.heldout": "null", "trainer.total_steps": 1},
+        ),
+    )
+    trainer = Trainer(config, run_dir_of(config))
+    first_log_ratios = []
+    loss_fn = trainer.actor.loss_fn
+
+    def recording(**kwargs):
+        first_log_ratios.append((kwargs["log_prob"] - kwargs["old_log_prob"]) * kwargs["response_mask"])
+        return loss_fn(**kwargs)
+
+    trainer.actor.loss_fn = recording
+    trainer.fit()
+    assert torch.count_nonzero(first_log_ratios[0]) == 0
+
+
+def test_overlong_reward_shaping_reaches_the_rewards(tiny_model_dir, tmp_path, short_reward):
+    # max_new_tokens 6, buffer 5: every response (>= 1 token) is in the buffer, penalty -(len - 1) / 5 * 0.5
+    config = load_config(
+        None,
+        tiny_overrides(
+            tiny_model_dir,
+            tmp_path,
+            **{
+                "reward.name": short_reward,
+                "data.heldout": "null",
+                "trainer.total_steps": 1,
+                "reward.overlong_buffer_len": 5,
+                "reward.overlong_penalty_factor": 0.5,
+            },
+        ),
+    )
+    Trainer(config, run_dir_of(config)).fit()
+    (record,) = read_metrics(run_dir_of(config))
+    expected = -(record["response_length/mean"] - 1) / 5 * 0.5
+    assert expected < 0 and record["reward/overlong_penalty"] == pytest.approx(expected)
+
+
+def test_an_update_stopped_by_a_non_finite_value_adds_nothing_to_the_metrics():
+    tokenizer = tiny_tokenizer()
+    model = tiny_model("llama", tokenizer)
+    actor = Actor(model, load_config(None, ["actor.bf16_autocast=false", "actor.micro_batch_size=2"]))
+    batch = _experience(model, tokenizer)  # 8 rows, group size 1: two mini-batches of 4 rows, 2 micro-batches each
+    actor.compute_old_log_probs(batch)
+    loss_fn, losses = actor.loss_fn, []
+
+    def nan_in_the_second_micro_batch(**kwargs):
+        loss, metrics = loss_fn(**kwargs)
+        losses.append(loss.item())
+        return (loss * float("nan"), metrics) if len(losses) == 2 else (loss, metrics)
+
+    actor.loss_fn = nan_in_the_second_micro_batch
+    metrics = actor.update(batch, group_size=1)
+    assert metrics["actor/skipped_updates"] == 1 and len(losses) == 4
+    assert metrics["actor/pg_loss"] == pytest.approx(losses[2] + losses[3])  # the second mini-batch only

@@ -12,6 +12,7 @@ from rich.console import Console
 
 def _train(args: argparse.Namespace, console: Console) -> int:
     from cegppo.config import load_config
+    from cegppo.rewards import RewardFailure
     from cegppo.trainer import Interrupted, Trainer, load_run_config, new_run_dir
 
     try:
@@ -23,17 +24,21 @@ def _train(args: argparse.Namespace, console: Console) -> int:
             run_dir = new_run_dir(config)
         if args.quiet:
             config.trainer.quiet = True
-        console.print(f"run directory: {run_dir}")
         trainer = Trainer(config, run_dir, resume=bool(args.resume))
     except (ValueError, FileNotFoundError) as error:  # bad input: the message names the file or key
         console.print(f"[red]error:[/red] {error}", highlight=False)
         return 2
+    console.print(f"run directory: {run_dir}", highlight=False)
     try:
         summary = trainer.fit()
     except Interrupted as stop:
         trainer.close()
         console.print(f"interrupted: {stop}. Continue with: cegppo train --resume {run_dir}")
         return 128 + stop.signum
+    except RewardFailure as failure:  # training on a reward that keeps raising would mean nothing
+        trainer.close()
+        console.print(f"[red]error:[/red] {failure}", highlight=False)
+        return 1
     if "heldout_acc_before" in summary:
         console.print(
             f"held-out accuracy: {summary['heldout_acc_before']:.3f} -> {summary['heldout_acc_after']:.3f} "
@@ -115,7 +120,7 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
         engine = build_rollout_engine("hf", model, tokenizer, batch_size=args.batch_size)
         scorer = RewardScorer(reward)  # last: it starts worker processes
     except (ValueError, FileNotFoundError) as error:  # bad input: the message names the file or option
-        console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/red] {error}", highlight=False)
         return 2
     console.print(f"model: {model_path} ({device}, {args.dtype})", highlight=False)
     results = []
@@ -148,7 +153,7 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
         console.print("interrupted: no results written")
         return 130
     table = markdown_table(results)
-    console.print(table, markup=False, highlight=False, soft_wrap=True)
+    console.print(table, markup=False, highlight=False)
     if args.output is not None:
         settings = (
             f"n={params.n}, temperature={params.temperature}, top_p={params.top_p}, "
@@ -165,7 +170,7 @@ def _report(args: argparse.Namespace, console: Console) -> int:
     try:
         report = write_report(args.run_dirs, args.output, smooth=args.smooth)
     except ValueError as error:
-        console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/red] {error}", highlight=False)
         return 2
     skipped = [panel.title for panel in report.panels if panel.png is None]
     if skipped:
@@ -191,7 +196,7 @@ def _sweep(args: argparse.Namespace, console: Console) -> int:
             on_run=lambda name, run_dir: console.print(f"sweep run {name}: {run_dir}", highlight=False),
         )
     except (ConfigError, ValueError, FileNotFoundError) as error:
-        console.print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/red] {error}", highlight=False)
         return 2
     table = sweep_table(run_dirs)
     (args.output_dir / "sweep.md").write_text(table)
@@ -297,14 +302,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Like ``parse_args``, but ``key=value`` overrides may also follow options (``train a=1 --quiet b=2``)."""
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    stray = [arg for arg in rest if arg.startswith("-") or "=" not in arg or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if rest:
+        args.overrides = [*args.overrides, *rest]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # Our own progress bars say what is happening; transformers' per-file load/save bars only add noise.
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
-    console = Console(stderr=False)
+    console = Console(stderr=False, soft_wrap=True)  # no line breaks inside long paths in messages
     return args.handler(args, console)
 
 

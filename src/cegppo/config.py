@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cegppo.advantages import ADVANTAGE_REGISTRY
@@ -24,7 +25,7 @@ _LOSS = PolicyLossConfig()
 LOSS_SETTINGS = tuple(
     f.name
     for f in dataclasses.fields(PolicyLossConfig)
-    if f.name not in ("dp_size", "batch_num_tokens", "global_batch_size", "generator")
+    if f.name not in ("dp_size", "batch_num_tokens", "global_batch_size", "generator", "token_selection")
 )
 
 
@@ -73,7 +74,11 @@ class RolloutConfig:
 @dataclass
 class AlgorithmConfig:
     adv_estimator: str = "grpo"  # grpo | dr_grpo | rloo
-    filter_groups: bool = False  # DAPO dynamic sampling: drop groups whose rewards are all equal
+    # DAPO's dynamic sampling: drop the groups whose rewards are all equal and sample new prompts until
+    # data.train_batch_size groups have signal, in at most max_num_gen_batches generation rounds per step
+    # (verl's name; 0: no cap; 1: no re-sampling, train on the groups left, as the CE-GPPO release does)
+    filter_groups: bool = False
+    max_num_gen_batches: int = 10
 
 
 @dataclass
@@ -123,7 +128,7 @@ class ActorConfig:
     beta2_schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     entropy_control: EntropyControlConfig = field(default_factory=EntropyControlConfig)
     loss_agg_mode: str = "token-mean"
-    loss_scale_factor: float | None = _LOSS.loss_scale_factor
+    loss_scale_factor: float | None = _LOSS.loss_scale_factor  # seq-mean-token-sum-norm; None: max_new_tokens
     clip_cov_ratio: float = _LOSS.clip_cov_ratio
     clip_cov_lb: float = _LOSS.clip_cov_lb
     clip_cov_ub: float = _LOSS.clip_cov_ub
@@ -182,7 +187,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    reward: RewardConfig = field(default_factory=lambda: RewardConfig(strict_boxed=True))
+    reward: RewardConfig = field(default_factory=lambda: RewardConfig(strict_boxed=None))
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     actor: ActorConfig = field(default_factory=ActorConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
@@ -190,19 +195,24 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
     def policy_loss_config(self) -> PolicyLossConfig:
-        """The loss settings of ``actor``, validated by the loss library."""
-        return PolicyLossConfig(**{name: getattr(self.actor, name) for name in LOSS_SETTINGS})
+        """The loss settings of ``actor``, validated by the loss library.
+
+        ``seq-mean-token-sum-norm`` (Dr. GRPO) divides by ``loss_scale_factor``; left unset, it is
+        ``rollout.max_new_tokens``, a constant, not the padded width of the step's longest response, which
+        would scale the learning rate by 1/(longest response), the length bias Dr. GRPO removes.
+        """
+        settings = {name: getattr(self.actor, name) for name in LOSS_SETTINGS}
+        if settings["loss_scale_factor"] is None and self.actor.loss_agg_mode == "seq-mean-token-sum-norm":
+            settings["loss_scale_factor"] = self.rollout.max_new_tokens
+        return PolicyLossConfig(**settings)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults, then the YAML file, then ``key.sub=value`` overrides; typed and validated."""
     merged = OmegaConf.structured(Config)
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
         try:
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            merged = OmegaConf.merge(merged, load_yaml_mapping(path))
         except OmegaConfBaseException as error:
             raise ConfigError(f"{path}: {_describe(error)}") from None
     for override in overrides:
@@ -216,6 +226,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     assert isinstance(config, Config)
     validate(config)
     return config
+
+
+def load_yaml_mapping(path: str | Path) -> DictConfig:
+    """A YAML file of ``section: {key: value}`` settings; ConfigError naming the file (and line) otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        values = OmegaConf.load(path)
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{line}: invalid YAML: {error.problem or error.context}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: invalid YAML: {error}") from None
+    if not isinstance(values, DictConfig):
+        raise ConfigError(f"{path}: expected a mapping of sections (model:, data:, ...), got a YAML list")
+    return values
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:
@@ -324,6 +352,7 @@ def validate(config: Config) -> None:
         ("actor.entropy_coeff", a.entropy_coeff),
         ("actor.kl_loss_coef", a.kl_loss_coef),
         ("actor.positive_loss_coeff", a.positive_loss_coeff),
+        ("algorithm.max_num_gen_batches", config.algorithm.max_num_gen_batches),
         ("trainer.save_every", t.save_every),
         ("trainer.num_logged_samples", t.num_logged_samples),
     ]:
@@ -355,6 +384,12 @@ def validate(config: Config) -> None:
         config.reward.validate()
     except ValueError as error:
         raise ConfigError(str(error)) from None
+    check(
+        config.reward.overlong_buffer_len < r.max_new_tokens,
+        "reward.overlong_buffer_len",
+        config.reward.overlong_buffer_len,
+        f"must be below rollout.max_new_tokens={r.max_new_tokens}",
+    )
 
 
 def _validate_beta_steering(actor: ActorConfig) -> None:

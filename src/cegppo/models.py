@@ -115,3 +115,19 @@ def load_model_and_tokenizer(
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     return model, tokenizer
+
+
+def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Switch off every dropout in ``model`` (TRL's ``disable_dropout_in_model``, plus attention dropout).
+
+    RL samples and recomputes old log-probs in ``eval()`` and updates in ``train()``: with dropout on, the
+    first on-policy ratio would not be 1. Attention dropout is a float attribute the attention modules read
+    in train mode (``attention_dropout`` in Llama/Qwen2), not an ``nn.Dropout``, so both are zeroed.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name in ("attention_dropout", "dropout"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+    return model

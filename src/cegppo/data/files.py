@@ -19,8 +19,20 @@ from cegppo.data.examples import (
 SIMPLE_KEYS = ("problem", "answer")
 
 
+def read_utf8(path: Path) -> str:
+    """The file's text; ValueError naming the file and line of the first byte that is not UTF-8."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise ValueError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}: {exc.reason})"
+        ) from None
+
+
 def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path)
     if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
@@ -121,6 +133,8 @@ def example_from_row(
             for k, v in row.items()
             if k not in (*SIMPLE_KEYS, "data_source", "extra_info") and v is not None
         }
+    if not conversation[-1]["content"].strip():
+        raise ValueError(f"{where}: the question (the final user turn) is empty")
     if extra is not None:
         if not isinstance(extra, Mapping):
             raise ValueError(f"{where}: extra_info: expected an object, got {type(extra).__name__}")

@@ -16,9 +16,12 @@ from cegppo.losses.kl import KL_ESTIMATORS, kl_penalty
 from cegppo.losses.registry import (
     POLICY_LOSS_REGISTRY,
     PolicyLossFn,
+    TokenSelector,
     get_policy_loss_fn,
+    get_token_selector,
     list_policy_losses,
     register_policy_loss,
+    register_token_selector,
 )
 
 __all__ = [
@@ -27,10 +30,13 @@ __all__ = [
     "POLICY_LOSS_REGISTRY",
     "PolicyLossConfig",
     "PolicyLossFn",
+    "TokenSelector",
     "agg_loss",
     "get_policy_loss_fn",
+    "get_token_selector",
     "kl_penalty",
     "list_policy_losses",
     "masked_mean",
     "register_policy_loss",
+    "register_token_selector",
 ]

@@ -46,11 +46,19 @@ class PolicyLossConfig:
     batch_num_tokens: int | None = None
     global_batch_size: int | None = None
     generator: torch.Generator | None = field(default=None, repr=False, compare=False)
+    # Clip-Cov/KL-Cov: the tokens their selector chose over the whole mini-batch, these rows of it
+    # ([batch, response_len] bool); None: choose among the tensors passed to the loss
+    token_selection: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        for name in ("clip_ratio_low", "clip_ratio_high", "beta1", "beta2", "ppo_kl_coef"):
+        for name in ("beta1", "beta2", "ppo_kl_coef"):
             value = getattr(self, name)
             _require(_is_real(value) and value >= 0, name, value, "must be a finite number >= 0")
+        low, high = self.clip_ratio_low, self.clip_ratio_high
+        _require(
+            _is_real(low) and 0 <= low < 1, "clip_ratio_low", low, "must be in [0, 1) so that 1 - ε_low > 0"
+        )
+        _require(_is_real(high) and high > 0, "clip_ratio_high", high, "must be a finite number > 0")
         if self.clip_ratio_c is not None:
             _require(
                 _is_real(self.clip_ratio_c) and self.clip_ratio_c > 1,

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from cegppo.losses._common import PolicyInputs, aggregate, clip_metrics, clip_regions, prepare_inputs
 from cegppo.losses.aggregation import masked_mean
 from cegppo.losses.config import PolicyLossConfig
-from cegppo.losses.registry import register_policy_loss
+from cegppo.losses.registry import TokenSelector, register_policy_loss, register_token_selector
+
+# How a loss chooses its special tokens among the (validated) tensors it is given.
+Choice = Callable[[PolicyInputs, PolicyLossConfig], torch.Tensor]
 
 
 def token_covariance(inputs: PolicyInputs) -> torch.Tensor:
@@ -16,6 +21,69 @@ def token_covariance(inputs: PolicyInputs) -> torch.Tensor:
     centred_logp = log_prob - masked_mean(log_prob, inputs.mask)
     centred_adv = inputs.advantages - masked_mean(inputs.advantages, inputs.mask)
     return centred_logp * centred_adv
+
+
+def _selection_count(ratio: float, num_valid: int) -> int:
+    """⌊ratio·N⌋ tokens, at least one (verl's rounding)."""
+    return max(int(ratio * num_valid), 1)
+
+
+def _clip_cov_tokens(inputs: PolicyInputs, config: PolicyLossConfig) -> torch.Tensor:
+    regions = clip_regions(inputs.ratio, inputs, config, dual_clip=False)
+    cov = token_covariance(inputs)
+    valid = inputs.mask > 0
+    candidates = (
+        valid & ~(regions["low"] | regions["high"]) & (cov > config.clip_cov_lb) & (cov < config.clip_cov_ub)
+    ).nonzero()
+    num_detached = _selection_count(config.clip_cov_ratio, int(valid.sum().item()))
+    order = torch.randperm(len(candidates), generator=config.generator)[:num_detached]
+    detached = torch.zeros_like(valid)
+    chosen = candidates[order.to(candidates.device)]
+    detached[chosen[:, 0], chosen[:, 1]] = True
+    return detached
+
+
+def _kl_cov_tokens(inputs: PolicyInputs, config: PolicyLossConfig) -> torch.Tensor:
+    valid = inputs.mask > 0
+    penalised = torch.zeros_like(valid)
+    num_valid = int(valid.sum().item())
+    if num_valid:
+        cov = token_covariance(inputs)[valid]
+        top = torch.topk(cov, _selection_count(config.kl_cov_ratio, num_valid)).indices
+        penalised[valid.nonzero()[top].unbind(-1)] = True
+    return penalised
+
+
+def _selector(choose: Choice) -> TokenSelector:
+    def select(
+        old_log_prob: torch.Tensor,
+        log_prob: torch.Tensor,
+        advantages: torch.Tensor,
+        response_mask: torch.Tensor,
+        config: PolicyLossConfig | None = None,
+    ) -> torch.Tensor:
+        inputs, config = prepare_inputs(
+            old_log_prob, log_prob, advantages, response_mask, "token-mean", config, None
+        )
+        return choose(inputs, config)
+
+    return select
+
+
+select_clip_cov_tokens = register_token_selector("clip_cov")(_selector(_clip_cov_tokens))
+select_kl_cov_tokens = register_token_selector("kl_cov")(_selector(_kl_cov_tokens))
+
+
+def _given_or_chosen(inputs: PolicyInputs, config: PolicyLossConfig, choose: Choice) -> torch.Tensor:
+    if config.token_selection is None:
+        return choose(inputs, config)
+    selection = config.token_selection
+    if selection.shape != inputs.mask.shape:
+        raise ValueError(
+            f"config.token_selection must have log_prob's shape {tuple(inputs.mask.shape)}, "
+            f"got {tuple(selection.shape)}"
+        )
+    return selection.to(torch.bool) & (inputs.mask > 0)
 
 
 @register_policy_loss("clip_cov")
@@ -33,8 +101,9 @@ def compute_policy_loss_clip_cov(
     PPO-clip, except that ⌊r·N⌋ tokens (``clip_cov_ratio`` r, at least one) drawn at random among
     those with ω_low < Cov(y_i) < ω_high (``clip_cov_lb``/``clip_cov_ub``) that PPO does not already
     clip have their gradient removed. Paper: r = 2e-4, ω = (1, 5). The draw uses
-    ``config.generator`` when set, for reproducibility; the covariance is over the tensors passed,
-    i.e. one micro-batch.
+    ``config.generator`` when set, for reproducibility. The tokens are chosen among the tensors passed,
+    unless ``config.token_selection`` gives them (chosen by :func:`select_clip_cov_tokens` over a whole
+    mini-batch that is passed here one micro-batch at a time).
     """
     inputs, config = prepare_inputs(
         old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights
@@ -43,18 +112,10 @@ def compute_policy_loss_clip_cov(
     unclipped = -inputs.advantages * ratio
     clipped = -inputs.advantages * ratio.clamp(1 - config.clip_ratio_low, 1 + config.clip_ratio_high)
     regions = clip_regions(ratio, inputs, config, dual_clip=False)
-    ppo_clipped = regions["low"] | regions["high"]
-    cov = token_covariance(inputs)
-    valid = inputs.mask > 0
-    candidates = (valid & ~ppo_clipped & (cov > config.clip_cov_lb) & (cov < config.clip_cov_ub)).nonzero()
-    num_detached = max(int(config.clip_cov_ratio * valid.sum().item()), 1)
-    order = torch.randperm(len(candidates), generator=config.generator)[:num_detached]
-    detached = torch.zeros_like(valid)
-    chosen = candidates[order.to(candidates.device)]
-    detached[chosen[:, 0], chosen[:, 1]] = True
+    detached = _given_or_chosen(inputs, config, _clip_cov_tokens)
     pg_losses = torch.where(detached, torch.zeros_like(unclipped), torch.maximum(unclipped, clipped))
     loss = aggregate(pg_losses, inputs, loss_agg_mode, config)
-    metrics = clip_metrics(regions, ppo_clipped | detached, inputs)
+    metrics = clip_metrics(regions, regions["low"] | regions["high"] | detached, inputs)
     metrics["actor/clip_cov_frac"] = masked_mean(detached, inputs.mask).item()
     return loss, metrics
 
@@ -71,26 +132,20 @@ def compute_policy_loss_kl_cov(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """KL-Cov ("The Entropy Mechanism of RL for Reasoning LMs", arXiv 2505.22617, §4.2).
 
-    No ratio clipping; the top ⌈k·N⌉ tokens by Cov(y_i) (``kl_cov_ratio`` k, at least one) get a KL
+    No ratio clipping; the top ⌊k·N⌋ tokens by Cov(y_i) (``kl_cov_ratio`` k, at least one) get a KL
     penalty to the old policy::
 
         loss = -δ·A + β·|log δ|   for the selected tokens,   -δ·A otherwise
 
     Paper: k = 2e-3 (Qwen2.5-7B) or 2e-4 (32B), β = 1 (``ppo_kl_coef``; verl defaults to 0.1).
-    The selection is deterministic and over the tensors passed, i.e. one micro-batch.
+    The selection is deterministic, among the tensors passed unless ``config.token_selection`` gives it
+    (chosen by :func:`select_kl_cov_tokens` over the whole mini-batch).
     """
     inputs, config = prepare_inputs(
         old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights
     )
     ratio = inputs.ratio
-    valid = inputs.mask > 0
-    penalised = torch.zeros_like(valid)
-    num_valid = int(valid.sum().item())
-    if num_valid:
-        cov = token_covariance(inputs)[valid]
-        num_penalised = max(int(config.kl_cov_ratio * num_valid), 1)
-        top = torch.topk(cov, num_penalised).indices
-        penalised[valid.nonzero()[top].unbind(-1)] = True
+    penalised = _given_or_chosen(inputs, config, _kl_cov_tokens)
     kl_penalty = config.ppo_kl_coef * inputs.log_ratio.abs()
     pg_losses = -inputs.advantages * ratio + torch.where(penalised, kl_penalty, torch.zeros_like(kl_penalty))
     regions = clip_regions(ratio, inputs, config, dual_clip=False)

@@ -29,7 +29,27 @@ class PolicyLossFn(Protocol):
     ) -> tuple[torch.Tensor, dict[str, float]]: ...
 
 
+class TokenSelector(Protocol):
+    """``fn(old_log_prob, log_prob, advantages, response_mask, config) -> [batch, response_len] bool``.
+
+    A loss that treats a few tokens of the batch specially (Clip-Cov, KL-Cov) exposes its choice as a
+    selector, so that a trainer splitting a mini-batch into micro-batches can choose over the whole
+    mini-batch and pass each micro-batch its rows as ``PolicyLossConfig.token_selection``: the gradient
+    is then the same for every micro-batch size.
+    """
+
+    def __call__(
+        self,
+        old_log_prob: torch.Tensor,
+        log_prob: torch.Tensor,
+        advantages: torch.Tensor,
+        response_mask: torch.Tensor,
+        config: PolicyLossConfig | None = None,
+    ) -> torch.Tensor: ...
+
+
 POLICY_LOSS_REGISTRY: dict[str, PolicyLossFn] = {}
+TOKEN_SELECTORS: dict[str, TokenSelector] = {}
 
 
 def register_policy_loss(name: str) -> Callable[[PolicyLossFn], PolicyLossFn]:
@@ -40,6 +60,21 @@ def register_policy_loss(name: str) -> Callable[[PolicyLossFn], PolicyLossFn]:
         return fn
 
     return decorator
+
+
+def register_token_selector(name: str) -> Callable[[TokenSelector], TokenSelector]:
+    """Decorator registering the token selection of the policy loss ``name``."""
+
+    def decorator(fn: TokenSelector) -> TokenSelector:
+        TOKEN_SELECTORS[name] = fn
+        return fn
+
+    return decorator
+
+
+def get_token_selector(name: str) -> TokenSelector | None:
+    """The token selector of the policy loss ``name``, or None if it selects no tokens."""
+    return TOKEN_SELECTORS.get(name)
 
 
 def get_policy_loss_fn(name: str) -> PolicyLossFn:

@@ -7,14 +7,19 @@ verl's signature ``compute_score(data_source, solution_str, ground_truth, extra_
 
 from cegppo.rewards.config import RewardConfig
 from cegppo.rewards.functions import resolve_custom_function
+from cegppo.rewards.guard import RewardErrorGuard, RewardFailure
 from cegppo.rewards.scorer import RewardResult, RewardScorer
+from cegppo.rewards.shaping import overlong_penalty
 from cegppo.rewards.verifier import last_boxed_content, math_reward
 
 __all__ = [
     "RewardConfig",
+    "RewardErrorGuard",
+    "RewardFailure",
     "RewardResult",
     "RewardScorer",
     "last_boxed_content",
     "math_reward",
+    "overlong_penalty",
     "resolve_custom_function",
 ]

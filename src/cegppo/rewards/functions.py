@@ -119,7 +119,7 @@ def resolve_reward_function(cfg: RewardConfig) -> RewardFn:
             ground_truth,
             correct_score=cfg.correct_score,
             incorrect_score=cfg.incorrect_score,
-            strict_boxed=cfg.strict_boxed,
+            strict_boxed=cfg.strict_boxed is not False,  # None: the trainer's default, on
         )
 
     return builtin_math

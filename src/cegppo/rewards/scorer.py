@@ -24,7 +24,8 @@ class RewardResult:
     ``num_errors`` counts responses whose reward raised, returned something that is not a finite score, or whose
     worker died; ``num_timeouts`` counts those that ran past ``timeout_s``. The two are disjoint, and all of them
     score ``incorrect_score`` with ``correct`` False. ``errors[i]`` says why response ``i`` failed (None if it did
-    not); ``extras[i]`` holds the non-``score`` entries of a dict returned by a custom reward.
+    not), ``first_error`` is the first raised exception; ``extras[i]`` holds the non-``score`` entries of a dict
+    returned by a custom reward.
     """
 
     scores: list[float]
@@ -34,6 +35,21 @@ class RewardResult:
     errors: list[str | None] = field(default_factory=list)
     extras: list[dict[str, Any]] = field(default_factory=list)
     elapsed_s: float = 0.0
+    first_error: str | None = None
+
+    @classmethod
+    def concat(cls, results: list[RewardResult]) -> RewardResult:
+        """One result for several batches scored in turn (e.g. the generation rounds of one training step)."""
+        return cls(
+            scores=[score for result in results for score in result.scores],
+            correct=[flag for result in results for flag in result.correct],
+            num_errors=sum(result.num_errors for result in results),
+            num_timeouts=sum(result.num_timeouts for result in results),
+            errors=[error for result in results for error in result.errors],
+            extras=[extra for result in results for extra in result.extras],
+            elapsed_s=sum(result.elapsed_s for result in results),
+            first_error=next((r.first_error for r in results if r.first_error is not None), None),
+        )
 
     def metrics(self) -> dict[str, float]:
         """``reward/mean`` and ``acc/mean`` (omitted for an empty batch), ``reward/{errors,timeouts}`` (counts),
@@ -122,6 +138,7 @@ class RewardScorer:
                 result.num_timeouts += 1
             else:
                 result.num_errors += 1
+                result.first_error = result.first_error or answer[2]
         result.elapsed_s = time.perf_counter() - start
         failed = [e for e in result.errors if e is not None]
         if failed:

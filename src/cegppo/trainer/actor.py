@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import math
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 
 import torch
@@ -15,7 +16,7 @@ from transformers import PreTrainedModel, get_constant_schedule_with_warmup
 
 from cegppo.config import Config
 from cegppo.dynamics import QuadrantTotals, quadrant_totals
-from cegppo.losses import agg_loss, get_policy_loss_fn, kl_penalty
+from cegppo.losses import PolicyLossConfig, agg_loss, get_policy_loss_fn, get_token_selector, kl_penalty
 from cegppo.ops import causal_lm_logprobs_and_entropy
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ class Experience:
     sampler_log_prob: torch.Tensor | None = None  # [N, R], from the rollout engine
     old_log_prob: torch.Tensor | None = None  # [N, R]
     ref_log_prob: torch.Tensor | None = None  # [N, R]
+    token_selection: torch.Tensor | None = None  # [N, R] bool, Clip-Cov/KL-Cov's tokens of the mini-batch
 
     @property
     def response_len(self) -> int:
@@ -45,9 +47,15 @@ class Experience:
         return self.input_ids.shape[0]
 
     def select(self, rows: slice | torch.Tensor) -> Experience:
+        return self._map(lambda tensor: tensor[rows])
+
+    def to(self, device: torch.device) -> Experience:
+        return self._map(lambda tensor: tensor.to(device))
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Experience:
         return Experience(
             **{
-                f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[rows]
+                f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))
                 for f in fields(self)
             }
         )
@@ -73,6 +81,7 @@ class Actor:
             self.optimizer, num_warmup_steps=actor.warmup_steps
         )
         self.loss_fn = get_policy_loss_fn(actor.policy_loss)
+        self.token_selector = get_token_selector(actor.policy_loss)
         self.loss_config = config.policy_loss_config()
         # The KL reference: the given frozen model, else the policy as training starts.
         self.ref_model: PreTrainedModel | None = None
@@ -168,6 +177,8 @@ class Actor:
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 self.model.parameters(), self.config.actor.grad_clip
             ).item()
+        else:  # sums over the micro-batches before the non-finite one would skew the step's means
+            metrics, quadrants = {}, None
         if math.isfinite(grad_norm):
             self.optimizer.step()
             self.scheduler.step()
@@ -195,6 +206,10 @@ class Actor:
         agg = loss_config.global_batch_info
         num_positive_tokens = int((mini.response_mask * mini.correct.unsqueeze(1)).sum().item())
         want_entropy = actor.entropy_coeff > 0
+        if self.token_selector is not None:
+            mini = self._select_tokens(mini, loss_config)
+            if mini.token_selection is None:
+                return {}, None, False
 
         metrics: dict[str, float] = defaultdict(float)
         quadrants: QuadrantTotals | None = None
@@ -209,7 +224,7 @@ class Actor:
                 advantages=micro.advantages.unsqueeze(1).expand_as(log_prob),
                 response_mask=micro.response_mask,
                 loss_agg_mode=actor.loss_agg_mode,
-                config=loss_config,
+                config=dataclasses.replace(loss_config, token_selection=micro.token_selection),
                 rollout_is_weights=self.rollout_is_weights(micro),
             )
             # ∂pg_loss/∂log π per token is the loss's own gradient weight (−F·A/N): it places each token's
@@ -250,6 +265,29 @@ class Actor:
             for key, value in pg_metrics.items():
                 metrics[key] += value * share
         return dict(metrics), quadrants, True
+
+    @torch.no_grad()
+    def _select_tokens(self, mini: Experience, loss_config: PolicyLossConfig) -> Experience:
+        """The loss's special tokens (Clip-Cov, KL-Cov) chosen over the whole mini-batch, not per micro-batch:
+        a micro-batch of one sequence has a constant advantage, so its covariance is 0 everywhere. Costs one
+        forward pass without gradients; ``token_selection`` stays None if a log-prob is not finite."""
+        assert self.token_selector is not None
+        log_prob = torch.cat(
+            [
+                self.token_log_probs(self.model, micro, with_entropy=False)[0].float()
+                for micro in self._micro_batches(mini)
+            ]
+        )
+        if not torch.isfinite(log_prob).all():
+            return mini
+        selection = self.token_selector(
+            old_log_prob=mini.old_log_prob,
+            log_prob=log_prob,
+            advantages=mini.advantages.unsqueeze(1).expand_as(log_prob),
+            response_mask=mini.response_mask,
+            config=loss_config,
+        )
+        return dataclasses.replace(mini, token_selection=selection)
 
     def _micro_batches(self, batch: Experience) -> Iterator[Experience]:
         size = self.config.actor.micro_batch_size

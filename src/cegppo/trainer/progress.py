@@ -9,11 +9,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 from rich.progress import Progress as RichProgress
 
 
+def _entropy(metrics: dict[str, float], digits: int) -> str:
+    # a step with no group to train on (dynamic sampling) has no entropy
+    return f"{metrics['entropy/mean']:.{digits}f}" if "entropy/mean" in metrics else "-"
+
+
 def step_line(step: int, total: int, metrics: dict[str, float]) -> str:
     """One line summarising a step, e.g. for logs."""
     return (
         f"step {step}/{total}  reward {metrics['reward/mean']:+.3f}  acc {metrics['acc/mean']:.3f}  "
-        f"entropy {metrics['entropy/mean']:.3f}  "
+        f"entropy {_entropy(metrics, 3)}  "
         f"clip low/high {metrics.get('actor/pg_clipfrac_low', 0.0):.4f}/{metrics.get('actor/pg_clipfrac_high', 0.0):.4f}  "
         f"len {metrics['response_length/mean']:.1f}  {metrics['timing/step_s']:.1f}s"
     )
@@ -61,5 +66,5 @@ class Progress:
     def advance(self, step: int, metrics: dict[str, float]) -> None:
         self.console.print(step_line(step, self.total, metrics), highlight=False)
         if self._bar is not None:
-            live = f"reward {metrics['reward/mean']:+.2f}  entropy {metrics['entropy/mean']:.2f}"
+            live = f"reward {metrics['reward/mean']:+.2f}  entropy {_entropy(metrics, 2)}"
             self._bar.update(self._task, completed=step, live=live)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from cegppo.advantages import get_advantage_fn, uniform_groups
-from cegppo.config import Config, config_from_dict, to_yaml
+from cegppo.config import Config, config_from_dict, load_yaml_mapping, to_yaml
 from cegppo.data import (
     PromptDataset,
     PromptExample,
@@ -31,9 +31,9 @@ from cegppo.data import (
 from cegppo.dynamics import entropy_covariance
 from cegppo.evaluation import evaluate_benchmark, evaluate_examples, load_problems
 from cegppo.losses import masked_mean
-from cegppo.models import load_model_and_tokenizer
-from cegppo.rewards import RewardScorer
-from cegppo.rollout import RolloutBatch, SamplingParams, build_rollout_engine
+from cegppo.models import disable_dropout, load_model_and_tokenizer
+from cegppo.rewards import RewardErrorGuard, RewardResult, RewardScorer, overlong_penalty
+from cegppo.rollout import SamplingParams, build_rollout_engine
 from cegppo.trainer.actor import Actor, Experience
 from cegppo.trainer.checkpoint import (
     MODEL_DIR,
@@ -42,6 +42,7 @@ from cegppo.trainer.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from cegppo.trainer.dynamic_sampling import GenerationRound, needs_another_round, training_batch
 from cegppo.trainer.progress import Progress
 from cegppo.trainer.steering import BetaSteering
 from cegppo.trainer.tracking import CONFIG_FILE, SUMMARY_FILE, RunTracker
@@ -80,7 +81,7 @@ def load_run_config(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) 
     if not path.is_file():
         raise ValueError(f"{run_dir} is not a run directory: {CONFIG_FILE} is missing")
     values = OmegaConf.to_container(
-        OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(list(overrides)))
+        OmegaConf.merge(load_yaml_mapping(path), OmegaConf.from_dotlist(list(overrides)))
     )
     return config_from_dict(values)
 
@@ -98,19 +99,25 @@ class Trainer:
             raise ValueError(f"nothing to resume in {run_dir}: no complete checkpoint under checkpoints/")
         if not resume and run_dir.exists():
             raise ValueError(f"run directory {run_dir} already exists: resume it, or choose another name")
+        blocking = next((path for path in run_dir.parents if path.exists() and not path.is_dir()), None)
+        if blocking is not None:
+            raise ValueError(
+                f"trainer.output_dir: {blocking} is a file, so run directory {run_dir} cannot be created"
+            )
         # Everything a bad input can break is loaded before the run directory exists.
         self.train_data, self.heldout = self._load_data()
         self.scorer = RewardScorer(config.reward)
+        self.reward_guard = RewardErrorGuard(config.reward)
         device = self._device()
         self.model, self.tokenizer = load_model_and_tokenizer(
             str(checkpoint / MODEL_DIR if checkpoint else config.model.path)
         )
-        self.model.to(device)
+        disable_dropout(self.model).to(device)
         if config.model.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         ref_model = None
         if config.actor.use_kl_loss and checkpoint is not None:  # the reference is the starting policy
-            ref_model = load_model_and_tokenizer(config.model.path)[0].to(device)
+            ref_model = disable_dropout(load_model_and_tokenizer(config.model.path)[0]).to(device)
         self.actor = Actor(self.model, config, ref_model=ref_model)
         self.engine = build_rollout_engine(
             config.rollout.engine,
@@ -178,6 +185,51 @@ class Trainer:
         config = self.config
         timings: dict[str, float] = {}
         step_start = time.perf_counter()
+        n = config.rollout.n
+
+        # 1-3. Sample, score and take advantages; DAPO's dynamic sampling repeats this on new prompts until
+        # train_batch_size groups have reward signal (or algorithm.max_num_gen_batches rounds are done).
+        max_rounds = config.algorithm.max_num_gen_batches if config.algorithm.filter_groups else 1
+        rounds: list[GenerationRound] = []
+        while needs_another_round(rounds, config.data.train_batch_size, max_rounds):
+            rounds.append(self._generation_round(timings))
+        experience = training_batch(rounds, config.data.train_batch_size, self.tokenizer.pad_token_id)
+        experience = experience.to(self.actor.device)
+
+        # 4. Update: old log-probs with the current weights, then the clipped policy-gradient epochs.
+        beta1, beta2 = self.steering.betas(self.step_count + 1)
+        self.actor.loss_config = dataclasses.replace(self.actor.loss_config, beta1=beta1, beta2=beta2)
+        update_metrics: dict[str, float] = {}
+        if len(experience):
+            with _timed(timings, "old_logprob"):
+                entropy = self.actor.compute_old_log_probs(experience)
+            with _timed(timings, "update"):
+                update_metrics = self.actor.update(experience, group_size=n)
+                self.engine.sync_weights(self.model)
+        timings["step"] = time.perf_counter() - step_start
+
+        self.step_count += 1
+        scored = RewardResult.concat([r.scored for r in rounds])
+        examples = [example for r in rounds for example in r.examples]
+        texts = [text for r in rounds for text in r.rollout.response_texts]
+        self._log_samples(examples, texts, scored.scores, n)
+        metrics = {
+            **scored.metrics(),
+            **self._rollout_metrics(rounds, len(experience) // n),
+            **update_metrics,
+            **{f"timing/{name}_s": seconds for name, seconds in timings.items()},
+            "perf/tokens_per_s": sum(r.rollout.attention_mask.sum().item() for r in rounds) / timings["step"],
+        }
+        if len(experience):
+            mean_entropy = masked_mean(entropy, experience.response_mask).item()
+            self.steering.observe_entropy(mean_entropy)  # the controller, if on, sets the next step's β
+            metrics.update(self._entropy_metrics(mean_entropy, experience))
+            metrics.update(self._sampler_mismatch(experience))
+        return metrics
+
+    def _generation_round(self, timings: dict[str, float]) -> GenerationRound:
+        """Sample, score and take advantages for ``data.train_batch_size`` new prompts."""
+        config = self.config
         examples = self.train_data.next_batch(config.data.train_batch_size)
         n = config.rollout.n
 
@@ -194,7 +246,7 @@ class Trainer:
                 ),
             )
 
-        # 2. Score each response against its prompt's ground truth.
+        # 2. Score each response against its prompt's ground truth; a reward that keeps raising stops the run.
         with _timed(timings, "score"):
             scored = self.scorer.score(
                 rollout.response_texts,
@@ -202,62 +254,41 @@ class Trainer:
                 [example.data_source for example in examples for _ in range(n)],
                 [example.extra_info for example in examples for _ in range(n)],
             )
-        rewards = torch.tensor(scored.scores, dtype=torch.float32)
-        correct = torch.tensor(scored.correct, dtype=torch.bool)
+        self.reward_guard.check(scored)
+        rewards = torch.tensor(scored.scores, dtype=torch.float32) + overlong_penalty(
+            rollout.response_mask.sum(-1),
+            config.rollout.max_new_tokens,
+            config.reward.overlong_buffer_len,
+            config.reward.overlong_penalty_factor,
+        )
 
-        # 3. Advantages within each prompt's group; DAPO's dynamic sampling drops groups without signal.
+        # 3. Advantages within each prompt's group; dynamic sampling keeps only the groups with signal.
         group_ids = torch.arange(len(examples)).repeat_interleave(n)
         advantages = get_advantage_fn(config.algorithm.adv_estimator)(rewards, group_ids)
-        keep = torch.ones_like(correct)
+        keep = torch.ones(len(examples), dtype=torch.bool)
         if config.algorithm.filter_groups:
-            keep = ~uniform_groups(rewards, group_ids)
+            keep = ~uniform_groups(rewards, group_ids).view(len(examples), n)[:, 0]
+        return GenerationRound(examples, rollout, scored, rewards, advantages, keep)
 
-        # 4. Update: old log-probs with the current weights, then the clipped policy-gradient epochs.
-        beta1, beta2 = self.steering.betas(self.step_count + 1)
-        self.actor.loss_config = dataclasses.replace(self.actor.loss_config, beta1=beta1, beta2=beta2)
-        device = self.actor.device
-        experience = Experience(
-            input_ids=rollout.input_ids.to(device),
-            attention_mask=rollout.attention_mask.to(device),
-            response_mask=rollout.response_mask.to(device, torch.float32),
-            advantages=advantages.to(device),
-            correct=correct.to(device),
-            sampler_log_prob=rollout.sampler_logprobs.to(device),
-        )
-        with _timed(timings, "old_logprob"):
-            entropy = self.actor.compute_old_log_probs(experience)
-        update_metrics: dict[str, float] = {}
-        with _timed(timings, "update"):
-            if keep.any():
-                update_metrics = self.actor.update(experience.select(keep.to(device)), group_size=n)
-                self.engine.sync_weights(self.model)
-        timings["step"] = time.perf_counter() - step_start
-
-        self.step_count += 1
-        mean_entropy = masked_mean(entropy, experience.response_mask).item()
-        self.steering.observe_entropy(mean_entropy)  # the controller, if on, sets the next step's β
-        self._log_samples(examples, rollout.response_texts, scored.scores, n)
-        return {
-            **scored.metrics(),
-            **self._rollout_metrics(rollout, rewards, keep.view(len(examples), n)[:, 0]),
-            **self._entropy_metrics(mean_entropy, experience),
-            **self._sampler_mismatch(experience),
-            **update_metrics,
-            **{f"timing/{name}_s": seconds for name, seconds in timings.items()},
-            "perf/tokens_per_s": rollout.attention_mask.sum().item() / timings["step"],
-        }
-
-    def _rollout_metrics(
-        self, rollout: RolloutBatch, rewards: torch.Tensor, kept_groups: torch.Tensor
-    ) -> dict:
-        lengths = rollout.response_mask.sum(-1).float()
-        return {
+    def _rollout_metrics(self, rounds: list[GenerationRound], train_groups: int) -> dict[str, float]:
+        rewards = torch.cat([r.rewards for r in rounds])
+        scores = torch.tensor([score for r in rounds for score in r.scored.scores])
+        lengths = torch.cat([r.rollout.response_mask.sum(-1).float() for r in rounds])
+        metrics = {
             "reward/std": rewards.std().item() if len(rewards) > 1 else 0.0,
             "response_length/mean": lengths.mean().item(),
             "response_length/max": lengths.max().item(),
-            "response_length/clip_ratio": rollout.truncated.float().mean().item(),
-            "data/filtered_groups": float((~kept_groups).sum().item()),
+            "response_length/clip_ratio": torch.cat([r.rollout.truncated for r in rounds])
+            .float()
+            .mean()
+            .item(),
+            "data/filtered_groups": float(sum(int((~r.keep).sum()) for r in rounds)),
+            "data/gen_rounds": float(len(rounds)),
+            "data/train_groups": float(train_groups),
         }
+        if self.config.reward.overlong_buffer_len:
+            metrics["reward/overlong_penalty"] = (rewards - scores).mean().item()
+        return metrics
 
     def _entropy_metrics(self, mean_entropy: float, experience: Experience) -> dict[str, float]:
         """Observed entropy, its change since the last step, and the covariance that predicts it (Eq. 7)."""
@@ -440,4 +471,4 @@ class Trainer:
 def _timed(timings: dict[str, float], name: str) -> Iterator[None]:
     start = time.perf_counter()
     yield
-    timings[name] = time.perf_counter() - start
+    timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
