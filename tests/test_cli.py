@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from _tiny import tiny_overrides
-from cegppo.cli import build_parser, main, resolve_eval_model
+from cegppo.cli import build_parser, main, parse_args, resolve_eval_model
 from test_report import write_two_runs
 
 ALWAYS_RIGHT = """
@@ -62,6 +62,25 @@ def test_train_with_a_bad_override_exits_2_naming_the_key(capsys, tmp_path):
 def test_train_with_a_bad_value_exits_2_naming_the_key(capsys, tmp_path):
     rc, output = run_cli(capsys, "train", "rollout.n=0", f"trainer.output_dir={tmp_path}")
     assert rc == 2 and "rollout.n" in output
+
+
+def test_overrides_may_come_before_and_after_options():
+    args = parse_args(["train", "a.b=1", "--quiet", "c.d=2", "--config", "x.yaml", "e.f=3"])
+    assert args.quiet and args.config == Path("x.yaml") and args.overrides == ["a.b=1", "c.d=2", "e.f=3"]
+    with pytest.raises(SystemExit):
+        parse_args(["train", "a.b=1", "--quiet", "not_an_override"])
+    with pytest.raises(SystemExit):
+        parse_args(["report", "run", "--smooth", "2", "a.b=1"])
+
+
+def test_a_bad_input_error_is_one_unbroken_line_and_no_run_directory_is_announced(capsys, tmp_path):
+    missing = tmp_path / ("a_long_directory_name_" * 4) / "missing_training_file.jsonl"
+    rc, output = run_cli(
+        capsys, "train", "data.task=null", f"data.train_files=[{missing}]", f"trainer.output_dir={tmp_path}"
+    )
+    assert rc == 2
+    assert str(missing) in output and len(output.strip().splitlines()) == 1
+    assert "run directory" not in output
 
 
 def test_train_runs_on_a_tiny_model(trained_run):

@@ -72,6 +72,14 @@ def test_overrides_are_typed_and_round_trip_through_yaml(tmp_path):
         ("trainer.device=tpu", r"trainer.device"),
         ("actor.loss_agg_mode=sum", r"allowed values are \['token-mean'"),
         ("no_equals_sign", r"must look like key.sub=value"),
+        ("actor.clip_ratio_low=1.5", r"actor.clip_ratio_low=1.5 is invalid: must be in \[0, 1\)"),
+        ("actor.clip_ratio_low=1", r"actor.clip_ratio_low=1.0 is invalid"),
+        ("actor.clip_ratio_high=0", r"actor.clip_ratio_high=0.0 is invalid: must be a finite number > 0"),
+        ("algorithm.max_num_gen_batches=-1", r"algorithm.max_num_gen_batches=-1 is invalid"),
+        ("reward.overlong_buffer_len=32", r"reward.overlong_buffer_len=32 is invalid: must be below"),
+        ("reward.overlong_penalty_factor=-1", r"reward.overlong_penalty_factor must be >= 0"),
+        ("reward.max_error_fraction=1.5", r"reward.max_error_fraction must be in \[0, 1\]"),
+        ("reward.max_error_steps=0", r"reward.max_error_steps must be an integer >= 1"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):
@@ -86,3 +94,36 @@ def test_a_bad_yaml_file_error_names_the_file(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("actor:\n  lr: [1,\n  beta1: 2\n", r"bad.yaml:4: invalid YAML: did not find expected ',' or '\]'$"),
+        ("actor:\n  lr: 1\n   beta1: 2\n", r"bad.yaml:3: invalid YAML: mapping values are not allowed"),
+        ("- actor\n- data\n", r"bad.yaml: expected a mapping of sections .*got a YAML list$"),
+    ],
+)
+def test_a_yaml_file_that_is_not_a_config_is_one_line_naming_file_and_line(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message) as error:
+        load_config(path)
+    assert str(error.value).startswith(str(path)) and "\n" not in str(error.value)
+
+
+def test_dr_grpo_normalises_by_max_new_tokens_unless_told_otherwise():
+    norm = ["actor.loss_agg_mode=seq-mean-token-sum-norm", "rollout.max_new_tokens=48"]
+    assert load_config(None, norm).policy_loss_config().loss_scale_factor == 48
+    assert (
+        load_config(None, [*norm, "actor.loss_scale_factor=100"]).policy_loss_config().loss_scale_factor
+        == 100
+    )
+    assert load_config(None, ["rollout.max_new_tokens=48"]).policy_loss_config().loss_scale_factor is None
+
+
+def test_a_custom_reward_works_with_the_default_strict_boxed():
+    config = load_config(None, ["reward.name=my_rewards:score"])
+    assert config.reward.strict_boxed is None  # on for the built-in reward, not applicable to this one
+    with pytest.raises(ConfigError, match="strict_boxed applies only to the built-in 'math' reward"):
+        load_config(None, ["reward.name=my_rewards:score", "reward.strict_boxed=true"])

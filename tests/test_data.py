@@ -153,12 +153,27 @@ def test_mixed_schemas_system_prompt_few_shot_and_template(tmp_path: Path) -> No
             r"bad\.jsonl:1: prompt must end with a user turn",
         ),
         ([""], r"bad\.jsonl: no prompts"),
+        (
+            ['{"problem": "q", "answer": "1"}', '{"problem": "", "answer": "2"}'],
+            r"bad\.jsonl:2: the question .* is empty",
+        ),
+        (
+            ['{"prompt": [{"role": "user", "content": "  "}], "reward_model": {"ground_truth": "1"}}'],
+            r"bad\.jsonl:1: the question \(the final user turn\) is empty",
+        ),
     ],
 )
 def test_bad_rows_name_file_line_and_key(tmp_path: Path, lines: list[str], message: str) -> None:
     path = tmp_path / "bad.jsonl"
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match=message):
+        load_prompt_file(path)
+
+
+def test_a_file_that_is_not_utf8_is_named_with_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"problem": "1+1", "answer": "2"}\n{"problem": "caf\xe9", "answer": "3"}\n')
+    with pytest.raises(ValueError, match=r"latin1\.jsonl:2: not UTF-8 text \(byte 0xe9 at offset 50"):
         load_prompt_file(path)
 
 

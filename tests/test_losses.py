@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -14,6 +15,7 @@ from cegppo.losses import (
     PolicyLossConfig,
     agg_loss,
     get_policy_loss_fn,
+    get_token_selector,
     list_policy_losses,
     register_policy_loss,
 )
@@ -346,6 +348,50 @@ def test_bfloat16_inputs_accumulate_in_float32(name):
     assert loss.item() == pytest.approx(reference.item(), rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.parametrize("name", ["clip_cov", "kl_cov"])
+@pytest.mark.parametrize("mode", LOSS_AGG_MODES)
+def test_covariance_losses_split_exactly_with_the_whole_batch_selection(name, mode):
+    torch.manual_seed(4)
+    old = torch.randn(6, 9, dtype=torch.float64) - 1.5
+    new = old + 0.3 * torch.randn(6, 9, dtype=torch.float64)
+    adv = torch.randn(6, 1, dtype=torch.float64).expand(6, 9).clone()
+    mask = (torch.rand(6, 9) > 0.25).double()
+    full = {"old_log_prob": old, "log_prob": new, "advantages": adv, "response_mask": mask}
+
+    def config() -> PolicyLossConfig:
+        return PolicyLossConfig(
+            clip_cov_ratio=0.2,
+            clip_cov_lb=0.05,
+            clip_cov_ub=10.0,
+            kl_cov_ratio=0.2,
+            loss_scale_factor=9.0,
+            generator=torch.Generator().manual_seed(0),
+        )
+
+    loss_full, grad_full = grad_wrt_log_prob(name, full, config(), mode)
+    selection = get_token_selector(name)(**full, config=config())
+    assert 1 < int(selection.sum()) <= int(0.2 * mask.sum())  # ⌊r·N⌋ tokens at most
+    leaf = new.clone().requires_grad_(True)
+    total = 0.0
+    for rows in (slice(0, 1), slice(1, 3), slice(3, 6)):  # one row alone has a constant advantage: Cov = 0
+        part = {k: v[rows] for k, v in full.items()}
+        part["log_prob"] = leaf[rows]
+        part_cfg = dataclasses.replace(
+            config().with_batch_info(
+                batch_num_tokens=int(mask.sum().item()),
+                global_batch_size=int((mask.sum(-1) > 0).sum().item()),
+            ),
+            token_selection=selection[rows],
+        )
+        loss, _ = call(name, part, part_cfg, mode)
+        loss.backward()
+        total += loss.item()
+    assert total == pytest.approx(loss_full.item(), rel=1e-10, abs=1e-12)
+    torch.testing.assert_close(leaf.grad, grad_full, rtol=1e-10, atol=1e-13)
+    with pytest.raises(ValueError, match="token_selection must have log_prob's shape"):
+        call(name, full, dataclasses.replace(config(), token_selection=selection[:2]), mode)
+
+
 @pytest.mark.parametrize("name", SPLITTABLE_LOSSES)
 def test_rollout_is_weights_scale_each_token(name):
     batch = region_batch()
@@ -365,6 +411,9 @@ def test_rollout_is_weights_scale_each_token(name):
     [
         ("clip_ratio_low", -0.1, "clip_ratio_low"),
         ("clip_ratio_high", -1.0, "clip_ratio_high"),
+        ("clip_ratio_low", 1.5, r"must be in \[0, 1\)"),  # 1 - ε_low < 0
+        ("clip_ratio_low", 1.0, r"must be in \[0, 1\)"),
+        ("clip_ratio_high", 0.0, "must be a finite number > 0"),
         ("beta1", -0.5, "beta1"),
         ("beta2", float("nan"), "beta2"),
         ("clip_ratio_c", 1.0, "clip_ratio_c"),

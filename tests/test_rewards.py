@@ -9,8 +9,18 @@ from importlib import resources
 from pathlib import Path
 
 import pytest
+import torch
 
-from cegppo.rewards import RewardConfig, RewardResult, RewardScorer, last_boxed_content, math_reward
+from cegppo.rewards import (
+    RewardConfig,
+    RewardErrorGuard,
+    RewardFailure,
+    RewardResult,
+    RewardScorer,
+    last_boxed_content,
+    math_reward,
+    overlong_penalty,
+)
 from cegppo.rewards.verifier import parse_gold
 
 CUSTOM_REWARDS = """
@@ -323,3 +333,64 @@ def test_empty_batch_and_closed_scorer() -> None:
     scorer.close()
     with pytest.raises(RuntimeError, match="closed"):
         scorer.score(["\\boxed{1}"], ["1"])
+
+
+# ---------------------------------------------------------------- run-level guards and shaping
+
+
+def _result(errors: int, timeouts: int = 0, calls: int = 10) -> RewardResult:
+    messages = [f"ValueError: bad {i}" for i in range(errors)] + ["timed out after 10 s"] * timeouts
+    messages += [None] * (calls - errors - timeouts)
+    return RewardResult(
+        scores=[0.0] * calls,
+        correct=[False] * calls,
+        num_errors=errors,
+        num_timeouts=timeouts,
+        errors=messages,
+        first_error="ValueError: bad 0" if errors else None,
+    )
+
+
+def test_the_error_guard_stops_on_an_all_failed_step_or_two_mostly_failed_steps_running() -> None:
+    guard = RewardErrorGuard(RewardConfig(name="my.py:fn"))
+    guard.check(_result(6))  # 60 % failed: one failing step is tolerated
+    guard.check(_result(5))  # 50 %: not above the threshold, the streak ends
+    guard.check(_result(6))
+    with pytest.raises(RewardFailure, match=r"'my.py:fn' raised on 6 of 10 responses for 2 steps running"):
+        guard.check(_result(6))
+    with pytest.raises(
+        RewardFailure, match=r"raised on 10 of 10 responses \(.*first error: ValueError: bad 0$"
+    ):
+        RewardErrorGuard(RewardConfig()).check(_result(10))
+    timeouts_only = RewardErrorGuard(RewardConfig())
+    for _ in range(3):
+        timeouts_only.check(_result(0, timeouts=10))  # a hung reward is counted, not fatal
+    tolerant = RewardErrorGuard(RewardConfig(max_error_fraction=1.0))
+    for _ in range(3):
+        tolerant.check(_result(9))
+
+
+def test_the_error_guard_sees_the_first_exception_of_a_real_scorer(reward_dir: Path) -> None:
+    cfg = RewardConfig(name=f"{reward_dir / 'my_rewards.py'}:slow_or_raise", num_workers=0)
+    with RewardScorer(cfg) as scorer:
+        result = scorer.score(["ok", "raise", "nan"], ["1", "2", "3"])
+    assert result.first_error == "RuntimeError: reward exploded" and result.num_errors == 2
+    combined = RewardResult.concat([result, result])
+    assert (combined.num_errors, len(combined.scores), combined.first_error) == (4, 6, result.first_error)
+
+
+def test_overlong_penalty_on_hand_computed_lengths() -> None:
+    # max 10 tokens, buffer 4: free up to 6, then -0.25 per token at factor 1, -1 at 10
+    lengths = torch.tensor([1, 6, 7, 8, 10])
+    expected = torch.tensor([0.0, 0.0, -0.25, -0.5, -1.0])
+    torch.testing.assert_close(overlong_penalty(lengths, 10, 4, 1.0), expected)
+    torch.testing.assert_close(overlong_penalty(lengths, 10, 4, 0.5), expected * 0.5)
+    torch.testing.assert_close(overlong_penalty(lengths, 10, 0, 1.0), torch.zeros(5))
+
+
+def test_strict_boxed_none_means_strict_for_the_built_in_reward() -> None:
+    response = "the answer is 4, or maybe \\boxed{5}"
+    with RewardScorer(RewardConfig(strict_boxed=None, num_workers=0)) as strict:
+        assert strict.score([response], ["4"]).scores == [0.0]
+    with RewardScorer(RewardConfig(strict_boxed=False, num_workers=0)) as loose:
+        assert loose.score(["the answer is 4"], ["4"]).scores == [1.0]

@@ -359,7 +359,9 @@ def compute_score(data_source, solution_str, ground_truth, extra_info=None):
 
 
 @pytest.mark.parametrize("max_rounds", [10, 1])
-def test_dynamic_sampling_refills_the_batch_with_groups_that_have_signal(tiny_model_dir, tmp_path, max_rounds):
+def test_dynamic_sampling_refills_the_batch_with_groups_that_have_signal(
+    tiny_model_dir, tmp_path, max_rounds
+):
     reward = tmp_path / "by_call_order.py"
     reward.write_text(BY_CALL_ORDER)
     config = load_config(
@@ -383,11 +385,19 @@ def test_dynamic_sampling_refills_the_batch_with_groups_that_have_signal(tiny_mo
     trainer.fit()
     (record,) = read_metrics(run_dir_of(config))
     if max_rounds == 1:  # no re-sampling: nothing had signal, nothing is trained, no old-log-prob pass
-        assert (record["data/gen_rounds"], record["data/filtered_groups"], record["data/train_groups"]) == (1, 4, 0)
+        assert (record["data/gen_rounds"], record["data/filtered_groups"], record["data/train_groups"]) == (
+            1,
+            4,
+            0,
+        )
         assert old_log_prob_rows == [] and "actor/pg_loss" not in record
         return
     # rounds 0-2: 0 + 2 + 4 groups with signal, trimmed to train_batch_size = 4; 6 groups dropped
-    assert (record["data/gen_rounds"], record["data/filtered_groups"], record["data/train_groups"]) == (3, 6, 4)
+    assert (record["data/gen_rounds"], record["data/filtered_groups"], record["data/train_groups"]) == (
+        3,
+        6,
+        4,
+    )
     assert old_log_prob_rows == [16]  # only the kept rows
     assert record["actor/num_updates"] == 2  # 4 groups in mini-batches of 2
     assert record["acc/mean"] == pytest.approx((0 + 4 + 8) / 48)  # over every response sampled this step
@@ -468,7 +478,9 @@ def test_an_update_stopped_by_a_non_finite_value_adds_nothing_to_the_metrics():
     tokenizer = tiny_tokenizer()
     model = tiny_model("llama", tokenizer)
     actor = Actor(model, load_config(None, ["actor.bf16_autocast=false", "actor.micro_batch_size=2"]))
-    batch = _experience(model, tokenizer)  # 8 rows, group size 1: two mini-batches of 4 rows, 2 micro-batches each
+    batch = _experience(
+        model, tokenizer
+    )  # 8 rows, group size 1: two mini-batches of 4 rows, 2 micro-batches each
     actor.compute_old_log_probs(batch)
     loss_fn, losses = actor.loss_fn, []
 
