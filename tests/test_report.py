@@ -257,3 +257,12 @@ def test_report_renders_in_headless_chromium(two_run_report, tmp_path):
 if __name__ == "__main__":
     for path in write_two_runs(Path(sys.argv[1])):
         print(path)
+
+
+def test_the_report_reads_runs_without_importing_the_trainer_or_transformers():
+    code = (
+        "import sys, cegppo.report; "
+        "print(sorted(m for m in sys.modules if m == 'transformers' or m.startswith('cegppo.trainer')))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

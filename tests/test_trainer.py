@@ -13,9 +13,9 @@ import torch
 from _tiny import tiny_model, tiny_overrides, tiny_tokenizer
 from cegppo.config import load_config
 from cegppo.rewards import RewardFailure
+from cegppo.runfiles import read_metrics
 from cegppo.trainer import Interrupted, Trainer, load_run_config
 from cegppo.trainer.actor import Actor, Experience
-from cegppo.trainer.tracking import read_metrics
 
 SHORT_IS_RIGHT = """
 def compute_score(data_source, solution_str, ground_truth, extra_info=None):

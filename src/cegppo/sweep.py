@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from cegppo.config import load_config
+from cegppo.runfiles import SUMMARY_FILE, read_metrics
 from cegppo.trainer import Trainer, load_run_config
 from cegppo.trainer.checkpoint import latest_checkpoint
-from cegppo.trainer.tracking import SUMMARY_FILE, read_metrics
 
 # CE-GPPO §5.1's comparison on the demo task; 2+ updates per rollout batch come from the base config.
 VARIANTS: dict[str, list[str]] = {

@@ -7,11 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-# A run directory's files
-CONFIG_FILE = "config.yaml"
-METRICS_FILE = "metrics.jsonl"
-SAMPLES_FILE = "samples.jsonl"
-SUMMARY_FILE = "summary.json"
+from cegppo.runfiles import METRICS_FILE, SAMPLES_FILE
 
 
 class RunTracker:
@@ -47,21 +43,6 @@ class RunTracker:
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """The per-step metric records of a run, in order."""
-    path = run_dir / METRICS_FILE
-    if not path.is_file():
-        return []
-    records = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-    return records
 
 
 def _json_number(value: object) -> object:

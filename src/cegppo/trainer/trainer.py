@@ -34,6 +34,7 @@ from cegppo.losses import masked_mean
 from cegppo.models import disable_dropout, load_model_and_tokenizer
 from cegppo.rewards import RewardErrorGuard, RewardResult, RewardScorer, overlong_penalty
 from cegppo.rollout import SamplingParams, build_rollout_engine
+from cegppo.runfiles import CONFIG_FILE, SUMMARY_FILE
 from cegppo.trainer.actor import Actor, Experience
 from cegppo.trainer.checkpoint import (
     MODEL_DIR,
@@ -45,7 +46,7 @@ from cegppo.trainer.checkpoint import (
 from cegppo.trainer.dynamic_sampling import GenerationRound, needs_another_round, training_batch
 from cegppo.trainer.progress import Progress
 from cegppo.trainer.steering import BetaSteering
-from cegppo.trainer.tracking import CONFIG_FILE, SUMMARY_FILE, RunTracker
+from cegppo.trainer.tracking import RunTracker
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,114 @@
+"""Reading run directories for a report: each run's per-step records, summary and entropy-controller band."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from cegppo.runfiles import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_metrics
+
+COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f")
+
+
+@dataclass
+class Run:
+    """One run directory's per-step records and summary."""
+
+    name: str
+    path: Path
+    records: list[dict[str, Any]]
+    summary: dict[str, Any]
+    color: str = COLORS[0]
+    # [target_low, target_high] of the run's entropy controller, if it had one on
+    entropy_band: tuple[float, float] | None = None
+
+    def series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
+        """Steps and values of ``key`` at the steps that logged a finite value."""
+        points = [
+            (record["step"], float(record[key]))
+            for record in self.records
+            if isinstance(record.get(key), (int, float)) and math.isfinite(record[key])
+        ]
+        steps = np.array([p[0] for p in points], dtype=float)
+        return steps, np.array([p[1] for p in points], dtype=float)
+
+    def has(self, key: str) -> bool:
+        return len(self.series(key)[0]) > 0
+
+    @property
+    def keys(self) -> set[str]:
+        return {key for record in self.records for key in record}
+
+
+def load_run(run_dir: str | Path) -> Run:
+    """Read a run directory. Raises ValueError when it is not one (neither metrics.jsonl nor summary.json) or
+    when a file in it is not valid JSON (naming the file and line)."""
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise ValueError(f"run directory {path} does not exist")
+    summary_path = path / SUMMARY_FILE
+    if not (path / METRICS_FILE).is_file() and not summary_path.is_file():
+        raise ValueError(f"{path} is not a run directory: it has neither {METRICS_FILE} nor {SUMMARY_FILE}")
+    records = read_metrics(path)
+    for number, record in enumerate(records, start=1):
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise ValueError(f"{path / METRICS_FILE}:{number}: expected an object with an integer 'step'")
+    summary: dict[str, Any] = {}
+    if summary_path.is_file():
+        try:
+            summary = json.loads(summary_path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{summary_path}: not valid JSON ({error.msg}, line {error.lineno})") from None
+        if not isinstance(summary, dict):
+            raise ValueError(f"{summary_path}: expected a JSON object, got {type(summary).__name__}")
+    return Run(
+        name=path.resolve().name,
+        path=path,
+        records=records,
+        summary=summary,
+        entropy_band=_entropy_band(path / CONFIG_FILE),
+    )
+
+
+def _entropy_band(config_path: Path) -> tuple[float, float] | None:
+    """The controller's target band from a run's config.yaml; None without one (or with the controller off)."""
+    if not config_path.is_file():
+        return None
+    try:
+        config = yaml.safe_load(config_path.read_text())
+    except yaml.YAMLError as error:
+        raise ValueError(f"{config_path}: not valid YAML ({error})") from None
+    control = ((config or {}).get("actor") or {}).get("entropy_control") or {}
+    if not control.get("enabled"):
+        return None
+    try:
+        return float(control["target_low"]), float(control["target_high"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(
+            f"{config_path}: actor.entropy_control is enabled but target_low/target_high are not numbers"
+        ) from None
+
+
+def name_runs(runs: list[Run]) -> None:
+    """Colors by position; names are the directory names, with the parent added where two would clash."""
+    names = [run.name for run in runs]
+    for i, run in enumerate(runs):
+        run.color = COLORS[i % len(COLORS)]
+        if names.count(run.name) > 1:
+            run.name = f"{run.path.resolve().parent.name}/{run.path.resolve().name}"
+    seen: dict[str, int] = {}
+    for run in runs:  # the same directory given twice
+        seen[run.name] = seen.get(run.name, 0) + 1
+        if seen[run.name] > 1:
+            run.name = f"{run.name} ({seen[run.name]})"
+
+
+def val_keys(runs: Sequence[Run]) -> list[str]:
+    return sorted({key for run in runs for key in run.keys if key.startswith("val/")})

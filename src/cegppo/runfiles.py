@@ -1,0 +1,28 @@
+"""A run directory's files and how to read its metrics: shared by the trainer, which writes them, and by
+``cegppo report`` and ``cegppo sweep``, which read them without importing the trainer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+SAMPLES_FILE = "samples.jsonl"
+SUMMARY_FILE = "summary.json"
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The per-step metric records of a run, in order."""
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+    return records
