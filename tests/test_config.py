@@ -77,9 +77,9 @@ def test_overrides_are_typed_and_round_trip_through_yaml(tmp_path):
         ("actor.clip_ratio_high=0", r"actor.clip_ratio_high=0.0 is invalid: must be a finite number > 0"),
         ("algorithm.max_num_gen_batches=-1", r"algorithm.max_num_gen_batches=-1 is invalid"),
         ("reward.overlong_buffer_len=32", r"reward.overlong_buffer_len=32 is invalid: must be below"),
-        ("reward.overlong_penalty_factor=-1", r"reward.overlong_penalty_factor must be >= 0"),
-        ("reward.max_error_fraction=1.5", r"reward.max_error_fraction must be in \[0, 1\]"),
-        ("reward.max_error_steps=0", r"reward.max_error_steps must be an integer >= 1"),
+        ("reward.overlong_penalty_factor=-1", r"reward.overlong_penalty_factor=-1.0 is invalid: must be >= 0"),
+        ("reward.max_error_fraction=1.5", r"reward.max_error_fraction=1.5 is invalid: must be in \[0, 1\]"),
+        ("reward.max_error_steps=0", r"reward.max_error_steps=0 is invalid: must be an integer >= 1"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):
@@ -125,5 +125,5 @@ def test_dr_grpo_normalises_by_max_new_tokens_unless_told_otherwise():
 def test_a_custom_reward_works_with_the_default_strict_boxed():
     config = load_config(None, ["reward.name=my_rewards:score"])
     assert config.reward.strict_boxed is None  # on for the built-in reward, not applicable to this one
-    with pytest.raises(ConfigError, match="strict_boxed applies only to the built-in 'math' reward"):
+    with pytest.raises(ConfigError, match=r"reward.strict_boxed=True is invalid: applies only to the built-in .math. reward"):
         load_config(None, ["reward.name=my_rewards:score", "reward.strict_boxed=true"])

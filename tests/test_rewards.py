@@ -184,7 +184,7 @@ def test_every_packaged_gold_answer_parses() -> None:
     [
         ({"name": ""}, "reward.name"),
         ({"correct_score": float("nan")}, "correct_score"),
-        ({"correct_score": 0.0, "incorrect_score": 0.0}, "must be greater than"),
+        ({"correct_score": 0.0, "incorrect_score": 0.0}, "must be below reward.correct_score"),
         ({"timeout_s": 0}, "timeout_s"),
         ({"num_workers": -1}, "num_workers"),
         ({"num_workers": 1.5}, "num_workers"),

@@ -46,39 +46,48 @@ class RewardConfig:
     overlong_penalty_factor: float = 1.0
 
     def validate(self) -> None:
-        """Raise ValueError naming the first bad field."""
-        if not isinstance(self.name, str) or not self.name.strip():
-            raise ValueError(f"reward.name must be a non-empty string, got {self.name!r}")
-        for key in (
-            "correct_score",
-            "incorrect_score",
-            "timeout_s",
-            "max_error_fraction",
-            "overlong_penalty_factor",
+        """Raise ValueError naming the first bad field, as ``reward.<field>=<value> is invalid: <rule>``."""
+        _require(
+            isinstance(self.name, str) and bool(self.name.strip()),
+            "name",
+            self.name,
+            "must be a non-empty string",
+        )
+        for key, rule, allowed in (
+            ("correct_score", lambda v: True, "must be a finite number"),
+            ("incorrect_score", lambda v: v < self.correct_score, "must be below reward.correct_score"),
+            ("timeout_s", lambda v: v > 0, "must be > 0"),
+            ("max_error_fraction", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+            ("overlong_penalty_factor", lambda v: v >= 0, "must be >= 0"),
         ):
             value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"reward.{key} must be a finite number, got {value!r}")
-        if self.correct_score <= self.incorrect_score:
-            raise ValueError(
-                f"reward.correct_score ({self.correct_score}) must be greater than "
-                f"reward.incorrect_score ({self.incorrect_score})"
-            )
-        if not 0 <= self.max_error_fraction <= 1:
-            raise ValueError(f"reward.max_error_fraction must be in [0, 1], got {self.max_error_fraction}")
-        if self.overlong_penalty_factor < 0:
-            raise ValueError(
-                f"reward.overlong_penalty_factor must be >= 0, got {self.overlong_penalty_factor}"
-            )
+            _require(_is_real(value) and rule(value), key, value, allowed)
         for key, low in (("num_workers", 0), ("max_error_steps", 1), ("overlong_buffer_len", 0)):
             value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"reward.{key} must be an integer >= {low}, got {value!r}")
-        if self.timeout_s <= 0:
-            raise ValueError(f"reward.timeout_s must be > 0, got {self.timeout_s}")
-        if self.strict_boxed is not None and not isinstance(self.strict_boxed, bool):
-            raise ValueError(f"reward.strict_boxed must be a bool or null, got {self.strict_boxed!r}")
-        if self.strict_boxed is True and self.name != "math":
-            raise ValueError(
-                f"reward.strict_boxed applies only to the built-in 'math' reward, not {self.name!r}"
+            _require(
+                isinstance(value, int) and not isinstance(value, bool) and value >= low,
+                key,
+                value,
+                f"must be an integer >= {low}",
             )
+        _require(
+            self.strict_boxed is None or isinstance(self.strict_boxed, bool),
+            "strict_boxed",
+            self.strict_boxed,
+            "must be true, false or null",
+        )
+        _require(
+            self.strict_boxed is not True or self.name == "math",
+            "strict_boxed",
+            self.strict_boxed,
+            f"applies only to the built-in 'math' reward, not {self.name!r}",
+        )
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _require(ok: bool, key: str, value: object, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"reward.{key}={value!r} is invalid: {allowed}")
