@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
-from cegppo.config import ConfigError, load_config, to_yaml
+from cegppo.config import LOSS_SETTINGS, ConfigError, load_config, to_yaml
+from cegppo.losses import PolicyLossConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -18,7 +20,19 @@ def test_demo_yaml_spells_out_the_built_in_defaults():
 def test_demo_default_is_ce_gppo_with_two_updates_per_rollout_batch():
     config = load_config(None)
     assert config.actor.policy_loss == "ce_gppo"
-    assert (config.actor.beta1, config.actor.beta2, config.actor.clip_ratio_c) == (0.5, 1.0, 10.0)
+    # the trainer's loss settings are the loss library's defaults, field by field (every field is covered)
+    assert config.policy_loss_config() == PolicyLossConfig()
+    assert set(LOSS_SETTINGS) == {f.name for f in dataclasses.fields(PolicyLossConfig) if f.compare} - {
+        "dp_size",
+        "batch_num_tokens",
+        "global_batch_size",
+    }
+    # ... which are the paper's "generally effective setting" (Limitations) with the release's dual-clip
+    assert (PolicyLossConfig().beta1, PolicyLossConfig().beta2, PolicyLossConfig().clip_ratio_c) == (
+        0.5,
+        1.0,
+        10.0,
+    )
     assert config.data.train_batch_size // config.actor.ppo_mini_batch_size >= 2
 
 
@@ -30,6 +44,8 @@ def test_paper_presets_carry_the_recipe(name, beta1):
     assert (actor.lr, actor.ppo_mini_batch_size, actor.loss_agg_mode) == (1e-6, 16, "token-mean")
     assert (config.rollout.n, config.rollout.temperature, config.rollout.max_new_tokens) == (8, 1.0, 16384)
     assert config.data.train_batch_size == 128
+    # the release's dynamic sampling drops groups without re-generating (max_num_gen_batches=1)
+    assert config.algorithm.filter_groups and config.algorithm.max_num_gen_batches == 1
     assert not actor.use_kl_loss and actor.entropy_coeff == 0
 
 
@@ -77,7 +93,10 @@ def test_overrides_are_typed_and_round_trip_through_yaml(tmp_path):
         ("actor.clip_ratio_high=0", r"actor.clip_ratio_high=0.0 is invalid: must be a finite number > 0"),
         ("algorithm.max_num_gen_batches=-1", r"algorithm.max_num_gen_batches=-1 is invalid"),
         ("reward.overlong_buffer_len=32", r"reward.overlong_buffer_len=32 is invalid: must be below"),
-        ("reward.overlong_penalty_factor=-1", r"reward.overlong_penalty_factor=-1.0 is invalid: must be >= 0"),
+        (
+            "reward.overlong_penalty_factor=-1",
+            r"reward.overlong_penalty_factor=-1.0 is invalid: must be >= 0",
+        ),
         ("reward.max_error_fraction=1.5", r"reward.max_error_fraction=1.5 is invalid: must be in \[0, 1\]"),
         ("reward.max_error_steps=0", r"reward.max_error_steps=0 is invalid: must be an integer >= 1"),
     ],
@@ -125,5 +144,7 @@ def test_dr_grpo_normalises_by_max_new_tokens_unless_told_otherwise():
 def test_a_custom_reward_works_with_the_default_strict_boxed():
     config = load_config(None, ["reward.name=my_rewards:score"])
     assert config.reward.strict_boxed is None  # on for the built-in reward, not applicable to this one
-    with pytest.raises(ConfigError, match=r"reward.strict_boxed=True is invalid: applies only to the built-in .math. reward"):
+    with pytest.raises(
+        ConfigError, match=r"reward.strict_boxed=True is invalid: applies only to the built-in .math. reward"
+    ):
         load_config(None, ["reward.name=my_rewards:score", "reward.strict_boxed=true"])

@@ -400,10 +400,9 @@ def test_rollout_is_weights_scale_each_token(name):
     b = dict(batch, log_prob=batch["log_prob"].detach().clone().requires_grad_(True))
     loss, _ = call(name, b, rollout_is_weights=weights)
     (grad_w,) = torch.autograd.grad(loss, b["log_prob"])
-    if name == "gspo":  # the sequence ratio mixes tokens; only check that the weights change the gradient
-        assert not torch.allclose(grad, grad_w)
-    else:
-        torch.testing.assert_close(grad_w, grad * weights)
+    # GSPO too: its per-token ratio sg(s_i)·π/sg(π) carries each token's gradient on its own token only
+    torch.testing.assert_close(grad_w, grad * weights)
+    assert not torch.allclose(grad_w, grad)
 
 
 @pytest.mark.parametrize(

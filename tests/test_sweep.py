@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from _tiny import tiny_overrides
+from cegppo.config import load_config
 from cegppo.sweep import VARIANTS, run_sweep, sweep_table
+from cegppo.trainer import load_run_config
 
 
 def test_sweep_runs_each_variant_once_and_tabulates(tiny_model_dir, tmp_path):
@@ -29,12 +31,17 @@ def test_sweep_runs_each_variant_once_and_tabulates(tiny_model_dir, tmp_path):
     assert len(started) == 2  # the finished run was skipped
     table = sweep_table(run_dirs)
     assert table.count("\n") == 4 and "| grpo-s0 |" in table and "| ce_gppo_b0.5_1-s0 |" in table
-    assert set(VARIANTS) == {
-        "grpo",
-        "dapo",
-        "gppo",
-        "ce_gppo_b0_1",
-        "ce_gppo_b0.5_1",
-        "ce_gppo_b0.75_1",
-        "ce_gppo_b1_0.5",
-    }
+    for run_dir, variant in zip(run_dirs, ["grpo", "ce_gppo_b0.5_1"], strict=True):
+        config = load_run_config(run_dir)
+        for override in VARIANTS[variant]:  # each of the variant's settings reached its run's config.yaml
+            key, value = override.split("=")
+            section, name = key.split(".")
+            assert str(getattr(getattr(config, section), name)) == value, (run_dir, override)
+        assert config.trainer.seed == 0 and config.trainer.total_steps == 1  # and so did the base overrides
+
+
+def test_every_variant_is_a_valid_config_that_differs_from_the_others():
+    configs = {name: load_config(None, overrides) for name, overrides in VARIANTS.items()}
+    losses = {name: config.policy_loss_config() for name, config in configs.items()}
+    assert len({(c.actor.policy_loss, repr(losses[name])) for name, c in configs.items()}) == len(VARIANTS)
+    assert losses["dapo"].clip_ratio_high == 0.28 and losses["grpo"].clip_ratio_high == 0.2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -23,6 +24,13 @@ def compute_score(data_source, solution_str, ground_truth, extra_info=None):
 """
 
 
+# As SHORT_IS_RIGHT, but every response to a prompt with an odd answer scores 1: those groups have A = 0.
+ODD_ANSWERS_ARE_FREE = """
+def compute_score(data_source, solution_str, ground_truth, extra_info=None):
+    return 1.0 if int(ground_truth) % 2 or len(solution_str) < 6 else 0.0
+"""
+
+
 @pytest.fixture
 def short_reward(tmp_path: Path) -> str:
     path = tmp_path / "short_reward.py"
@@ -34,14 +42,16 @@ def run_dir_of(config) -> Path:
     return Path(config.trainer.output_dir) / config.trainer.name
 
 
-def test_a_run_writes_metrics_samples_checkpoint_and_summary(tiny_model_dir, tmp_path, short_reward):
+def test_a_run_writes_metrics_samples_checkpoint_and_summary(tiny_model_dir, tmp_path):
+    reward = tmp_path / "odd_answers_are_free.py"
+    reward.write_text(ODD_ANSWERS_ARE_FREE)
     config = load_config(
         None,
         tiny_overrides(
             tiny_model_dir,
             tmp_path,
             **{
-                "reward.name": short_reward,
+                "reward.name": f"{reward}:compute_score",
                 "trainer.tensorboard": True,
                 "trainer.eval_every": 1,
                 "eval.benchmarks": "[arithmetic]",
@@ -51,10 +61,19 @@ def test_a_run_writes_metrics_samples_checkpoint_and_summary(tiny_model_dir, tmp
         ),
     )
     run_dir = run_dir_of(config)
-    summary = Trainer(config, run_dir).fit()
+    trainer = Trainer(config, run_dir)
+    update, trained = trainer.actor.update, []
+    trainer.actor.update = lambda batch, group_size: trained.append(batch) or update(batch, group_size)
+    untrained = Trainer(
+        dataclasses.replace(config, trainer=dataclasses.replace(config.trainer, name="other")),
+        tmp_path / "other",
+    )
+    summary = trainer.fit()
 
     assert summary["steps"] == 2 and summary["heldout_size"] == 4
-    assert 0 <= summary["heldout_acc_before"] <= 1 and 0 <= summary["heldout_acc_after"] <= 1
+    # greedy, so evaluating the same weights again gives the same accuracy
+    assert summary["heldout_acc_before"] == untrained.evaluate_heldout()
+    assert summary["heldout_acc_after"] == trainer.evaluate_heldout()
     assert json.loads((run_dir / "summary.json").read_text()) == summary
     records = read_metrics(run_dir)
     assert [r["step"] for r in records] == [1, 2]
@@ -85,7 +104,12 @@ def test_a_run_writes_metrics_samples_checkpoint_and_summary(tiny_model_dir, tmp
     assert records[0]["actor/num_updates"] == 2  # 4 prompts / mini-batches of 2
     assert all(0 <= r["val/arithmetic/avg@2"] <= r["val/arithmetic/pass@2"] <= 1 for r in records)
     assert "entropy/delta" in records[1] and "entropy/cov_logp_pA" in records[0]
-    assert sum(records[0][f"quadrant/{q}/frac"] for q in ("PA&HP", "PA&LP", "NA&HP", "NA&LP")) <= 1 + 1e-9
+    # the quadrants split the tokens with A != 0 (A = 0 tokens belong to none)
+    mask = trained[0].response_mask
+    zero_share = ((trained[0].advantages == 0).unsqueeze(1) * mask).sum() / mask.sum()
+    assert 0 < zero_share < 1
+    quadrant_share = sum(records[0][f"quadrant/{q}/frac"] for q in ("PA&HP", "PA&LP", "NA&HP", "NA&LP"))
+    assert quadrant_share == pytest.approx(1 - zero_share.item(), abs=1e-9)
     assert records[0]["actor/beta1"] == 0.5 and records[0]["actor/beta2"] == 1.0
     assert 0 < records[0]["entropy/mean"] < torch.log(torch.tensor(float(len(tiny_tokenizer())))).item()
     samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
@@ -271,7 +295,52 @@ def test_sigint_saves_a_checkpoint_and_the_run_resumes(tiny_model_dir, tmp_path,
     assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3]
 
 
-def test_kl_entropy_and_nll_terms_and_dynamic_sampling(tiny_model_dir, tmp_path, short_reward):
+def _plain_log_probs_and_entropy(model, batch: Experience) -> tuple[torch.Tensor, torch.Tensor]:
+    """Response-token log-probs and entropies from the full logits, written out independently of cegppo.ops."""
+    positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        logits = model(batch.input_ids, attention_mask=batch.attention_mask, position_ids=positions).logits
+    log_probs = logits[:, -batch.response_len - 1 : -1].float().log_softmax(-1)
+    tokens = batch.input_ids[:, -batch.response_len :]
+    token_log_prob = log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return token_log_prob, -(log_probs.exp() * log_probs).sum(-1)
+
+
+def test_kl_entropy_and_nll_terms_match_a_hand_computation():
+    tokenizer = tiny_tokenizer()
+    model, reference = tiny_model("llama", tokenizer, seed=0), tiny_model("llama", tokenizer, seed=5)
+    config = load_config(
+        None,
+        [
+            "actor.bf16_autocast=false",
+            "actor.use_kl_loss=true",
+            "actor.kl_loss_coef=0.1",
+            "actor.entropy_coeff=0.01",
+            "actor.positive_loss_coeff=0.1",
+            "actor.micro_batch_size=3",
+        ],
+    )
+    actor = Actor(model, config, ref_model=reference)
+    batch = _experience(model, tokenizer)
+    actor.compute_old_log_probs(batch)
+    metrics, _, finite = actor.accumulate_gradients(batch)
+    assert finite
+
+    mask = batch.response_mask
+    log_prob, entropy = _plain_log_probs_and_entropy(model.eval(), batch)
+    ref_log_prob, _ = _plain_log_probs_and_entropy(reference, batch)
+    k3 = torch.exp(ref_log_prob - log_prob) - (ref_log_prob - log_prob) - 1
+    positive = mask * batch.correct.unsqueeze(1)
+    assert metrics["actor/kl_loss"] == pytest.approx(((k3 * mask).sum() / mask.sum()).item(), rel=1e-4)
+    assert metrics["actor/kl_loss"] > 0.01  # two different random models
+    assert metrics["actor/entropy_loss"] == pytest.approx(
+        ((entropy * mask).sum() / mask.sum()).item(), rel=1e-4
+    )
+    expected_nll = (-log_prob * positive).sum() / positive.sum()
+    assert metrics["actor/positive_nll"] == pytest.approx(expected_nll.item(), rel=1e-4)
+
+
+def test_the_kl_reference_is_the_starting_policy(tiny_model_dir, tmp_path, short_reward):
     config = load_config(
         None,
         tiny_overrides(
@@ -282,19 +351,14 @@ def test_kl_entropy_and_nll_terms_and_dynamic_sampling(tiny_model_dir, tmp_path,
                 "data.heldout": "null",
                 "trainer.total_steps": 1,
                 "actor.use_kl_loss": True,
-                "actor.entropy_coeff": 0.01,
-                "actor.positive_loss_coeff": 0.1,
-                "algorithm.filter_groups": True,
+                "actor.ppo_mini_batch_size": 4,  # one update: the policy is still the reference
                 "algorithm.adv_estimator": "rloo",
             },
         ),
     )
     Trainer(config, run_dir_of(config)).fit()
     (record,) = read_metrics(run_dir_of(config))
-    assert 0 <= record["data/filtered_groups"] <= 4
-    if record["data/filtered_groups"] < 4:
-        assert {"actor/kl_loss", "actor/entropy_loss"} <= set(record)
-        assert record["actor/kl_loss"] >= 0
+    assert record["actor/kl_loss"] == 0.0 and record["actor/num_updates"] == 1
 
 
 def test_fused_and_plain_log_prob_paths_train_identically(tiny_model_dir, tmp_path, short_reward):
