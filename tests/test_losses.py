@@ -410,8 +410,8 @@ def test_rollout_is_weights_scale_each_token(name):
     [
         ("clip_ratio_low", -0.1, "clip_ratio_low"),
         ("clip_ratio_high", -1.0, "clip_ratio_high"),
-        ("clip_ratio_low", 1.5, r"must be in \[0, 1\)"),  # 1 - ε_low < 0
-        ("clip_ratio_low", 1.0, r"must be in \[0, 1\)"),
+        ("clip_ratio_low", 1.5, r"must be in \[0, 1\]"),  # 1 - ε_low < 0
+        ("clip_ratio_low", 1.01, r"must be in \[0, 1\]"),
         ("clip_ratio_high", 0.0, "must be a finite number > 0"),
         ("beta1", -0.5, "beta1"),
         ("beta2", float("nan"), "beta2"),

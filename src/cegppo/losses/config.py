@@ -55,8 +55,9 @@ class PolicyLossConfig:
             value = getattr(self, name)
             _require(_is_real(value) and value >= 0, name, value, "must be a finite number >= 0")
         low, high = self.clip_ratio_low, self.clip_ratio_high
+        # 1 - ε_low = 0 puts no lower bound on δ (CISPO's paper); below 0 the interval means nothing
         _require(
-            _is_real(low) and 0 <= low < 1, "clip_ratio_low", low, "must be in [0, 1) so that 1 - ε_low > 0"
+            _is_real(low) and 0 <= low <= 1, "clip_ratio_low", low, "must be in [0, 1] so that 1 - ε_low >= 0"
         )
         _require(_is_real(high) and high > 0, "clip_ratio_high", high, "must be a finite number > 0")
         if self.clip_ratio_c is not None:
