@@ -45,6 +45,16 @@ def region_batch(dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
     }
 
 
+def random_rows() -> dict[str, torch.Tensor]:
+    """6 responses of up to 9 tokens, off-policy, one advantage per response, some tokens masked."""
+    torch.manual_seed(4)
+    old = torch.randn(6, 9, dtype=torch.float64) - 1.5
+    new = old + 0.3 * torch.randn(6, 9, dtype=torch.float64)
+    adv = torch.randn(6, 1, dtype=torch.float64).expand(6, 9).clone()
+    mask = (torch.rand(6, 9) > 0.25).double()
+    return {"old_log_prob": old, "log_prob": new, "advantages": adv, "response_mask": mask}
+
+
 def call(
     name: str,
     batch: dict,
@@ -297,12 +307,8 @@ def test_agg_loss_matches_the_definitions(mode):
 @pytest.mark.parametrize("name", SPLITTABLE_LOSSES)
 @pytest.mark.parametrize("mode", LOSS_AGG_MODES)
 def test_micro_batches_with_global_counts_equal_the_full_batch(name, mode):
-    torch.manual_seed(4)
-    old = torch.randn(6, 9, dtype=torch.float64) - 1.5
-    new = old + 0.3 * torch.randn(6, 9, dtype=torch.float64)
-    adv = torch.randn(6, 1, dtype=torch.float64).expand(6, 9).clone()
-    mask = (torch.rand(6, 9) > 0.25).double()
-    full = {"old_log_prob": old, "log_prob": new, "advantages": adv, "response_mask": mask}
+    full = random_rows()
+    new, mask = full["log_prob"], full["response_mask"]
     cfg = PolicyLossConfig(loss_scale_factor=9.0)
     loss_full, grad_full = grad_wrt_log_prob(name, full, cfg, mode)
 
@@ -351,12 +357,8 @@ def test_bfloat16_inputs_accumulate_in_float32(name):
 @pytest.mark.parametrize("name", ["clip_cov", "kl_cov"])
 @pytest.mark.parametrize("mode", LOSS_AGG_MODES)
 def test_covariance_losses_split_exactly_with_the_whole_batch_selection(name, mode):
-    torch.manual_seed(4)
-    old = torch.randn(6, 9, dtype=torch.float64) - 1.5
-    new = old + 0.3 * torch.randn(6, 9, dtype=torch.float64)
-    adv = torch.randn(6, 1, dtype=torch.float64).expand(6, 9).clone()
-    mask = (torch.rand(6, 9) > 0.25).double()
-    full = {"old_log_prob": old, "log_prob": new, "advantages": adv, "response_mask": mask}
+    full = random_rows()
+    new, mask = full["log_prob"], full["response_mask"]
 
     def config() -> PolicyLossConfig:
         return PolicyLossConfig(

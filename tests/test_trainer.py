@@ -31,27 +31,37 @@ def compute_score(data_source, solution_str, ground_truth, extra_info=None):
 """
 
 
+def reward_file(directory: Path, name: str, source: str) -> str:
+    """``reward.name`` of ``compute_score`` in ``source``, written to ``directory/name``."""
+    path = directory / name
+    path.write_text(source)
+    return f"{path}:compute_score"
+
+
 @pytest.fixture
 def short_reward(tmp_path: Path) -> str:
-    path = tmp_path / "short_reward.py"
-    path.write_text(SHORT_IS_RIGHT)
-    return f"{path}:compute_score"
+    return reward_file(tmp_path, "short_reward.py", SHORT_IS_RIGHT)
 
 
 def run_dir_of(config) -> Path:
     return Path(config.trainer.output_dir) / config.trainer.name
 
 
+def one_step(model_dir: Path, out: Path, reward: str, **extra: object):
+    """The config of a one-step run of the tiny model with ``reward``, no held-out set."""
+    overrides = {"reward.name": reward, "data.heldout": "null", "trainer.total_steps": 1, **extra}
+    return load_config(None, tiny_overrides(model_dir, out, **overrides))
+
+
 def test_a_run_writes_metrics_samples_checkpoint_and_summary(tiny_model_dir, tmp_path):
-    reward = tmp_path / "odd_answers_are_free.py"
-    reward.write_text(ODD_ANSWERS_ARE_FREE)
+    reward = reward_file(tmp_path, "odd_answers_are_free.py", ODD_ANSWERS_ARE_FREE)
     config = load_config(
         None,
         tiny_overrides(
             tiny_model_dir,
             tmp_path,
             **{
-                "reward.name": f"{reward}:compute_score",
+                "reward.name": reward,
                 "trainer.tensorboard": True,
                 "trainer.eval_every": 1,
                 "eval.benchmarks": "[arithmetic]",
@@ -341,20 +351,15 @@ def test_kl_entropy_and_nll_terms_match_a_hand_computation():
 
 
 def test_the_kl_reference_is_the_starting_policy(tiny_model_dir, tmp_path, short_reward):
-    config = load_config(
-        None,
-        tiny_overrides(
-            tiny_model_dir,
-            tmp_path,
-            **{
-                "reward.name": short_reward,
-                "data.heldout": "null",
-                "trainer.total_steps": 1,
-                "actor.use_kl_loss": True,
-                "actor.ppo_mini_batch_size": 4,  # one update: the policy is still the reference
-                "algorithm.adv_estimator": "rloo",
-            },
-        ),
+    config = one_step(
+        tiny_model_dir,
+        tmp_path,
+        short_reward,
+        **{
+            "actor.use_kl_loss": True,
+            "actor.ppo_mini_batch_size": 4,  # one update: the policy is still the reference
+            "algorithm.adv_estimator": "rloo",
+        },
     )
     Trainer(config, run_dir_of(config)).fit()
     (record,) = read_metrics(run_dir_of(config))
@@ -426,21 +431,14 @@ def compute_score(data_source, solution_str, ground_truth, extra_info=None):
 def test_dynamic_sampling_refills_the_batch_with_groups_that_have_signal(
     tiny_model_dir, tmp_path, max_rounds
 ):
-    reward = tmp_path / "by_call_order.py"
-    reward.write_text(BY_CALL_ORDER)
-    config = load_config(
-        None,
-        tiny_overrides(
-            tiny_model_dir,
-            tmp_path,
-            **{
-                "reward.name": f"{reward}:compute_score",
-                "data.heldout": "null",
-                "trainer.total_steps": 1,
-                "algorithm.filter_groups": True,
-                "algorithm.max_num_gen_batches": max_rounds,
-            },
-        ),
+    config = one_step(
+        tiny_model_dir,
+        tmp_path,
+        reward_file(tmp_path, "by_call_order.py", BY_CALL_ORDER),
+        **{
+            "algorithm.filter_groups": True,
+            "algorithm.max_num_gen_batches": max_rounds,
+        },
     )
     trainer = Trainer(config, run_dir_of(config))
     old_log_prob_rows = []
@@ -474,14 +472,7 @@ def compute_score(data_source, solution_str, ground_truth, extra_info=None):
 
 
 def test_a_reward_that_always_raises_stops_the_run(tiny_model_dir, tmp_path):
-    reward = tmp_path / "broken.py"
-    reward.write_text(ALWAYS_RAISES)
-    config = load_config(
-        None,
-        tiny_overrides(
-            tiny_model_dir, tmp_path, **{"reward.name": f"{reward}:compute_score", "data.heldout": "null"}
-        ),
-    )
+    config = one_step(tiny_model_dir, tmp_path, reward_file(tmp_path, "broken.py", ALWAYS_RAISES))
     trainer = Trainer(config, run_dir_of(config))
     with pytest.raises(RewardFailure, match=r"broken\.py:compute_score.* 16 of 16 .*KeyError: 'answer_key'"):
         trainer.fit()
@@ -518,19 +509,14 @@ def test_dropout_is_off_so_the_first_on_policy_ratio_is_exactly_one(tmp_path, sh
 
 def test_overlong_reward_shaping_reaches_the_rewards(tiny_model_dir, tmp_path, short_reward):
     # max_new_tokens 6, buffer 5: every response (>= 1 token) is in the buffer, penalty -(len - 1) / 5 * 0.5
-    config = load_config(
-        None,
-        tiny_overrides(
-            tiny_model_dir,
-            tmp_path,
-            **{
-                "reward.name": short_reward,
-                "data.heldout": "null",
-                "trainer.total_steps": 1,
-                "reward.overlong_buffer_len": 5,
-                "reward.overlong_penalty_factor": 0.5,
-            },
-        ),
+    config = one_step(
+        tiny_model_dir,
+        tmp_path,
+        short_reward,
+        **{
+            "reward.overlong_buffer_len": 5,
+            "reward.overlong_penalty_factor": 0.5,
+        },
     )
     Trainer(config, run_dir_of(config)).fit()
     (record,) = read_metrics(run_dir_of(config))
