@@ -24,8 +24,8 @@ class RewardConfig:
         timeout_s: wall-clock limit for scoring one response.
         num_workers: worker processes that score in parallel and enforce ``timeout_s``; 0 scores in the calling
             process with no timeout (for debugging and trusted, fast rewards).
-        max_error_fraction: a training step in which more than this fraction of the reward calls raised is a
-            failing step; ``max_error_steps`` failing steps in a row stop the run, and so does a single step in
+        max_error_fraction: a training step (each generation round, under DAPO's dynamic sampling) in which more
+            than this fraction of the reward calls raised is a failing step; ``max_error_steps`` failing steps in a row stop the run, and so does a single step in
             which every call raised (timeouts are counted, never stop the run). 1.0 keeps only the latter rule.
         max_error_steps: consecutive failing steps that stop the run.
         overlong_buffer_len: DAPO's overlong reward shaping (arXiv 2503.14476, Eq. 13): a response longer than

@@ -210,12 +210,9 @@ class Trainer:
         timings["step"] = time.perf_counter() - step_start
 
         self.step_count += 1
-        scored = RewardResult.concat([r.scored for r in rounds])
-        examples = [example for r in rounds for example in r.examples]
-        texts = [text for r in rounds for text in r.rollout.response_texts]
-        self._log_samples(examples, texts, scored.scores, n)
+        self._log_samples(rounds[0])
         metrics = {
-            **scored.metrics(),
+            **RewardResult.concat([r.scored for r in rounds]).metrics(),
             **self._rollout_metrics(rounds, len(experience) // n),
             **update_metrics,
             **{f"timing/{name}_s": seconds for name, seconds in timings.items()},
@@ -275,14 +272,12 @@ class Trainer:
         rewards = torch.cat([r.rewards for r in rounds])
         scores = torch.tensor([score for r in rounds for score in r.scored.scores])
         lengths = torch.cat([r.rollout.response_mask.sum(-1).float() for r in rounds])
+        truncated = torch.cat([r.rollout.truncated for r in rounds])
         metrics = {
             "reward/std": rewards.std().item() if len(rewards) > 1 else 0.0,
             "response_length/mean": lengths.mean().item(),
             "response_length/max": lengths.max().item(),
-            "response_length/clip_ratio": torch.cat([r.rollout.truncated for r in rounds])
-            .float()
-            .mean()
-            .item(),
+            "response_length/clip_ratio": truncated.float().mean().item(),
             "data/filtered_groups": float(sum(int((~r.keep).sum()) for r in rounds)),
             "data/gen_rounds": float(len(rounds)),
             "data/train_groups": float(train_groups),
@@ -429,16 +424,19 @@ class Trainer:
             summary["heldout_size"] = len(self.heldout)
         return summary
 
-    def _log_samples(
-        self, examples: list[PromptExample], texts: list[str], scores: list[float], n: int
-    ) -> None:
-        count = self.config.trainer.num_logged_samples
+    def _log_samples(self, first: GenerationRound) -> None:
+        """The first ``trainer.num_logged_samples`` responses of the step's first generation round."""
+        count, n, texts = (
+            self.config.trainer.num_logged_samples,
+            first.rollout.n,
+            first.rollout.response_texts,
+        )
         samples = [
             {
-                "question": examples[row // n].messages[-1]["content"],
+                "question": first.examples[row // n].messages[-1]["content"],
                 "response": texts[row],
-                "ground_truth": examples[row // n].ground_truth,
-                "reward": scores[row],
+                "ground_truth": first.examples[row // n].ground_truth,
+                "reward": first.scored.scores[row],
             }
             for row in range(min(count, len(texts)))
         ]
