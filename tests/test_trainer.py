@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from _tiny import tiny_model, tiny_overrides, tiny_tokenizer
+from cegppo.cli import main
 from cegppo.config import load_config
 from cegppo.rewards import RewardFailure
 from cegppo.runfiles import read_metrics
@@ -478,6 +479,31 @@ def test_a_reward_that_always_raises_stops_the_run(tiny_model_dir, tmp_path):
         trainer.fit()
     trainer.close()
     assert read_metrics(run_dir_of(config)) == []  # stopped in the first step, before any update
+    assert not (run_dir_of(config) / "checkpoints").exists()
+
+
+# Scores the first step's 16 responses, then raises: the reward broke during the run.
+BREAKS_AFTER_ONE_STEP = """
+calls = 0
+
+def compute_score(data_source, solution_str, ground_truth, extra_info=None):
+    global calls
+    calls += 1
+    if calls > 16:
+        raise ConnectionError("reward server went away")
+    return float(len(solution_str) < 6)
+"""
+
+
+def test_a_reward_that_breaks_mid_run_stops_it_with_a_checkpoint_to_resume(tiny_model_dir, tmp_path, capsys):
+    reward = reward_file(tmp_path, "breaks.py", BREAKS_AFTER_ONE_STEP)
+    overrides = tiny_overrides(tiny_model_dir, tmp_path, **{"reward.name": reward, "data.heldout": "null"})
+    assert main(["train", *map(str, overrides), "trainer.total_steps=3"]) == 1
+    output = capsys.readouterr().out
+    assert "ConnectionError: reward server went away" in output and "cegppo train --resume" in output
+    run_dir = tmp_path / "run"
+    assert [r["step"] for r in read_metrics(run_dir)] == [1]
+    assert (run_dir / "checkpoints" / "step_1" / "model" / "model.safetensors").is_file()
 
 
 def test_dropout_is_off_so_the_first_on_policy_ratio_is_exactly_one(tmp_path, short_reward):

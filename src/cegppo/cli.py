@@ -14,6 +14,7 @@ def _train(args: argparse.Namespace, console: Console) -> int:
     from cegppo.config import load_config
     from cegppo.rewards import RewardFailure
     from cegppo.trainer import Interrupted, Trainer, load_run_config, new_run_dir
+    from cegppo.trainer.checkpoint import latest_checkpoint
 
     try:
         if args.resume:
@@ -38,6 +39,10 @@ def _train(args: argparse.Namespace, console: Console) -> int:
     except RewardFailure as failure:  # training on a reward that keeps raising would mean nothing
         trainer.close()
         console.print(f"[red]error:[/red] {failure}", highlight=False)
+        if latest_checkpoint(run_dir / "checkpoints") is not None:
+            console.print(
+                f"Fix the reward, then continue with: cegppo train --resume {run_dir}", highlight=False
+            )
         return 1
     if "heldout_acc_before" in summary:
         console.print(

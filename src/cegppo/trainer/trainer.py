@@ -32,7 +32,7 @@ from cegppo.dynamics import entropy_covariance
 from cegppo.evaluation import evaluate_benchmark, evaluate_examples, load_problems
 from cegppo.losses import masked_mean
 from cegppo.models import disable_dropout, load_model_and_tokenizer
-from cegppo.rewards import RewardErrorGuard, RewardResult, RewardScorer, overlong_penalty
+from cegppo.rewards import RewardErrorGuard, RewardFailure, RewardResult, RewardScorer, overlong_penalty
 from cegppo.rollout import SamplingParams, build_rollout_engine
 from cegppo.runfiles import CONFIG_FILE, SUMMARY_FILE
 from cegppo.trainer.actor import Actor, Experience
@@ -371,7 +371,12 @@ class Trainer:
                 progress.note(f"held-out accuracy before: {self.state['heldout_acc_before']:.3f}")
             with self._signals_deferred():
                 while self.step_count < config.total_steps:
-                    metrics = self.step()
+                    try:
+                        metrics = self.step()
+                    except RewardFailure:
+                        if self.step_count:  # keep the steps trained on a working reward: fix it, then resume
+                            self.save()
+                        raise
                     last = self.step_count == config.total_steps
                     if config.eval_every and (self.step_count % config.eval_every == 0 or last):
                         metrics.update(self.evaluate_benchmarks())
