@@ -18,9 +18,21 @@ from cegppo.losses import (
     register_policy_loss,
 )
 
-ALL_LOSSES = ["ce_gppo", "gppo", "vanilla", "cispo", "gspo", "clip_cov", "kl_cov", "gpg"]
-# Losses whose token selection does not depend on the rest of the micro-batch.
-SPLITTABLE_LOSSES = ["ce_gppo", "gppo", "vanilla", "cispo", "gspo", "gpg"]
+ALL_LOSSES = [
+    "ce_gppo", "gppo", "vanilla", "cispo", "gspo", "luspo", "geo_mean", "sapo", "dppo_tv", "dppo_kl", "vespo",
+    "dro", "clip_cov", "kl_cov", "gpg",
+]  # fmt: skip
+# Losses whose token selection does not depend on the rest of the micro-batch. The sequence-level ones (gspo,
+# luspo, geo_mean, vespo) need whole sequences, which row-wise micro-batches always are.
+SPLITTABLE_LOSSES = [name for name in ALL_LOSSES if name not in ("clip_cov", "kl_cov")]
+# Losses whose rollout_is_weights act per sequence (or inside the sequence ratio), not per token.
+SEQUENCE_LOSSES = ["gspo", "luspo", "geo_mean", "vespo"]
+
+
+def default_config(**settings) -> PolicyLossConfig:
+    """The defaults, plus the DRO penalty that has none."""
+    return PolicyLossConfig(**{"dro_beta": 0.1, **settings})
+
 
 # One token per (ratio, advantage) case; ratios cover every region for ε = 0.2 and c = 10.
 RATIOS = [0.5, 0.79, 0.9, 1.0, 1.1, 1.21, 2.0, 12.0]
@@ -53,7 +65,7 @@ def call(
     return get_policy_loss_fn(name)(
         **batch,
         loss_agg_mode=mode,
-        config=config or PolicyLossConfig(),
+        config=config or default_config(),
         rollout_is_weights=rollout_is_weights,
     )
 
@@ -301,7 +313,7 @@ def test_micro_batches_with_global_counts_equal_the_full_batch(name, mode):
     adv = torch.randn(6, 1, dtype=torch.float64).expand(6, 9).clone()
     mask = (torch.rand(6, 9) > 0.25).double()
     full = {"old_log_prob": old, "log_prob": new, "advantages": adv, "response_mask": mask}
-    cfg = PolicyLossConfig(loss_scale_factor=9.0)
+    cfg = default_config(loss_scale_factor=9.0)
     loss_full, grad_full = grad_wrt_log_prob(name, full, cfg, mode)
 
     global_cfg = cfg.with_batch_info(
@@ -324,17 +336,17 @@ def test_micro_batches_with_global_counts_equal_the_full_batch(name, mode):
 def test_all_zero_mask_gives_zero_loss_and_zero_gradient(name, mode):
     batch = region_batch()
     batch["response_mask"] = torch.zeros_like(batch["response_mask"])
-    loss, grad = grad_wrt_log_prob(name, batch, PolicyLossConfig(), mode)
+    loss, grad = grad_wrt_log_prob(name, batch, default_config(), mode)
     assert loss.item() == 0.0
     assert torch.all(grad == 0)
-    _, metrics = call(name, batch, PolicyLossConfig(), mode)
+    _, metrics = call(name, batch, default_config(), mode)
     assert all(math.isfinite(v) for v in metrics.values())
 
 
 @pytest.mark.parametrize("name", ALL_LOSSES)
 def test_bfloat16_inputs_accumulate_in_float32(name):
     def config():  # clip_cov draws at random: the same seed for both precisions
-        return PolicyLossConfig(generator=torch.Generator().manual_seed(0))
+        return default_config(generator=torch.Generator().manual_seed(0))
 
     batch = {k: v.detach().to(torch.bfloat16) for k, v in region_batch().items()}
     batch["log_prob"].requires_grad_(True)
@@ -354,7 +366,7 @@ def test_rollout_is_weights_scale_each_token(name):
     b = dict(batch, log_prob=batch["log_prob"].detach().clone().requires_grad_(True))
     loss, _ = call(name, b, rollout_is_weights=weights)
     (grad_w,) = torch.autograd.grad(loss, b["log_prob"])
-    if name == "gspo":  # the sequence ratio mixes tokens; only check that the weights change the gradient
+    if name in SEQUENCE_LOSSES:  # the weights act per sequence; only check that they change the gradient
         assert not torch.allclose(grad, grad_w)
     else:
         torch.testing.assert_close(grad_w, grad * weights)

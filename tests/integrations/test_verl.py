@@ -43,6 +43,20 @@ VERL_MODES = [
     "seq-mean-token-sum-norm",
 ]
 BATCH, LENGTH = 6, 9
+# Our losses that verl 0.9.1 also registers, under the same name.
+VERL_NAMED = (
+    "vanilla",
+    "cispo",
+    "gspo",
+    "sapo",
+    "geo_mean",
+    "dppo_tv",
+    "dppo_kl",
+    "dro",
+    "clip_cov",
+    "kl_cov",
+    "gpg",
+)
 
 
 def random_batch(seed: int, rows: int = BATCH) -> dict[str, torch.Tensor]:
@@ -62,6 +76,21 @@ def random_batch(seed: int, rows: int = BATCH) -> dict[str, torch.Tensor]:
         "advantages": advantages,
         "response_mask": mask,
     }
+
+
+def edge_batch(seed: int, rows: int = BATCH) -> dict[str, torch.Tensor]:
+    """``random_batch`` plus the edge regions: ratios e^±8 far outside any band, a row with A = 0."""
+    batch = random_batch(seed, rows)
+    old, new = batch["old_log_prob"], batch["log_prob"].detach().clone()
+    new[2, 0], new[3, 1], new[4, 2] = old[2, 0] + 8.0, old[3, 1] - 8.0, old[4, 2] + 6.0
+    batch["advantages"][5] = 0.0
+    batch["log_prob"] = new.requires_grad_(True)
+    return batch
+
+
+def without_empty_rows(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    live = batch["response_mask"].sum(-1) > 0
+    return {k: v.detach()[live].clone().requires_grad_(k == "log_prob") for k, v in batch.items()}
 
 
 def actor_config(global_batch_info: dict | None = None, **overrides) -> ActorConfig:
@@ -90,8 +119,9 @@ def run(fn, batch: dict, mode: str, config, rollout_is_weights=None):
 
 def test_registers_every_loss_without_touching_verls() -> None:
     assert set(REGISTERED) == set(list_policy_losses())
-    assert REGISTERED["ce_gppo"] == "ce_gppo" and REGISTERED["gppo"] == "gppo"
-    for name in ("vanilla", "cispo", "gspo", "clip_cov", "kl_cov", "gpg"):
+    for name in ("ce_gppo", "gppo", "luspo", "vespo"):
+        assert REGISTERED[name] == name
+    for name in VERL_NAMED:
         assert REGISTERED[name] == f"cegppo_{name}"
         assert core_algos.get_policy_loss_fn(name).__module__ == "verl.trainer.ppo.core_algos"
     for name, verl_name in REGISTERED.items():
@@ -136,6 +166,74 @@ def test_gspo_matches_verls_gspo(batch_info: dict | None) -> None:
     torch.testing.assert_close(our_loss, verl_loss)
     torch.testing.assert_close(our_grad, verl_grad)
     assert our_metrics["actor/ppo_kl"] == pytest.approx(verl_metrics["actor/ppo_kl"])
+
+
+def assert_same(ours, verl, *, metric_keys=("actor/ppo_kl",)) -> None:
+    torch.testing.assert_close(ours[0], verl[0])
+    torch.testing.assert_close(ours[1], verl[1])
+    assert ours[1].abs().sum() > 0
+    for key in metric_keys:
+        assert ours[2][key] == pytest.approx(verl[2][key])
+
+
+@pytest.mark.parametrize("name", ["dppo_tv", "dppo_kl", "dro"])
+@pytest.mark.parametrize("mode", VERL_MODES)
+@pytest.mark.parametrize("batch_info", [None, DP2_NORM], ids=["local", "dp2"])
+def test_token_level_losses_match_verls(name: str, mode: str, batch_info: dict | None) -> None:
+    batch = edge_batch(seed=7 * len(name) + VERL_MODES.index(mode))
+    # A TV/KL band of 0.1 and a truncation cap of 3 so that masking and truncation both act.
+    config = actor_config(
+        batch_info, clip_ratio_low=0.1, clip_ratio_high=0.1, policy_loss=VerlPolicyLossConfig(dro_beta=0.3)
+    )
+    verl = run(core_algos.get_policy_loss_fn(name), batch, mode, config)
+    ours = run(core_algos.get_policy_loss_fn(f"cegppo_{name}"), batch, mode, config)
+    if name == "dro":
+        assert_same(ours, verl)
+        assert ours[2]["actor/dro_penalty"] > 0
+        return
+    assert_same(ours, verl, metric_keys=("actor/ppo_kl", "actor/pg_clipfrac_lower"))
+    assert ours[2]["actor/dppo_masked_frac"] == pytest.approx(verl[2]["actor/pg_clipfrac"])
+    assert 0 < ours[2]["actor/dppo_masked_frac"] < 1
+    assert ours[2]["actor/pg_clipfrac_dual"] > 0
+
+
+@pytest.mark.parametrize("mode", VERL_MODES)
+@pytest.mark.parametrize("batch_info", [None, DP2], ids=["local", "dp2"])
+def test_sapo_matches_verls_sapo(mode: str, batch_info: dict | None) -> None:
+    # Both force seq-mean-token-mean whatever loss_agg_mode says.
+    batch = edge_batch(seed=31 + VERL_MODES.index(mode))
+    config = actor_config(batch_info, tau_pos=1.0, tau_neg=1.05)
+    verl = run(core_algos.get_policy_loss_fn("sapo"), batch, mode, config)
+    ours = run(core_algos.get_policy_loss_fn("cegppo_sapo"), batch, mode, config)
+    assert_same(ours, verl)
+    other = run(
+        core_algos.get_policy_loss_fn("cegppo_sapo"), batch, mode, actor_config(batch_info, tau_neg=3.0)
+    )
+    assert not torch.allclose(other[1], ours[1])
+    assert 0 < ours[2]["actor/sapo_gate_mean"] < 1
+
+
+@pytest.mark.parametrize("eps", [0.2, 0.4])
+def test_geo_mean_matches_verls_geo_mean(eps: float) -> None:
+    """verl averages over the micro-batch rows (empty ones included) and ignores global counts; ours averages
+    over live sequences with the global count: equal on a batch without empty rows, off by B / B_live with."""
+    batch = edge_batch(seed=41)
+    config = actor_config(clip_ratio_low=eps, clip_ratio_high=eps)
+    live = without_empty_rows(batch)
+    verl = run(core_algos.get_policy_loss_fn("geo_mean"), live, "token-mean", config)
+    ours = run(core_algos.get_policy_loss_fn("cegppo_geo_mean"), live, "token-mean", config)
+    assert_same(ours, verl)
+    verl_all = run(core_algos.get_policy_loss_fn("geo_mean"), batch, "token-mean", config)
+    ours_all = run(core_algos.get_policy_loss_fn("cegppo_geo_mean"), batch, "token-mean", config)
+    scale = BATCH / (BATCH - 1)
+    torch.testing.assert_close(ours_all[0], verl_all[0] * scale)
+    torch.testing.assert_close(ours_all[1], verl_all[1] * scale)
+    weights = (
+        torch.rand(BATCH - 1, LENGTH, generator=torch.Generator().manual_seed(2), dtype=torch.float64) + 0.5
+    )
+    verl_w = run(core_algos.get_policy_loss_fn("geo_mean"), live, "token-mean", config, weights)
+    ours_w = run(core_algos.get_policy_loss_fn("cegppo_geo_mean"), live, "token-mean", config, weights)
+    assert_same(ours_w, verl_w)
 
 
 def test_rollout_is_weights_reach_the_loss() -> None:

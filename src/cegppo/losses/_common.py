@@ -118,6 +118,12 @@ def clip_regions(
     return {"low": low, "high": high, "dual": dual}
 
 
+def no_regions(inputs: PolicyInputs) -> dict[str, torch.Tensor]:
+    """The regions of a loss that clips nowhere (all fractions report 0)."""
+    nothing = torch.zeros_like(inputs.mask, dtype=torch.bool)
+    return {"low": nothing, "high": nothing, "dual": nothing}
+
+
 def clip_metrics(
     regions: dict[str, torch.Tensor], clipped: torch.Tensor, inputs: PolicyInputs
 ) -> dict[str, float]:

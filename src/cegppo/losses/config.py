@@ -25,6 +25,9 @@ class PolicyLossConfig:
     ``clip_ratio_c`` is the dual-clip bound c for A < 0 tokens (``None`` disables dual-clip);
     ``beta1``/``beta2`` are CE-GPPO's gradient weights for the left (δ < 1-ε, A < 0) and right
     (δ > 1+ε, A > 0) boundaries. The Clip-Cov/KL-Cov defaults are Cui et al. 2025's (arXiv 2505.22617).
+    ``tau_pos``/``tau_neg`` are SAPO's gate temperatures (verl's names and defaults); ``vespo_*`` are VESPO's
+    Gamma-weight exponents k and decays λ per advantage sign (TRL's names and defaults); ``dro_beta`` is DRO's
+    quadratic log-ratio penalty (verl's name; verl has no default and neither do we: ``dro`` requires it).
 
     The batch-size fields are set per mini-batch by a trainer that splits a batch into micro-batches
     (or data-parallel ranks), so that every micro-batch loss is normalised by the *global* token or
@@ -42,6 +45,13 @@ class PolicyLossConfig:
     clip_cov_ub: float = 5.0
     kl_cov_ratio: float = 2e-4
     ppo_kl_coef: float = 1.0
+    tau_pos: float = 1.0
+    tau_neg: float = 1.05
+    vespo_k_pos: float = 2.0
+    vespo_lambda_pos: float = 3.0
+    vespo_k_neg: float = 3.0
+    vespo_lambda_neg: float = 2.0
+    dro_beta: float | None = None
     dp_size: int = 1
     batch_num_tokens: int | None = None
     global_batch_size: int | None = None
@@ -64,6 +74,19 @@ class PolicyLossConfig:
                 "loss_scale_factor",
                 self.loss_scale_factor,
                 "must be > 0, or None for the response length",
+            )
+        for name in ("tau_pos", "tau_neg", "vespo_lambda_pos", "vespo_lambda_neg"):
+            value = getattr(self, name)
+            _require(_is_real(value) and value > 0, name, value, "must be a finite number > 0")
+        for name in ("vespo_k_pos", "vespo_k_neg"):
+            value = getattr(self, name)
+            _require(_is_real(value) and value >= 0, name, value, "must be a finite number >= 0")
+        if self.dro_beta is not None:
+            _require(
+                _is_real(self.dro_beta) and self.dro_beta > 0,
+                "dro_beta",
+                self.dro_beta,
+                "must be a number > 0, or None when the loss is not dro",
             )
         for name in ("clip_cov_ratio", "kl_cov_ratio"):
             value = getattr(self, name)
