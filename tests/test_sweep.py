@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 from _tiny import tiny_overrides
-from cegppo.sweep import VARIANTS, run_sweep, sweep_table
+from cegppo.sweep import VARIANTS, run_sweep, sweep_table, variant_overrides
 
 
 def test_sweep_runs_each_variant_once_and_tabulates(tiny_model_dir, tmp_path):
@@ -38,3 +40,13 @@ def test_sweep_runs_each_variant_once_and_tabulates(tiny_model_dir, tmp_path):
         "ce_gppo_b0.75_1",
         "ce_gppo_b1_0.5",
     }
+
+
+def test_any_registered_loss_is_a_variant_with_its_papers_band():
+    assert variant_overrides("sapo") == ["actor.policy_loss=sapo"]
+    assert variant_overrides("geo_mean") == [
+        "actor.policy_loss=geo_mean", "actor.clip_ratio_low=0.4", "actor.clip_ratio_high=0.4"
+    ]  # fmt: skip
+    assert variant_overrides("grpo") == VARIANTS["grpo"]
+    with pytest.raises(ValueError, match="dppo_tv"):
+        variant_overrides("dppo")

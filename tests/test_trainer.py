@@ -150,7 +150,7 @@ def _experience(model, tokenizer, rows: int = 8, prompt_len: int = 5, response_l
     )
 
 
-@pytest.mark.parametrize("loss", ["ce_gppo", "vanilla", "gspo"])
+@pytest.mark.parametrize("loss", ["ce_gppo", "vanilla", "gspo", "luspo", "geo_mean", "dppo_tv"])
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
 def test_micro_batch_splitting_never_changes_the_gradient(loss, agg):
     tokenizer = tiny_tokenizer()

@@ -129,6 +129,13 @@ class ActorConfig:
     clip_cov_ub: float = _LOSS.clip_cov_ub
     kl_cov_ratio: float = _LOSS.kl_cov_ratio
     ppo_kl_coef: float = _LOSS.ppo_kl_coef
+    tau_pos: float = _LOSS.tau_pos  # sapo: gate temperature of A > 0 tokens
+    tau_neg: float = _LOSS.tau_neg  # sapo: of A <= 0 tokens
+    vespo_k_pos: float = _LOSS.vespo_k_pos  # vespo: Gamma weight exponent k and decay λ, A >= 0 ...
+    vespo_lambda_pos: float = _LOSS.vespo_lambda_pos
+    vespo_k_neg: float = _LOSS.vespo_k_neg  # ... and A < 0
+    vespo_lambda_neg: float = _LOSS.vespo_lambda_neg
+    dro_beta: float | None = _LOSS.dro_beta  # dro: quadratic log-ratio penalty (required by dro)
     ppo_epochs: int = 1
     ppo_mini_batch_size: int = 4  # prompts per optimiser update
     micro_batch_size: int = 8  # sequences per forward/backward (memory only: never changes the gradient)
@@ -347,6 +354,12 @@ def validate(config: Config) -> None:
     positive("eval.limit", e.limit, optional=True)
     check(e.temperature >= 0, "eval.temperature", e.temperature, "must be >= 0 (0: greedy)")
     check(0 < e.top_p <= 1, "eval.top_p", e.top_p, "must be in (0, 1]")
+    check(
+        a.policy_loss != "dro" or a.dro_beta is not None,
+        "actor.dro_beta",
+        a.dro_beta,
+        "actor.policy_loss=dro needs a penalty dro_beta > 0",
+    )
     try:
         config.policy_loss_config()
     except ValueError as error:
