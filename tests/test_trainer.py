@@ -326,3 +326,57 @@ def test_bad_input_fails_before_the_run_directory_exists(tiny_model_dir, tmp_pat
         Trainer(config, run_dir_of(config), resume=True)
     with pytest.raises(ValueError, match="already exists"):
         Trainer(config, run_dir_of(config))
+
+
+def _grad(actor: Actor, batch: Experience) -> torch.Tensor:
+    actor.optimizer.zero_grad()
+    metrics, _, finite = actor.accumulate_gradients(batch)
+    assert finite
+    return torch.cat([p.grad.flatten() for p in actor.model.parameters() if p.grad is not None]), metrics
+
+
+def _mismatched_experience(model, tokenizer) -> Experience:
+    """An experience whose sampler log-probs differ from the recomputed ones, with an outlier in row 1."""
+    batch = _experience(model, tokenizer)
+    Actor(model, load_config(None, ["actor.bf16_autocast=false"])).compute_old_log_probs(batch)
+    noise = 0.1 * torch.randn(batch.old_log_prob.shape, generator=torch.Generator().manual_seed(3))
+    batch.sampler_log_prob = batch.old_log_prob + noise
+    batch.sampler_log_prob[1, 0] -= 3.0  # π_old/π_sampler = e^3 on one token
+    return batch
+
+
+def test_rollout_correction_weights_and_rejects_before_any_loss():
+    tokenizer = tiny_tokenizer()
+    model = tiny_model("llama", tokenizer, seed=2)
+    batch = _mismatched_experience(model, tokenizer)
+    settings = ["actor.bf16_autocast=false", "actor.policy_loss=sapo", "actor.rollout_is=token"]
+    settings += [
+        "actor.rollout_is_threshold=1.5",
+        "actor.rollout_rs=seq_max_k3",
+        "actor.rollout_rs_threshold=1.0",
+    ]
+    actor = Actor(model, load_config(None, settings))
+    corrected, metrics = actor.correct_for_sampler(batch)
+    assert torch.all(corrected.response_mask[1] == 0) and torch.equal(
+        corrected.response_mask[2:], batch.response_mask[2:]
+    )
+    expected = (batch.old_log_prob - batch.sampler_log_prob).exp().clamp(max=1.5) * batch.response_mask
+    torch.testing.assert_close(corrected.rollout_is_weights, expected)
+    assert metrics["actor/rollout_rs_seq_masked_fraction"] == pytest.approx(1 / 8)
+    grads = []
+    for micro in (8, 3):
+        actor.config.actor.micro_batch_size = micro
+        grads.append(_grad(actor, corrected)[0])
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-7)
+    assert not torch.allclose(_grad(actor, batch)[0], grads[0])
+
+
+def test_bypass_mode_takes_the_sampler_log_probs_as_pi_old():
+    tokenizer = tiny_tokenizer()
+    model = tiny_model("llama", tokenizer, seed=2)
+    batch = _mismatched_experience(model, tokenizer)
+    bypass = Actor(model, load_config(None, ["actor.bf16_autocast=false", "actor.policy_loss=bypass_mode"]))
+    vanilla = Actor(model, load_config(None, ["actor.bf16_autocast=false", "actor.policy_loss=vanilla"]))
+    two_policies = Experience(**{**vars(batch), "old_log_prob": batch.sampler_log_prob})
+    torch.testing.assert_close(_grad(bypass, batch)[0], _grad(vanilla, two_policies)[0])
+    assert not torch.allclose(_grad(vanilla, batch)[0], _grad(vanilla, two_policies)[0])

@@ -136,6 +136,13 @@ class ActorConfig:
     vespo_k_neg: float = _LOSS.vespo_k_neg  # ... and A < 0
     vespo_lambda_neg: float = _LOSS.vespo_lambda_neg
     dro_beta: float | None = _LOSS.dro_beta  # dro: quadratic log-ratio penalty (required by dro)
+    # verl's rollout correction against the sampler, for any loss (bypass_mode: inside the loss).
+    rollout_is: str | None = _LOSS.rollout_is  # token | sequence importance weights π_old/π_sampler
+    rollout_is_threshold: str = str(_LOSS.rollout_is_threshold)  # cap u (TIS), or "l_u" (IcePop / masked IS)
+    rollout_is_batch_normalize: bool = _LOSS.rollout_is_batch_normalize
+    rollout_rs: str | None = _LOSS.rollout_rs  # rejection: token_k1, seq_mean_k1 (Geo-RS), seq_mean_k3, ...
+    rollout_rs_threshold: str | None = _LOSS.rollout_rs_threshold
+    bypass_loss_type: str = _LOSS.bypass_loss_type  # bypass_mode: ppo_clip | reinforce
     ppo_epochs: int = 1
     ppo_mini_batch_size: int = 4  # prompts per optimiser update
     micro_batch_size: int = 8  # sequences per forward/backward (memory only: never changes the gradient)
@@ -354,6 +361,12 @@ def validate(config: Config) -> None:
     positive("eval.limit", e.limit, optional=True)
     check(e.temperature >= 0, "eval.temperature", e.temperature, "must be >= 0 (0: greedy)")
     check(0 < e.top_p <= 1, "eval.top_p", e.top_p, "must be in (0, 1]")
+    check(
+        r.tis_cap is None or a.rollout_is is None,
+        "actor.rollout_is",
+        a.rollout_is,
+        "rollout.tis_cap is token-level TIS already; set one of them (rollout_is=token, rollout_is_threshold=cap)",
+    )
     check(
         a.policy_loss != "dro" or a.dro_beta is not None,
         "actor.dro_beta",

@@ -201,6 +201,10 @@ def test_bad_config_is_rejected(tmp_path: Path) -> None:
         CEGPPOConfig(**args, loss_mode="cegppo")
     with pytest.raises(ValueError, match="beta1"):
         CEGPPOConfig(**args, beta1=-1.0)
+    with pytest.raises(ValueError, match="dro_beta"):
+        CEGPPOConfig(**args, loss_mode="dro")
+    with pytest.raises(ValueError, match="bypass_mode"):
+        CEGPPOConfig(**args, loss_mode="bypass_mode")
     with pytest.raises(ValueError, match="loss_agg_mode"):
         CEGPPOConfig(**args, loss_agg_mode="token-sum")
     with pytest.raises(ValueError, match="importance_sampling_level"):

@@ -20,7 +20,9 @@ pytest.importorskip("verl", reason="verl is not installed: run `make test-verl`"
 
 from hydra import compose, initialize_config_dir
 from tensordict import TensorDict
+from verl.trainer.config.algorithm import RolloutCorrectionConfig
 from verl.trainer.ppo import core_algos
+from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_and_rejection_mask
 from verl.utils import tensordict_utils
 from verl.utils.config import omega_conf_to_dataclass
 from verl.workers.config import ActorConfig
@@ -33,6 +35,7 @@ from cegppo.integrations.verl import (
     policy_loss_config_from_verl,
 )
 from cegppo.losses import PolicyLossConfig, get_policy_loss_fn, list_policy_losses
+from cegppo.losses.rollout_correction import rollout_correction
 
 REPO = Path(__file__).resolve().parents[2]
 VERL_MODES = [
@@ -234,6 +237,92 @@ def test_geo_mean_matches_verls_geo_mean(eps: float) -> None:
     verl_w = run(core_algos.get_policy_loss_fn("geo_mean"), live, "token-mean", config, weights)
     ours_w = run(core_algos.get_policy_loss_fn("cegppo_geo_mean"), live, "token-mean", config, weights)
     assert_same(ours_w, verl_w)
+
+
+def mismatch_batch(seed: int) -> dict[str, torch.Tensor]:
+    """``edge_batch``'s masks and advantages with a sampler mismatch: log r ~ N(0, 0.15²), and one outlier
+    token (log r = ±3) in rows 2 and 3, so that some sequences pass each criterion and others do not."""
+    batch = edge_batch(seed)
+    g = torch.Generator().manual_seed(seed)
+    old = batch["old_log_prob"]
+    new = old + 0.15 * torch.randn(old.shape, generator=g, dtype=torch.float64)
+    new[2, 0], new[3, 1] = old[2, 0] + 3.0, old[3, 1] - 3.0
+    batch["log_prob"] = new.requires_grad_(True)
+    return batch
+
+
+# verl's presets (RolloutCorrectionConfig's class methods) and each rejection criterion on its own.
+CORRECTIONS = {
+    "token_tis": {"rollout_is": "token", "rollout_is_threshold": 2.0},
+    "seq_tis": {"rollout_is": "sequence", "rollout_is_threshold": 2.0},
+    "token_icepop": {"rollout_is": "token", "rollout_is_threshold": "0.5_5.0"},
+    "seq_mis": {"rollout_is": "sequence", "rollout_is_threshold": 2.0, "rollout_rs": "seq_sum_k1",
+                "rollout_rs_threshold": "0.5_2.0"},
+    "token_tis_normalized": {"rollout_is": "token", "rollout_is_threshold": 2.0, "rollout_is_batch_normalize": True},
+    "seq_tis_normalized": {"rollout_is": "sequence", "rollout_is_threshold": 5.0, "rollout_is_batch_normalize": True},
+    "geo_rs": {"rollout_rs": "seq_mean_k1", "rollout_rs_threshold": "0.8_1.25"},
+    "geo_rs_upper_only": {"rollout_rs": "seq_mean_k1", "rollout_rs_threshold": 1.3},
+    "k3_rs_token_tis": {"rollout_is": "token", "rollout_is_threshold": 2.0, "rollout_rs": "seq_mean_k3",
+                        "rollout_rs_threshold": 0.05},
+    "token_k1": {"rollout_rs": "token_k1", "rollout_rs_threshold": "0.7_1.4"},
+    "token_k2": {"rollout_rs": "token_k2", "rollout_rs_threshold": 0.1},
+    "token_k3": {"rollout_rs": "token_k3", "rollout_rs_threshold": 0.1},
+    "seq_sum_k2": {"rollout_rs": "seq_sum_k2", "rollout_rs_threshold": 1.0},
+    "seq_sum_k3": {"rollout_rs": "seq_sum_k3", "rollout_rs_threshold": 1.0},
+    "seq_mean_k2": {"rollout_rs": "seq_mean_k2", "rollout_rs_threshold": 0.05},
+    "seq_max_k2": {"rollout_rs": "seq_max_k2", "rollout_rs_threshold": 0.5},
+    "seq_max_k3": {"rollout_rs": "seq_max_k3", "rollout_rs_threshold": 0.5},
+    "chained": {"rollout_rs": "token_k1,seq_mean_k3", "rollout_rs_threshold": "0.5_2.0,0.05"},
+}  # fmt: skip
+CORRECTION_METRICS = (
+    "rollout_is_mean",
+    "rollout_is_ratio_fraction_high",
+    "rollout_is_ratio_fraction_low",
+    "rollout_rs_masked_fraction",
+    "rollout_rs_seq_masked_fraction",
+)
+
+
+@pytest.mark.parametrize("name", list(CORRECTIONS))
+def test_rollout_correction_matches_verls(name: str) -> None:
+    """Weights and rejection mask equal verl's on every token; the metrics too, on a batch without empty rows
+    (verl counts empty rows in its per-sequence fractions, we leave them out)."""
+    settings = CORRECTIONS[name]
+    for batch in (mismatch_batch(seed=43), without_empty_rows(mismatch_batch(seed=43))):
+        train, sampler, mask = batch["log_prob"].detach(), batch["old_log_prob"], batch["response_mask"]
+        theirs = compute_rollout_correction_and_rejection_mask(
+            train, sampler, mask, **{"rollout_is": None, **settings}
+        )
+        ours = rollout_correction(train, sampler, mask, PolicyLossConfig(**settings))
+        if settings.get("rollout_is") is None:
+            assert theirs[0] is None and ours.weights is None
+        else:
+            torch.testing.assert_close(ours.weights, theirs[0].batch["rollout_is_weights"])
+        assert torch.equal(ours.mask, theirs[1])
+    for key in CORRECTION_METRICS:
+        if f"rollout_corr/{key}" in theirs[2]:
+            assert ours.metrics[f"actor/{key}"] == pytest.approx(theirs[2][f"rollout_corr/{key}"]), key
+    if "rollout_rs" in settings:
+        assert 0 < ours.metrics["actor/rollout_rs_masked_fraction"] < 1
+    if settings.get("rollout_is_threshold") == 2.0 and not settings.get("rollout_is_batch_normalize"):
+        assert ours.weights.max() == 2.0
+
+
+@pytest.mark.parametrize("loss_type", ["ppo_clip", "reinforce"])
+@pytest.mark.parametrize("correction", ["seq_tis", "token_icepop", "geo_rs", "k3_rs_token_tis", "chained"])
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
+def test_bypass_mode_matches_verls(loss_type: str, correction: str, mode: str) -> None:
+    batch = mismatch_batch(seed=47)
+    rollout = RolloutCorrectionConfig(**{"rollout_is": None, **CORRECTIONS[correction]}, loss_type=loss_type)
+    config = actor_config(
+        DP2, policy_loss=VerlPolicyLossConfig(loss_mode="bypass_mode", rollout_correction=rollout)
+    )
+    verl = run(core_algos.get_policy_loss_fn("bypass_mode"), batch, mode, config)
+    ours = run(core_algos.get_policy_loss_fn("cegppo_bypass_mode"), batch, mode, config)
+    assert_same(ours, verl)
+    for key in ("rollout_rs_masked_fraction", "rollout_is_mean"):
+        if f"rollout_corr/{key}" in verl[2]:
+            assert ours[2][f"actor/{key}"] == pytest.approx(verl[2][f"rollout_corr/{key}"])
 
 
 def test_rollout_is_weights_reach_the_loss() -> None:

@@ -94,6 +94,11 @@ class CEGPPOConfig(GRPOConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         get_policy_loss_fn(self.loss_mode)
+        if self.loss_mode == "bypass_mode":
+            raise ValueError(
+                "CEGPPOConfig.loss_mode='bypass_mode' needs the sampler's log-probs as old_log_prob, which TRL does "
+                "not pass to the loss; use TRL's vllm_importance_sampling_correction instead"
+            )
         if self.loss_mode == "dro" and self.dro_beta is None:
             raise ValueError("CEGPPOConfig.dro_beta=None: loss_mode='dro' needs a penalty dro_beta > 0")
         if self.loss_agg_mode not in LOSS_AGG_MODES:

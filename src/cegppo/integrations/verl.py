@@ -66,6 +66,15 @@ _POLICY_LOSS_KEYS = (
     "dro_beta",
     *_VESPO_KEYS,
 )
+# verl's policy_loss.rollout_correction keys (read by bypass_mode), with our field names.
+_ROLLOUT_CORRECTION_KEYS = {
+    "rollout_is": "rollout_is",
+    "rollout_is_threshold": "rollout_is_threshold",
+    "rollout_is_batch_normalize": "rollout_is_batch_normalize",
+    "rollout_rs": "rollout_rs",
+    "rollout_rs_threshold": "rollout_rs_threshold",
+    "loss_type": "bypass_loss_type",
+}
 # Settings verl keeps at the top of the actor config.
 _ACTOR_KEYS = ("tau_pos", "tau_neg")
 
@@ -113,7 +122,8 @@ def policy_loss_config_from_verl(config: Any) -> PolicyLossConfig:
 
     ``clip_ratio_low``/``clip_ratio_high`` fall back to ``clip_ratio`` when unset, as in verl; ``clip_ratio_c``,
     ``loss_scale_factor``, ``tau_pos``, ``tau_neg``, ``policy_loss.{clip_cov_ratio, clip_cov_lb, clip_cov_ub,
-    kl_cov_ratio, ppo_kl_coef, dro_beta, beta1, beta2, vespo_*}`` and ``global_batch_info`` are carried over; keys
+    kl_cov_ratio, ppo_kl_coef, dro_beta, beta1, beta2, vespo_*}``, ``policy_loss.rollout_correction`` (for
+    ``bypass_mode``; its ``loss_type`` is our ``bypass_loss_type``) and ``global_batch_info`` are carried over; keys
     verl does not have keep cegppo's defaults.
     """
     if not isinstance(config, Mapping):
@@ -125,6 +135,7 @@ def policy_loss_config_from_verl(config: Any) -> PolicyLossConfig:
     clip_ratio_high = config.get("clip_ratio_high")
     policy_loss = config.get("policy_loss") or {}
     batch_info = config.get("global_batch_info") or {}
+    correction = policy_loss.get("rollout_correction") or {}
     loss_scale_factor = batch_info.get("loss_scale_factor", config.get("loss_scale_factor"))
     return PolicyLossConfig(
         clip_ratio_low=clip_ratio if clip_ratio_low is None else clip_ratio_low,
@@ -133,6 +144,11 @@ def policy_loss_config_from_verl(config: Any) -> PolicyLossConfig:
         loss_scale_factor=loss_scale_factor,
         **{key: policy_loss.get(key, getattr(_DEFAULTS, key)) for key in _POLICY_LOSS_KEYS},
         **{key: config.get(key, getattr(_DEFAULTS, key)) for key in _ACTOR_KEYS},
+        **{
+            ours: correction[theirs]
+            for theirs, ours in _ROLLOUT_CORRECTION_KEYS.items()
+            if theirs in correction
+        },
         dp_size=_count(batch_info.get("dp_size", 1), "dp_size"),
         batch_num_tokens=_count(batch_info.get("batch_num_tokens"), "batch_num_tokens"),
         global_batch_size=_count(batch_info.get("global_batch_size"), "global_batch_size"),

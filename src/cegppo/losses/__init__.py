@@ -7,10 +7,12 @@
 
 Registered: ``ce_gppo``, ``gppo``, ``vanilla`` (PPO-clip; GRPO and DAPO are configurations),
 ``cispo``, ``gspo``, ``luspo``, ``geo_mean``, ``sapo``, ``dppo_tv``, ``dppo_kl``, ``vespo``, ``dro``,
-``clip_cov``, ``kl_cov``, ``gpg``. ``docs/losses.md`` explains each.
+``clip_cov``, ``kl_cov``, ``gpg``, ``bypass_mode``. ``docs/losses.md`` explains each; the rollout correction
+(importance weights and rejection against the sampler) is :mod:`cegppo.losses.rollout_correction`.
 """
 
 from cegppo.losses import (  # noqa: F401  (register the losses)
+    bypass,
     cispo,
     covariance,
     dppo,
