@@ -462,3 +462,118 @@ def test_property_ce_gppo_token_gradient(log_ratio, adv, beta1, beta2, eps_low, 
     ratio = math.exp(log_ratio)
     expected = -expected_gradient_weight(ratio, adv, beta1, beta2, cfg) * adv
     assert grad.item() == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+def _sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+@pytest.mark.parametrize("tau_pos,tau_neg", [(1.0, 1.05), (0.5, 3.0)])
+def test_sapo_gradient_is_the_soft_gate_weight(tau_pos, tau_neg):
+    """Every region_batch row has 8 tokens, so SAPO's seq-mean-token-mean is the token mean here."""
+    cfg = default_config(tau_pos=tau_pos, tau_neg=tau_neg)
+
+    def weight(r, a):
+        gate = _sigmoid((tau_pos if a > 0 else tau_neg) * (r - 1))
+        return 4 * gate * (1 - gate) * r
+
+    token_gradient_check("sapo", region_batch(), cfg, weight)
+
+
+def test_dro_gradient_is_advantage_minus_the_log_ratio_pull():
+    cfg = default_config(dro_beta=0.3)
+    token_gradient_check("dro", region_batch(), cfg, lambda r, a: 1 - 0.3 * math.log(r) / a)
+
+
+def _sequence_batch(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    old = -2 * torch.rand(5, 6, generator=g, dtype=torch.float64) - 0.1
+    new = old + 0.3 * torch.randn(5, 6, generator=g, dtype=torch.float64)
+    new[0, 1] = old[0, 1] + 2.0  # far outside any band
+    adv = torch.tensor([1.0, -1.0, 0.5, -2.0, 0.0], dtype=torch.float64).unsqueeze(1).expand(5, 6)
+    mask = torch.ones(5, 6, dtype=torch.float64)
+    mask[1, 4:], mask[3] = 0, 0  # a short row and an all-masked row
+    return {"old_log_prob": old, "log_prob": new, "advantages": adv, "response_mask": mask}
+
+
+def _per_row(batch, fn):
+    """fn(row log-ratios, advantage) -> expected per-token gradients of that row, for every live row."""
+    expected = torch.zeros_like(batch["log_prob"])
+    live = [i for i in range(len(expected)) if batch["response_mask"][i].sum() > 0]
+    for i in live:
+        valid = batch["response_mask"][i] > 0
+        log_ratio = (batch["log_prob"][i] - batch["old_log_prob"][i])[valid]
+        expected[i, valid] = fn(log_ratio, batch["advantages"][i, 0].item()) / len(live)
+    return expected
+
+
+def test_geo_mean_gradient_flows_through_the_unclipped_tokens_only():
+    batch, eps = _sequence_batch(5), 0.4
+    _, grad = grad_wrt_log_prob("geo_mean", batch, default_config(clip_ratio_low=eps, clip_ratio_high=eps))
+
+    def row(log_ratio, a):
+        clipped = log_ratio.clamp(-eps, eps)
+        kept = torch.minimum(log_ratio, clipped) if a > 0 else torch.maximum(log_ratio, clipped)
+        s = kept.mean().exp()
+        free = (log_ratio <= eps) if a > 0 else (log_ratio >= -eps)
+        return -a * s / len(log_ratio) * free
+
+    torch.testing.assert_close(grad, _per_row(batch, row), rtol=1e-9, atol=1e-12)
+
+
+def test_luspo_gradient_is_the_sequence_ratio_times_the_advantage():
+    batch = _sequence_batch(6)
+    cfg = default_config(clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=None)
+    _, grad = grad_wrt_log_prob("luspo", batch, cfg)
+
+    def row(log_ratio, a):
+        s = log_ratio.mean().exp().item()
+        clipped = (a > 0 and s > 1.28) or (a < 0 and s < 0.8)
+        return torch.full_like(log_ratio, 0.0 if clipped else -a * s)
+
+    torch.testing.assert_close(grad, _per_row(batch, row), rtol=1e-9, atol=1e-12)
+
+
+def test_vespo_gradient_is_the_gamma_weight_of_the_sequence_ratio():
+    batch = _sequence_batch(7)
+    _, grad = grad_wrt_log_prob("vespo", batch, default_config())
+    tokens = batch["response_mask"].sum().item()
+
+    def row(log_ratio, a):
+        w = log_ratio.sum().exp().item()
+        k, lam = (2.0, 3.0) if a >= 0 else (3.0, 2.0)
+        phi = math.exp(lam) * w**k * math.exp(-lam * w)
+        return torch.full_like(log_ratio, -phi * a)
+
+    live = (batch["response_mask"].sum(-1) > 0).sum().item()
+    torch.testing.assert_close(grad, _per_row(batch, row) * live / tokens, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["dppo_tv", "dppo_kl"])
+def test_dppo_keeps_the_truncated_ratio_gradient_inside_the_trust_region(name):
+    batch, delta, cap = _sequence_batch(8), 0.1, 1.5
+    _, grad = grad_wrt_log_prob(
+        name, batch, default_config(clip_ratio_low=delta, clip_ratio_high=delta, clip_ratio_c=cap)
+    )
+    p, p_old = batch["log_prob"].detach().exp(), batch["old_log_prob"].exp()
+    a, mask = batch["advantages"], batch["response_mask"]
+    if name == "dppo_tv":
+        inside = torch.where(a > 0, p - p_old <= delta, p - p_old >= -delta)
+    else:
+        kl = p_old * (p_old / p).log() + (1 - p_old) * ((1 - p_old) / (1 - p)).log()
+        inside = torch.where(a > 0, (kl <= delta) | (p <= p_old), (kl <= delta) | (p >= p_old))
+    expected = -a * (p / p_old).clamp(max=cap) * inside * mask / mask.sum()
+    torch.testing.assert_close(grad, expected, rtol=1e-6, atol=1e-9)
+    assert (~inside & (mask > 0) & (a != 0)).any() and (inside & (mask > 0) & (a != 0)).any()
+
+
+def test_dual_clip_never_caps_a_left_boundary_token():
+    """β1·(1−ε) = 2·0.75 = 1.5 = c: the left-boundary token keeps its gradient −F·A (found by hypothesis)."""
+    cfg = PolicyLossConfig(clip_ratio_low=0.25, clip_ratio_high=0.5, beta1=2.0, beta2=0.0, clip_ratio_c=1.5)
+    old = torch.tensor([[-1.0]], dtype=torch.float64)
+    new = (old - 1.0).requires_grad_(True)
+    loss, _ = get_policy_loss_fn("ce_gppo")(
+        old, new, -torch.ones_like(old), torch.ones_like(old), "token-mean", cfg
+    )
+    (grad,) = torch.autograd.grad(loss, new)
+    assert grad.item() == pytest.approx(1.5)

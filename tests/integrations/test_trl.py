@@ -203,6 +203,10 @@ def test_bad_config_is_rejected(tmp_path: Path) -> None:
         CEGPPOConfig(**args, beta1=-1.0)
     with pytest.raises(ValueError, match="dro_beta"):
         CEGPPOConfig(**args, loss_mode="dro")
+    peers = CEGPPOConfig(
+        **args, sapo_temperature_neg=2.0, vespo_lambda_pos=4.0, dro_beta=0.1
+    ).policy_loss_config()
+    assert (peers.tau_neg, peers.vespo_lambda_pos, peers.dro_beta) == (2.0, 4.0, 0.1)
     with pytest.raises(ValueError, match="bypass_mode"):
         CEGPPOConfig(**args, loss_mode="bypass_mode")
     with pytest.raises(ValueError, match="loss_agg_mode"):

@@ -422,13 +422,22 @@ def test_config_translation() -> None:
         clip_ratio_low=None,
         clip_ratio_high=None,
         clip_ratio_c=5.0,
-        policy_loss=CEGPPOPolicyLossConfig(beta1=0.25, beta2=0.9, clip_cov_ratio=1e-3, ppo_kl_coef=0.1),
+        policy_loss=CEGPPOPolicyLossConfig(
+            beta1=0.25, beta2=0.9, clip_cov_ratio=1e-3, ppo_kl_coef=0.1, vespo_k_neg=1.5, dro_beta=0.2
+        ),
+        tau_neg=2.0,
     )
     ours = policy_loss_config_from_verl(config)
     assert (ours.clip_ratio_low, ours.clip_ratio_high, ours.clip_ratio_c) == (0.3, 0.3, 5.0)
     assert (ours.beta1, ours.beta2, ours.clip_cov_ratio, ours.ppo_kl_coef) == (0.25, 0.9, 1e-3, 0.1)
     assert (ours.dp_size, ours.batch_num_tokens, ours.global_batch_size) == (4, 120, 16)
     assert ours.loss_scale_factor == 8
+    assert (ours.vespo_k_neg, ours.dro_beta, ours.tau_pos, ours.tau_neg) == (1.5, 0.2, 1.0, 2.0)
+    assert (ours.rollout_is, ours.rollout_is_threshold, ours.bypass_loss_type) == (
+        "sequence",
+        2.0,
+        "ppo_clip",
+    )
 
 
 def test_bad_settings_fail_with_the_key_named() -> None:

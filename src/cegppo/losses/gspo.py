@@ -31,7 +31,7 @@ def sequence_ratio_loss(
     clipped = -inputs.advantages * seq_ratio.clamp(1 - config.clip_ratio_low, 1 + config.clip_ratio_high)
     pg_losses = torch.maximum(unclipped, clipped)
     if dual_clip:
-        pg_losses = apply_dual_clip(pg_losses, inputs, config)
+        pg_losses = apply_dual_clip(pg_losses, seq_ratio, inputs, config)
     regions = clip_regions(seq_ratio, inputs, config, dual_clip=dual_clip)
     loss = aggregate(pg_losses, inputs, loss_agg_mode, config)
     return loss, clip_metrics(regions, regions["low"] | regions["high"] | regions["dual"], inputs)
