@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 from pathlib import Path
@@ -380,3 +381,28 @@ def test_bypass_mode_takes_the_sampler_log_probs_as_pi_old():
     two_policies = Experience(**{**vars(batch), "old_log_prob": batch.sampler_log_prob})
     torch.testing.assert_close(_grad(bypass, batch)[0], _grad(vanilla, two_policies)[0])
     assert not torch.allclose(_grad(vanilla, batch)[0], _grad(vanilla, two_policies)[0])
+
+
+@pytest.mark.parametrize(
+    ("settings", "metric"),
+    [
+        ({"actor.policy_loss": "sapo"}, "actor/sapo_gate_mean"),
+        ({"actor.policy_loss": "dppo_tv", "actor.clip_ratio_low": 0.01}, "actor/dppo_masked_frac"),
+        ({"actor.policy_loss": "vespo"}, "actor/vespo_phi_mean"),
+        ({"actor.policy_loss": "geo_mean", "actor.rollout_rs": "seq_mean_k3", "actor.rollout_rs_threshold": 1e-9},
+         "actor/rollout_rs_masked_fraction"),
+        ({"actor.policy_loss": "bypass_mode", "actor.rollout_is": "sequence"}, "actor/rollout_is_mean"),
+    ],
+)  # fmt: skip
+def test_each_method_logs_its_own_quantity(tiny_model_dir, tmp_path, short_reward, settings, metric):
+    config = load_config(
+        None,
+        tiny_overrides(
+            tiny_model_dir, tmp_path, **{"reward.name": short_reward, "data.heldout": "null", "trainer.total_steps": 1},
+            **settings,
+        ),
+    )  # fmt: skip
+    Trainer(config, run_dir_of(config)).fit()
+    (record,) = read_metrics(run_dir_of(config))
+    # The HF engine's sampler log-probs equal the recomputation here, so rejection finds nothing to reject.
+    assert 0 <= record[metric] <= 2 and math.isfinite(record["actor/pg_loss"])

@@ -68,11 +68,16 @@ _POLICY_LOSS_KEYS = (
 )
 # verl's policy_loss.rollout_correction keys (read by bypass_mode), with our field names.
 _ROLLOUT_CORRECTION_KEYS = {
-    "rollout_is": "rollout_is",
-    "rollout_is_threshold": "rollout_is_threshold",
-    "rollout_is_batch_normalize": "rollout_is_batch_normalize",
-    "rollout_rs": "rollout_rs",
-    "rollout_rs_threshold": "rollout_rs_threshold",
+    **{
+        key: key
+        for key in (
+            "rollout_is",
+            "rollout_is_threshold",
+            "rollout_is_batch_normalize",
+            "rollout_rs",
+            "rollout_rs_threshold",
+        )
+    },
     "loss_type": "bypass_loss_type",
 }
 # Settings verl keeps at the top of the actor config.

@@ -43,7 +43,7 @@ class RolloutCorrection:
     metrics: dict[str, float]
 
 
-def enabled(config: PolicyLossConfig) -> bool:
+def correction_enabled(config: PolicyLossConfig) -> bool:
     """Whether ``config`` asks for importance weights or rejection."""
     return config.rollout_is is not None or config.rollout_rs is not None
 

@@ -16,7 +16,7 @@ from transformers import PreTrainedModel, get_constant_schedule_with_warmup
 from cegppo.config import Config
 from cegppo.dynamics import QuadrantTotals, quadrant_totals
 from cegppo.losses import agg_loss, get_policy_loss_fn, kl_penalty
-from cegppo.losses.rollout_correction import enabled, rollout_correction
+from cegppo.losses.rollout_correction import correction_enabled, rollout_correction
 from cegppo.ops import causal_lm_logprobs_and_entropy
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ class Actor:
     def correct_for_sampler(self, batch: Experience) -> tuple[Experience, dict[str, float]]:
         """verl's decoupled rollout correction (``actor.rollout_is``/``rollout_rs``) over the whole batch: IS
         weights π_old/π_sampler and the rejection mask, for any loss (``bypass_mode`` corrects inside its loss)."""
-        if self.bypass or not enabled(self.loss_config) or batch.sampler_log_prob is None:
+        if self.bypass or not correction_enabled(self.loss_config) or batch.sampler_log_prob is None:
             return batch, {}
         correction = rollout_correction(
             batch.old_log_prob, batch.sampler_log_prob, batch.response_mask, self.loss_config
