@@ -20,9 +20,21 @@ from cegppo.losses import (
     register_policy_loss,
 )
 
-ALL_LOSSES = ["ce_gppo", "gppo", "vanilla", "cispo", "gspo", "clip_cov", "kl_cov", "gpg"]
-# Losses whose token selection does not depend on the rest of the micro-batch.
-SPLITTABLE_LOSSES = ["ce_gppo", "gppo", "vanilla", "cispo", "gspo", "gpg"]
+ALL_LOSSES = [
+    "ce_gppo", "gppo", "vanilla", "cispo", "gspo", "luspo", "geo_mean", "sapo", "dppo_tv", "dppo_kl", "vespo",
+    "dro", "clip_cov", "kl_cov", "gpg", "bypass_mode",
+]  # fmt: skip
+# Losses whose token selection does not depend on the rest of the micro-batch. The sequence-level ones (gspo,
+# luspo, geo_mean, vespo) need whole sequences, which row-wise micro-batches always are.
+SPLITTABLE_LOSSES = [name for name in ALL_LOSSES if name not in ("clip_cov", "kl_cov")]
+# Losses whose rollout_is_weights act per sequence (or inside the sequence ratio), not per token.
+SEQUENCE_LOSSES = ["gspo", "luspo", "geo_mean", "vespo"]
+
+
+def default_config(**settings) -> PolicyLossConfig:
+    """The defaults, plus the DRO penalty that has none."""
+    return PolicyLossConfig(**{"dro_beta": 0.1, **settings})
+
 
 # One token per (ratio, advantage) case; ratios cover every region for ε = 0.2 and c = 10.
 RATIOS = [0.5, 0.79, 0.9, 1.0, 1.1, 1.21, 2.0, 12.0]
@@ -65,7 +77,7 @@ def call(
     return get_policy_loss_fn(name)(
         **batch,
         loss_agg_mode=mode,
-        config=config or PolicyLossConfig(),
+        config=config or default_config(),
         rollout_is_weights=rollout_is_weights,
     )
 
@@ -309,7 +321,7 @@ def test_agg_loss_matches_the_definitions(mode):
 def test_micro_batches_with_global_counts_equal_the_full_batch(name, mode):
     full = random_rows()
     new, mask = full["log_prob"], full["response_mask"]
-    cfg = PolicyLossConfig(loss_scale_factor=9.0)
+    cfg = default_config(loss_scale_factor=9.0)
     loss_full, grad_full = grad_wrt_log_prob(name, full, cfg, mode)
 
     global_cfg = cfg.with_batch_info(
@@ -332,17 +344,17 @@ def test_micro_batches_with_global_counts_equal_the_full_batch(name, mode):
 def test_all_zero_mask_gives_zero_loss_and_zero_gradient(name, mode):
     batch = region_batch()
     batch["response_mask"] = torch.zeros_like(batch["response_mask"])
-    loss, grad = grad_wrt_log_prob(name, batch, PolicyLossConfig(), mode)
+    loss, grad = grad_wrt_log_prob(name, batch, default_config(), mode)
     assert loss.item() == 0.0
     assert torch.all(grad == 0)
-    _, metrics = call(name, batch, PolicyLossConfig(), mode)
+    _, metrics = call(name, batch, default_config(), mode)
     assert all(math.isfinite(v) for v in metrics.values())
 
 
 @pytest.mark.parametrize("name", ALL_LOSSES)
 def test_bfloat16_inputs_accumulate_in_float32(name):
     def config():  # clip_cov draws at random: the same seed for both precisions
-        return PolicyLossConfig(generator=torch.Generator().manual_seed(0))
+        return default_config(generator=torch.Generator().manual_seed(0))
 
     batch = {k: v.detach().to(torch.bfloat16) for k, v in region_batch().items()}
     batch["log_prob"].requires_grad_(True)
@@ -394,7 +406,7 @@ def test_covariance_losses_split_exactly_with_the_whole_batch_selection(name, mo
         call(name, full, dataclasses.replace(config(), token_selection=selection[:2]), mode)
 
 
-@pytest.mark.parametrize("name", SPLITTABLE_LOSSES)
+@pytest.mark.parametrize("name", [name for name in SPLITTABLE_LOSSES if name != "bypass_mode"])
 def test_rollout_is_weights_scale_each_token(name):
     batch = region_batch()
     weights = torch.rand_like(batch["advantages"], generator=torch.Generator().manual_seed(0)) + 0.5
@@ -402,9 +414,11 @@ def test_rollout_is_weights_scale_each_token(name):
     b = dict(batch, log_prob=batch["log_prob"].detach().clone().requires_grad_(True))
     loss, _ = call(name, b, rollout_is_weights=weights)
     (grad_w,) = torch.autograd.grad(loss, b["log_prob"])
-    # GSPO too: its per-token ratio sg(s_i)·π/sg(π) carries each token's gradient on its own token only
-    torch.testing.assert_close(grad_w, grad * weights)
-    assert not torch.allclose(grad_w, grad)
+    if name in SEQUENCE_LOSSES and name != "gspo":  # the weights act per sequence: they change the gradient
+        assert not torch.allclose(grad, grad_w)
+    else:  # GSPO too: its per-token ratio sg(s_i)·π/sg(π) carries each token's gradient on its own token
+        torch.testing.assert_close(grad_w, grad * weights)
+        assert not torch.allclose(grad_w, grad)
 
 
 @pytest.mark.parametrize(
@@ -500,3 +514,118 @@ def test_property_ce_gppo_token_gradient(log_ratio, adv, beta1, beta2, eps_low, 
     ratio = math.exp(log_ratio)
     expected = -expected_gradient_weight(ratio, adv, beta1, beta2, cfg) * adv
     assert grad.item() == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+def _sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+@pytest.mark.parametrize("tau_pos,tau_neg", [(1.0, 1.05), (0.5, 3.0)])
+def test_sapo_gradient_is_the_soft_gate_weight(tau_pos, tau_neg):
+    """Every region_batch row has 8 tokens, so SAPO's seq-mean-token-mean is the token mean here."""
+    cfg = default_config(tau_pos=tau_pos, tau_neg=tau_neg)
+
+    def weight(r, a):
+        gate = _sigmoid((tau_pos if a > 0 else tau_neg) * (r - 1))
+        return 4 * gate * (1 - gate) * r
+
+    token_gradient_check("sapo", region_batch(), cfg, weight)
+
+
+def test_dro_gradient_is_advantage_minus_the_log_ratio_pull():
+    cfg = default_config(dro_beta=0.3)
+    token_gradient_check("dro", region_batch(), cfg, lambda r, a: 1 - 0.3 * math.log(r) / a)
+
+
+def _sequence_batch(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    old = -2 * torch.rand(5, 6, generator=g, dtype=torch.float64) - 0.1
+    new = old + 0.3 * torch.randn(5, 6, generator=g, dtype=torch.float64)
+    new[0, 1] = old[0, 1] + 2.0  # far outside any band
+    adv = torch.tensor([1.0, -1.0, 0.5, -2.0, 0.0], dtype=torch.float64).unsqueeze(1).expand(5, 6)
+    mask = torch.ones(5, 6, dtype=torch.float64)
+    mask[1, 4:], mask[3] = 0, 0  # a short row and an all-masked row
+    return {"old_log_prob": old, "log_prob": new, "advantages": adv, "response_mask": mask}
+
+
+def _per_row(batch, fn):
+    """fn(row log-ratios, advantage) -> expected per-token gradients of that row, for every live row."""
+    expected = torch.zeros_like(batch["log_prob"])
+    live = [i for i in range(len(expected)) if batch["response_mask"][i].sum() > 0]
+    for i in live:
+        valid = batch["response_mask"][i] > 0
+        log_ratio = (batch["log_prob"][i] - batch["old_log_prob"][i])[valid]
+        expected[i, valid] = fn(log_ratio, batch["advantages"][i, 0].item()) / len(live)
+    return expected
+
+
+def test_geo_mean_gradient_flows_through_the_unclipped_tokens_only():
+    batch, eps = _sequence_batch(5), 0.4
+    _, grad = grad_wrt_log_prob("geo_mean", batch, default_config(clip_ratio_low=eps, clip_ratio_high=eps))
+
+    def row(log_ratio, a):
+        clipped = log_ratio.clamp(-eps, eps)
+        kept = torch.minimum(log_ratio, clipped) if a > 0 else torch.maximum(log_ratio, clipped)
+        s = kept.mean().exp()
+        free = (log_ratio <= eps) if a > 0 else (log_ratio >= -eps)
+        return -a * s / len(log_ratio) * free
+
+    torch.testing.assert_close(grad, _per_row(batch, row), rtol=1e-9, atol=1e-12)
+
+
+def test_luspo_gradient_is_the_sequence_ratio_times_the_advantage():
+    batch = _sequence_batch(6)
+    cfg = default_config(clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=None)
+    _, grad = grad_wrt_log_prob("luspo", batch, cfg)
+
+    def row(log_ratio, a):
+        s = log_ratio.mean().exp().item()
+        clipped = (a > 0 and s > 1.28) or (a < 0 and s < 0.8)
+        return torch.full_like(log_ratio, 0.0 if clipped else -a * s)
+
+    torch.testing.assert_close(grad, _per_row(batch, row), rtol=1e-9, atol=1e-12)
+
+
+def test_vespo_gradient_is_the_gamma_weight_of_the_sequence_ratio():
+    batch = _sequence_batch(7)
+    _, grad = grad_wrt_log_prob("vespo", batch, default_config())
+    tokens = batch["response_mask"].sum().item()
+
+    def row(log_ratio, a):
+        w = log_ratio.sum().exp().item()
+        k, lam = (2.0, 3.0) if a >= 0 else (3.0, 2.0)
+        phi = math.exp(lam) * w**k * math.exp(-lam * w)
+        return torch.full_like(log_ratio, -phi * a)
+
+    live = (batch["response_mask"].sum(-1) > 0).sum().item()
+    torch.testing.assert_close(grad, _per_row(batch, row) * live / tokens, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["dppo_tv", "dppo_kl"])
+def test_dppo_keeps_the_truncated_ratio_gradient_inside_the_trust_region(name):
+    batch, delta, cap = _sequence_batch(8), 0.1, 1.5
+    _, grad = grad_wrt_log_prob(
+        name, batch, default_config(clip_ratio_low=delta, clip_ratio_high=delta, clip_ratio_c=cap)
+    )
+    p, p_old = batch["log_prob"].detach().exp(), batch["old_log_prob"].exp()
+    a, mask = batch["advantages"], batch["response_mask"]
+    if name == "dppo_tv":
+        inside = torch.where(a > 0, p - p_old <= delta, p - p_old >= -delta)
+    else:
+        kl = p_old * (p_old / p).log() + (1 - p_old) * ((1 - p_old) / (1 - p)).log()
+        inside = torch.where(a > 0, (kl <= delta) | (p <= p_old), (kl <= delta) | (p >= p_old))
+    expected = -a * (p / p_old).clamp(max=cap) * inside * mask / mask.sum()
+    torch.testing.assert_close(grad, expected, rtol=1e-6, atol=1e-9)
+    assert (~inside & (mask > 0) & (a != 0)).any() and (inside & (mask > 0) & (a != 0)).any()
+
+
+def test_dual_clip_never_caps_a_left_boundary_token():
+    """β1·(1−ε) = 2·0.75 = 1.5 = c: the left-boundary token keeps its gradient −F·A (found by hypothesis)."""
+    cfg = PolicyLossConfig(clip_ratio_low=0.25, clip_ratio_high=0.5, beta1=2.0, beta2=0.0, clip_ratio_c=1.5)
+    old = torch.tensor([[-1.0]], dtype=torch.float64)
+    new = (old - 1.0).requires_grad_(True)
+    loss, _ = get_policy_loss_fn("ce_gppo")(
+        old, new, -torch.ones_like(old), torch.ones_like(old), "token-mean", cfg
+    )
+    (grad,) = torch.autograd.grad(loss, new)
+    assert grad.item() == pytest.approx(1.5)

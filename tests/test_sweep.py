@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from _tiny import tiny_overrides
 from cegppo.config import load_config
-from cegppo.sweep import VARIANTS, run_sweep, sweep_table
+from cegppo.sweep import VARIANTS, run_sweep, sweep_table, variant_overrides
 from cegppo.trainer import load_run_config
 
 
@@ -45,3 +47,13 @@ def test_every_variant_is_a_valid_config_that_differs_from_the_others():
     losses = {name: config.policy_loss_config() for name, config in configs.items()}
     assert len({(c.actor.policy_loss, repr(losses[name])) for name, c in configs.items()}) == len(VARIANTS)
     assert losses["dapo"].clip_ratio_high == 0.28 and losses["grpo"].clip_ratio_high == 0.2
+
+
+def test_any_registered_loss_is_a_variant_with_its_papers_band():
+    assert variant_overrides("sapo") == ["actor.policy_loss=sapo"]
+    assert variant_overrides("geo_mean") == [
+        "actor.policy_loss=geo_mean", "actor.clip_ratio_low=0.4", "actor.clip_ratio_high=0.4"
+    ]  # fmt: skip
+    assert variant_overrides("grpo") == VARIANTS["grpo"]
+    with pytest.raises(ValueError, match="dppo_tv"):
+        variant_overrides("dppo")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import signal
 from pathlib import Path
@@ -186,7 +187,9 @@ def _experience(model, tokenizer, rows: int = 8, prompt_len: int = 5, response_l
     )
 
 
-@pytest.mark.parametrize("loss", ["ce_gppo", "vanilla", "gspo", "clip_cov", "kl_cov"])
+@pytest.mark.parametrize(
+    "loss", ["ce_gppo", "vanilla", "gspo", "clip_cov", "kl_cov", "luspo", "geo_mean", "dppo_tv"]
+)
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
 def test_micro_batch_splitting_never_changes_the_gradient(loss, agg):
     tokenizer = tiny_tokenizer()
@@ -569,3 +572,82 @@ def test_an_update_stopped_by_a_non_finite_value_adds_nothing_to_the_metrics():
     metrics = actor.update(batch, group_size=1)
     assert metrics["actor/skipped_updates"] == 1 and len(losses) == 4
     assert metrics["actor/pg_loss"] == pytest.approx(losses[2] + losses[3])  # the second mini-batch only
+
+
+def _grad(actor: Actor, batch: Experience) -> torch.Tensor:
+    actor.optimizer.zero_grad()
+    metrics, _, finite = actor.accumulate_gradients(batch)
+    assert finite
+    return torch.cat([p.grad.flatten() for p in actor.model.parameters() if p.grad is not None]), metrics
+
+
+def _mismatched_experience(model, tokenizer) -> Experience:
+    """An experience whose sampler log-probs differ from the recomputed ones, with an outlier in row 1."""
+    batch = _experience(model, tokenizer)
+    Actor(model, load_config(None, ["actor.bf16_autocast=false"])).compute_old_log_probs(batch)
+    noise = 0.1 * torch.randn(batch.old_log_prob.shape, generator=torch.Generator().manual_seed(3))
+    batch.sampler_log_prob = batch.old_log_prob + noise
+    batch.sampler_log_prob[1, 0] -= 3.0  # π_old/π_sampler = e^3 on one token
+    return batch
+
+
+def test_rollout_correction_weights_and_rejects_before_any_loss():
+    tokenizer = tiny_tokenizer()
+    model = tiny_model("llama", tokenizer, seed=2)
+    batch = _mismatched_experience(model, tokenizer)
+    settings = ["actor.bf16_autocast=false", "actor.policy_loss=sapo", "actor.rollout_is=token"]
+    settings += [
+        "actor.rollout_is_threshold=1.5",
+        "actor.rollout_rs=seq_max_k3",
+        "actor.rollout_rs_threshold=1.0",
+    ]
+    actor = Actor(model, load_config(None, settings))
+    corrected, metrics = actor.correct_for_sampler(batch)
+    assert torch.all(corrected.response_mask[1] == 0) and torch.equal(
+        corrected.response_mask[2:], batch.response_mask[2:]
+    )
+    expected = (batch.old_log_prob - batch.sampler_log_prob).exp().clamp(max=1.5) * batch.response_mask
+    torch.testing.assert_close(corrected.rollout_is_weights, expected)
+    assert metrics["actor/rollout_rs_seq_masked_fraction"] == pytest.approx(1 / 8)
+    grads = []
+    for micro in (8, 3):
+        actor.config.actor.micro_batch_size = micro
+        grads.append(_grad(actor, corrected)[0])
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-7)
+    assert not torch.allclose(_grad(actor, batch)[0], grads[0])
+
+
+def test_bypass_mode_takes_the_sampler_log_probs_as_pi_old():
+    tokenizer = tiny_tokenizer()
+    model = tiny_model("llama", tokenizer, seed=2)
+    batch = _mismatched_experience(model, tokenizer)
+    bypass = Actor(model, load_config(None, ["actor.bf16_autocast=false", "actor.policy_loss=bypass_mode"]))
+    vanilla = Actor(model, load_config(None, ["actor.bf16_autocast=false", "actor.policy_loss=vanilla"]))
+    two_policies = Experience(**{**vars(batch), "old_log_prob": batch.sampler_log_prob})
+    torch.testing.assert_close(_grad(bypass, batch)[0], _grad(vanilla, two_policies)[0])
+    assert not torch.allclose(_grad(vanilla, batch)[0], _grad(vanilla, two_policies)[0])
+
+
+@pytest.mark.parametrize(
+    ("settings", "metric"),
+    [
+        ({"actor.policy_loss": "sapo"}, "actor/sapo_gate_mean"),
+        ({"actor.policy_loss": "dppo_tv", "actor.clip_ratio_low": 0.01}, "actor/dppo_masked_frac"),
+        ({"actor.policy_loss": "vespo"}, "actor/vespo_phi_mean"),
+        ({"actor.policy_loss": "geo_mean", "actor.rollout_rs": "seq_mean_k3", "actor.rollout_rs_threshold": 1e-9},
+         "actor/rollout_rs_masked_fraction"),
+        ({"actor.policy_loss": "bypass_mode", "actor.rollout_is": "sequence"}, "actor/rollout_is_mean"),
+    ],
+)  # fmt: skip
+def test_each_method_logs_its_own_quantity(tiny_model_dir, tmp_path, short_reward, settings, metric):
+    config = load_config(
+        None,
+        tiny_overrides(
+            tiny_model_dir, tmp_path, **{"reward.name": short_reward, "data.heldout": "null", "trainer.total_steps": 1},
+            **settings,
+        ),
+    )  # fmt: skip
+    Trainer(config, run_dir_of(config)).fit()
+    (record,) = read_metrics(run_dir_of(config))
+    # The HF engine's sampler log-probs equal the recomputation here, so rejection finds nothing to reject.
+    assert 0 <= record[metric] <= 2 and math.isfinite(record["actor/pg_loss"])

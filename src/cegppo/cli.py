@@ -301,7 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--config", type=Path, help="base config (default: the demo)")
     sweep.add_argument("--output-dir", type=Path, default=Path("runs/sweep"))
     sweep.add_argument("--seeds", default="0", help="comma-separated, e.g. 0,1")
-    sweep.add_argument("--variants", default="all", help="comma-separated subset of the variants, or all")
+    sweep.add_argument(
+        "--variants",
+        default="all",
+        help="comma-separated variants (grpo, dapo, gppo, ce_gppo_b<β1>_<β2>) or registered loss names "
+        "(sapo, geo_mean, dppo_tv, ...), or all (the CE-GPPO study)",
+    )
     sweep.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides for every run")
     sweep.set_defaults(handler=_sweep)
     return parser

@@ -6,6 +6,7 @@ learning 2-digit addition with CE-GPPO on a CPU. Keys follow verl's names where 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -134,6 +135,20 @@ class ActorConfig:
     clip_cov_ub: float = _LOSS.clip_cov_ub
     kl_cov_ratio: float = _LOSS.kl_cov_ratio
     ppo_kl_coef: float = _LOSS.ppo_kl_coef
+    tau_pos: float = _LOSS.tau_pos  # sapo: gate temperature of A > 0 tokens
+    tau_neg: float = _LOSS.tau_neg  # sapo: of A <= 0 tokens
+    vespo_k_pos: float = _LOSS.vespo_k_pos  # vespo: Gamma weight exponent k and decay λ, A >= 0 ...
+    vespo_lambda_pos: float = _LOSS.vespo_lambda_pos
+    vespo_k_neg: float = _LOSS.vespo_k_neg  # ... and A < 0
+    vespo_lambda_neg: float = _LOSS.vespo_lambda_neg
+    dro_beta: float | None = _LOSS.dro_beta  # dro: quadratic log-ratio penalty (required by dro)
+    # verl's rollout correction against the sampler, for any loss (bypass_mode: inside the loss).
+    rollout_is: str | None = _LOSS.rollout_is  # token | sequence importance weights π_old/π_sampler
+    rollout_is_threshold: str = str(_LOSS.rollout_is_threshold)  # cap u (TIS), or "l_u" (IcePop / masked IS)
+    rollout_is_batch_normalize: bool = _LOSS.rollout_is_batch_normalize
+    rollout_rs: str | None = _LOSS.rollout_rs  # rejection: token_k1, seq_mean_k1 (Geo-RS), seq_mean_k3, ...
+    rollout_rs_threshold: str | None = _LOSS.rollout_rs_threshold
+    bypass_loss_type: str = _LOSS.bypass_loss_type  # bypass_mode: ppo_clip | reinforce
     ppo_epochs: int = 1
     ppo_mini_batch_size: int = 4  # prompts per optimiser update
     micro_batch_size: int = 8  # sequences per forward/backward (memory only: never changes the gradient)
@@ -204,6 +219,13 @@ class Config:
         settings = {name: getattr(self.actor, name) for name in LOSS_SETTINGS}
         if settings["loss_scale_factor"] is None and self.actor.loss_agg_mode == "seq-mean-token-sum-norm":
             settings["loss_scale_factor"] = self.rollout.max_new_tokens
+        # OmegaConf has no float-or-string type, so verl's thresholds (2.0, or "0.5_2.0" for a band) are strings
+        # here; a plain number goes to the loss library as the number it is ("_" is not a digit separator here).
+        for name in ("rollout_is_threshold", "rollout_rs_threshold"):
+            value = settings[name]
+            if isinstance(value, str) and "_" not in value:
+                with contextlib.suppress(ValueError):
+                    settings[name] = float(value)
         return PolicyLossConfig(**settings)
 
 
@@ -376,6 +398,18 @@ def validate(config: Config) -> None:
     positive("eval.limit", e.limit, optional=True)
     check(e.temperature >= 0, "eval.temperature", e.temperature, "must be >= 0 (0: greedy)")
     check(0 < e.top_p <= 1, "eval.top_p", e.top_p, "must be in (0, 1]")
+    check(
+        r.tis_cap is None or a.rollout_is is None,
+        "actor.rollout_is",
+        a.rollout_is,
+        "rollout.tis_cap is token-level TIS already; set one of them (rollout_is=token, rollout_is_threshold=cap)",
+    )
+    check(
+        a.policy_loss != "dro" or a.dro_beta is not None,
+        "actor.dro_beta",
+        a.dro_beta,
+        "actor.policy_loss=dro needs a penalty dro_beta > 0",
+    )
     try:
         config.policy_loss_config()
     except ValueError as error:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from cegppo.config import load_config
+from cegppo.losses import list_policy_losses
 from cegppo.runfiles import SUMMARY_FILE, read_metrics
 from cegppo.trainer import Trainer, load_run_config
 from cegppo.trainer.checkpoint import latest_checkpoint
@@ -27,6 +28,23 @@ VARIANTS: dict[str, list[str]] = {
     "ce_gppo_b1_0.5": ["actor.policy_loss=ce_gppo", "actor.beta1=1.0", "actor.beta2=0.5"],
 }
 
+# Any registered loss is a variant by its name, with its paper's band where that differs from the base config's.
+PAPER_SETTINGS: dict[str, list[str]] = {
+    "gspo": ["actor.clip_ratio_low=0.0003", "actor.clip_ratio_high=0.0004"],
+    "geo_mean": ["actor.clip_ratio_low=0.4", "actor.clip_ratio_high=0.4"],
+}
+
+
+def variant_overrides(name: str) -> list[str]:
+    """The overrides of a named variant: one of ``VARIANTS``, or a registered loss with its paper's settings."""
+    if name in VARIANTS:
+        return VARIANTS[name]
+    if name in list_policy_losses():
+        return [f"actor.policy_loss={name}", *PAPER_SETTINGS.get(name, [])]
+    raise ValueError(
+        f"unknown sweep variant {name!r}: known are {list(VARIANTS)} and the losses {list_policy_losses()}"
+    )
+
 
 def run_sweep(
     output_dir: Path,
@@ -38,9 +56,7 @@ def run_sweep(
     on_run: Callable[[str, Path], None] | None = None,
 ) -> list[Path]:
     """Run (or finish) every variant × seed; returns the run directories in order."""
-    unknown = [name for name in variants if name not in VARIANTS]
-    if unknown:
-        raise ValueError(f"unknown sweep variants {unknown}: known are {list(VARIANTS)}")
+    settings = {name: variant_overrides(name) for name in variants}
     run_dirs = []
     for variant in variants:
         for seed in seeds:
@@ -58,7 +74,7 @@ def run_sweep(
                     config_path,
                     [
                         *overrides,
-                        *VARIANTS[variant],
+                        *settings[variant],
                         f"trainer.seed={seed}",
                         f"data.seed={seed}",
                         f"trainer.output_dir={output_dir}",

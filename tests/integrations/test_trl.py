@@ -8,6 +8,7 @@ cegppo registry and, for ``vanilla``, against TRL's own ``GRPOTrainer`` losses o
 from __future__ import annotations
 
 import importlib.util
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -200,6 +201,14 @@ def test_bad_config_is_rejected(tmp_path: Path) -> None:
         CEGPPOConfig(**args, loss_mode="cegppo")
     with pytest.raises(ValueError, match="beta1"):
         CEGPPOConfig(**args, beta1=-1.0)
+    with pytest.raises(ValueError, match="dro_beta"):
+        CEGPPOConfig(**args, loss_mode="dro")
+    peers = CEGPPOConfig(
+        **args, sapo_temperature_neg=2.0, vespo_lambda_pos=4.0, dro_beta=0.1
+    ).policy_loss_config()
+    assert (peers.tau_neg, peers.vespo_lambda_pos, peers.dro_beta) == (2.0, 4.0, 0.1)
+    with pytest.raises(ValueError, match="bypass_mode"):
+        CEGPPOConfig(**args, loss_mode="bypass_mode")
     with pytest.raises(ValueError, match="loss_agg_mode"):
         CEGPPOConfig(**args, loss_agg_mode="token-sum")
     with pytest.raises(ValueError, match="importance_sampling_level"):
@@ -223,3 +232,173 @@ def test_example_script_trains_a_step(tiny_model_dir: Path, tmp_path: Path) -> N
     )
     example.main([*model, "--output-dir", str(output), "--cpu", "--max-steps", "1", *small])
     assert (output / "model.safetensors").is_file()
+
+
+class _SingleProcess:
+    """The slice of ``accelerate.Accelerator`` that TRL's loss uses, for one process."""
+
+    num_processes = 1
+
+    @staticmethod
+    def gather(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    @staticmethod
+    def reduce(tensor: torch.Tensor, reduction: str) -> torch.Tensor:
+        return tensor
+
+
+def trl_loss(loss_type: str, batch: dict[str, torch.Tensor], **args) -> tuple[torch.Tensor, torch.Tensor]:
+    """TRL 1.16's own ``GRPOTrainer._compute_loss`` on chosen tensors, and its gradient w.r.t. the log-probs.
+
+    The trainer is built without a model: its forward pass returns ``batch["log_prob"]``, so the loss and its
+    gradient are exactly TRL's arithmetic on our inputs (one process, one micro-batch, no accumulation).
+    """
+    settings = {
+        "epsilon": 0.2,
+        "epsilon_high": 0.28,
+        "delta": None,
+        "importance_sampling_level": "token",
+        **args,
+    }
+    config = GRPOConfig(output_dir="unused", use_cpu=True, report_to="none", loss_type=loss_type, **settings)
+    trainer = GRPOTrainer.__new__(GRPOTrainer)
+    log_prob = batch["log_prob"].detach().clone().requires_grad_(True)
+    rows, length = log_prob.shape
+    trainer.__dict__.update(
+        args=config,
+        loss_type=loss_type,
+        epsilon_low=config.epsilon,
+        epsilon_high=config.epsilon_high,
+        importance_sampling_level=config.importance_sampling_level,
+        beta=0.0,
+        top_entropy_quantile=1.0,
+        off_policy_mask_threshold=None,
+        use_vllm=False,
+        vllm_importance_sampling_correction=False,
+        aux_loss_enabled=False,
+        _entropy_bonus_enabled=False,
+        max_completion_length=length,
+        current_gradient_accumulation_steps=1,
+        accelerator=_SingleProcess(),
+        model=torch.nn.Module().train(),
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+        _get_per_token_logps_and_entropies=lambda *a, **k: (log_prob, torch.zeros_like(log_prob), None),
+    )
+    mask = batch["response_mask"].long()
+    inputs = {
+        "prompt_ids": torch.zeros(rows, 1, dtype=torch.long),
+        "prompt_mask": torch.ones(rows, 1, dtype=torch.long),
+        "completion_ids": torch.zeros(rows, length, dtype=torch.long),
+        "completion_mask": mask,
+        "advantages": batch["advantages"][:, 0],
+        "old_per_token_logps": batch["old_log_prob"],
+        "num_items_in_batch": mask.sum(),
+    }
+    if "importance_sampling_ratio" in batch:
+        inputs["importance_sampling_ratio"] = batch["importance_sampling_ratio"]
+    loss = trainer._compute_loss(trainer.model, inputs)
+    (grad,) = torch.autograd.grad(loss, log_prob)
+    return loss.detach(), grad
+
+
+def edge_batch(seed: int, rows: int = 6, length: int = 9) -> dict[str, torch.Tensor]:
+    """Off-policy float64 inputs: log δ ~ N(0, 0.5²) plus ratios e^±6 far outside any band, a dual-clip token,
+    a row with A = 0 and an all-masked row; one advantage per response, as TRL's."""
+    g = torch.Generator().manual_seed(seed)
+    old = -3 * torch.rand(rows, length, generator=g, dtype=torch.float64)
+    new = old + 0.5 * torch.randn(rows, length, generator=g, dtype=torch.float64)
+    new[2, 0], new[3, 1] = old[2, 0] + 6.0, old[3, 1] - 6.0
+    lengths = torch.randint(2, length + 1, (rows,), generator=g)
+    lengths[1] = 0
+    advantages = torch.randn(rows, 1, generator=g, dtype=torch.float64).expand(rows, length).clone()
+    advantages[0], new[0, 0] = -1.0, old[0, 0] + 1.6
+    advantages[5] = 0.0
+    return {
+        "old_log_prob": old,
+        "log_prob": new,
+        "advantages": advantages,
+        "response_mask": (torch.arange(length) < lengths.unsqueeze(1)).to(torch.float64),
+    }
+
+
+def ours(name: str, batch: dict, mode: str, **settings) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    log_prob = batch["log_prob"].detach().clone().requires_grad_(True)
+    config = PolicyLossConfig(
+        **{"clip_ratio_low": 0.2, "clip_ratio_high": 0.28, "clip_ratio_c": None, **settings}
+    )
+    loss, metrics = get_policy_loss_fn(name)(
+        old_log_prob=batch["old_log_prob"],
+        log_prob=log_prob,
+        advantages=batch["advantages"],
+        response_mask=batch["response_mask"],
+        loss_agg_mode=mode,
+        config=config,
+        rollout_is_weights=batch.get("importance_sampling_ratio"),
+    )
+    (grad,) = torch.autograd.grad(loss, log_prob)
+    return loss.detach(), grad, metrics
+
+
+def assert_equal(our: tuple, their: tuple) -> None:
+    torch.testing.assert_close(our[0], their[0])
+    torch.testing.assert_close(our[1], their[1])
+    assert their[1].abs().sum() > 0
+
+
+ROWS = 6  # TRL's per-sequence modes average over every row, the all-masked one included
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("temperatures", [(1.0, 1.05), (0.5, 2.0)])
+def test_sapo_equals_trls_sapo(seed: int, temperatures: tuple[float, float]) -> None:
+    batch = edge_batch(seed)
+    tau_pos, tau_neg = temperatures
+    their = trl_loss("sapo", batch, sapo_temperature_pos=tau_pos, sapo_temperature_neg=tau_neg)
+    our = ours("sapo", batch, "seq-mean-token-mean", tau_pos=tau_pos, tau_neg=tau_neg, global_batch_size=ROWS)
+    assert_equal(our, their)
+
+
+@pytest.mark.parametrize("delta", [None, 3.0])
+def test_luspo_equals_trls_luspo(delta: float | None) -> None:
+    """TRL's recommended sequence level; ``delta`` is our dual-clip bound on the sequence ratio."""
+    batch = edge_batch(2)
+    old = batch["old_log_prob"]
+    noise = 0.05 * torch.randn(old.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    batch["log_prob"] = old + noise  # inside the band, but for:
+    batch["log_prob"][4] += 0.5 * batch["advantages"][4].sign()  # clipped on its advantage's side
+    batch["log_prob"][0] += 1.5  # A = -1 and s ≈ e^1.5 > 3: dual-clipped
+    their = trl_loss("luspo", batch, importance_sampling_level="sequence", delta=delta)
+    our = ours("luspo", batch, "seq-mean-token-sum", clip_ratio_c=delta, global_batch_size=ROWS)
+    assert_equal(our, their)
+    assert our[2]["actor/pg_clipfrac"] > 0
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+@pytest.mark.parametrize("with_sampler_ratio", [False, True], ids=["no_is", "sampler_is"])
+def test_vespo_equals_trls_vespo(seed: int, with_sampler_ratio: bool) -> None:
+    batch = edge_batch(seed)
+    settings = {"vespo_k_pos": 2.0, "vespo_lambda_pos": 3.0, "vespo_k_neg": 3.0, "vespo_lambda_neg": 2.0}
+    if with_sampler_ratio:  # TRL folds the sampler IS ratio into w; it sums its log over every position
+        g = torch.Generator().manual_seed(seed)
+        ratio = torch.exp(0.3 * torch.randn(batch["log_prob"].shape, generator=g, dtype=torch.float64))
+        batch["importance_sampling_ratio"] = torch.where(batch["response_mask"] > 0, ratio, 1.0)
+    their = trl_loss("vespo", batch, **settings)
+    our = ours("vespo", batch, "token-mean", **settings)
+    assert_equal(our, their)
+    assert our[2]["actor/vespo_phi_mean"] > 0
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "bnpo", "grpo"])
+@pytest.mark.parametrize("delta", [None, 2.5])
+def test_trls_delta_is_dual_clip_and_bnpo_is_a_local_token_mean(loss_type: str, delta: float | None) -> None:
+    """INTELLECT-2's two-sided clip (TRL's ``delta``) is vanilla's dual-clip ``clip_ratio_c``; on one micro-batch
+    TRL's ``bnpo`` is ``token-mean`` over the micro-batch's own tokens (ours without global counts)."""
+    batch = edge_batch(5)
+    their = trl_loss(loss_type, batch, delta=delta)
+    mode = "seq-mean-token-mean" if loss_type == "grpo" else "token-mean"
+    our = ours(
+        "vanilla", batch, mode, clip_ratio_c=delta, global_batch_size=ROWS if loss_type == "grpo" else None
+    )
+    assert_equal(our, their)
+    assert (our[2]["actor/pg_clipfrac_dual"] > 0) == (delta is not None)

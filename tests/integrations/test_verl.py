@@ -20,7 +20,9 @@ pytest.importorskip("verl", reason="verl is not installed: run `make test-verl`"
 
 from hydra import compose, initialize_config_dir
 from tensordict import TensorDict
+from verl.trainer.config.algorithm import RolloutCorrectionConfig
 from verl.trainer.ppo import core_algos
+from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_and_rejection_mask
 from verl.utils import tensordict_utils
 from verl.utils.config import omega_conf_to_dataclass
 from verl.workers.config import ActorConfig
@@ -33,6 +35,7 @@ from cegppo.integrations.verl import (
     policy_loss_config_from_verl,
 )
 from cegppo.losses import PolicyLossConfig, get_policy_loss_fn, list_policy_losses
+from cegppo.losses.rollout_correction import rollout_correction
 
 REPO = Path(__file__).resolve().parents[2]
 VERL_MODES = [
@@ -43,6 +46,20 @@ VERL_MODES = [
     "seq-mean-token-sum-norm",
 ]
 BATCH, LENGTH = 6, 9
+# Our losses that verl 0.9.1 also registers, under the same name.
+VERL_NAMED = (
+    "vanilla",
+    "cispo",
+    "gspo",
+    "sapo",
+    "geo_mean",
+    "dppo_tv",
+    "dppo_kl",
+    "dro",
+    "clip_cov",
+    "kl_cov",
+    "gpg",
+)
 
 
 def random_batch(seed: int, rows: int = BATCH) -> dict[str, torch.Tensor]:
@@ -62,6 +79,21 @@ def random_batch(seed: int, rows: int = BATCH) -> dict[str, torch.Tensor]:
         "advantages": advantages,
         "response_mask": mask,
     }
+
+
+def edge_batch(seed: int, rows: int = BATCH) -> dict[str, torch.Tensor]:
+    """``random_batch`` plus the edge regions: ratios e^±8 far outside any band, a row with A = 0."""
+    batch = random_batch(seed, rows)
+    old, new = batch["old_log_prob"], batch["log_prob"].detach().clone()
+    new[2, 0], new[3, 1], new[4, 2] = old[2, 0] + 8.0, old[3, 1] - 8.0, old[4, 2] + 6.0
+    batch["advantages"][5] = 0.0
+    batch["log_prob"] = new.requires_grad_(True)
+    return batch
+
+
+def without_empty_rows(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    live = batch["response_mask"].sum(-1) > 0
+    return {k: v.detach()[live].clone().requires_grad_(k == "log_prob") for k, v in batch.items()}
 
 
 def actor_config(global_batch_info: dict | None = None, **overrides) -> ActorConfig:
@@ -90,8 +122,9 @@ def run(fn, batch: dict, mode: str, config, rollout_is_weights=None):
 
 def test_registers_every_loss_without_touching_verls() -> None:
     assert set(REGISTERED) == set(list_policy_losses())
-    assert REGISTERED["ce_gppo"] == "ce_gppo" and REGISTERED["gppo"] == "gppo"
-    for name in ("vanilla", "cispo", "gspo", "clip_cov", "kl_cov", "gpg"):
+    for name in ("ce_gppo", "gppo", "luspo", "vespo"):
+        assert REGISTERED[name] == name
+    for name in VERL_NAMED:
         assert REGISTERED[name] == f"cegppo_{name}"
         assert core_algos.get_policy_loss_fn(name).__module__ == "verl.trainer.ppo.core_algos"
     for name, verl_name in REGISTERED.items():
@@ -136,6 +169,160 @@ def test_gspo_matches_verls_gspo(batch_info: dict | None) -> None:
     torch.testing.assert_close(our_loss, verl_loss)
     torch.testing.assert_close(our_grad, verl_grad)
     assert our_metrics["actor/ppo_kl"] == pytest.approx(verl_metrics["actor/ppo_kl"])
+
+
+def assert_same(ours, verl, *, metric_keys=("actor/ppo_kl",)) -> None:
+    torch.testing.assert_close(ours[0], verl[0])
+    torch.testing.assert_close(ours[1], verl[1])
+    assert ours[1].abs().sum() > 0
+    for key in metric_keys:
+        assert ours[2][key] == pytest.approx(verl[2][key])
+
+
+@pytest.mark.parametrize("name", ["dppo_tv", "dppo_kl", "dro"])
+@pytest.mark.parametrize("mode", VERL_MODES)
+@pytest.mark.parametrize("batch_info", [None, DP2_NORM], ids=["local", "dp2"])
+def test_token_level_losses_match_verls(name: str, mode: str, batch_info: dict | None) -> None:
+    batch = edge_batch(seed=7 * len(name) + VERL_MODES.index(mode))
+    # A TV/KL band of 0.1 and a truncation cap of 3 so that masking and truncation both act.
+    config = actor_config(
+        batch_info, clip_ratio_low=0.1, clip_ratio_high=0.1, policy_loss=VerlPolicyLossConfig(dro_beta=0.3)
+    )
+    verl = run(core_algos.get_policy_loss_fn(name), batch, mode, config)
+    ours = run(core_algos.get_policy_loss_fn(f"cegppo_{name}"), batch, mode, config)
+    if name == "dro":
+        assert_same(ours, verl)
+        assert ours[2]["actor/dro_penalty"] > 0
+        return
+    assert_same(ours, verl, metric_keys=("actor/ppo_kl", "actor/pg_clipfrac_lower"))
+    assert ours[2]["actor/dppo_masked_frac"] == pytest.approx(verl[2]["actor/pg_clipfrac"])
+    assert 0 < ours[2]["actor/dppo_masked_frac"] < 1
+    assert ours[2]["actor/pg_clipfrac_dual"] > 0
+
+
+@pytest.mark.parametrize("mode", VERL_MODES)
+@pytest.mark.parametrize("batch_info", [None, DP2], ids=["local", "dp2"])
+def test_sapo_matches_verls_sapo(mode: str, batch_info: dict | None) -> None:
+    # Both force seq-mean-token-mean whatever loss_agg_mode says.
+    batch = edge_batch(seed=31 + VERL_MODES.index(mode))
+    config = actor_config(batch_info, tau_pos=1.0, tau_neg=1.05)
+    verl = run(core_algos.get_policy_loss_fn("sapo"), batch, mode, config)
+    ours = run(core_algos.get_policy_loss_fn("cegppo_sapo"), batch, mode, config)
+    assert_same(ours, verl)
+    other = run(
+        core_algos.get_policy_loss_fn("cegppo_sapo"), batch, mode, actor_config(batch_info, tau_neg=3.0)
+    )
+    assert not torch.allclose(other[1], ours[1])
+    assert 0 < ours[2]["actor/sapo_gate_mean"] < 1
+
+
+@pytest.mark.parametrize("eps", [0.2, 0.4])
+def test_geo_mean_matches_verls_geo_mean(eps: float) -> None:
+    """verl averages over the micro-batch rows (empty ones included) and ignores global counts; ours averages
+    over live sequences with the global count: equal on a batch without empty rows, off by B / B_live with."""
+    batch = edge_batch(seed=41)
+    config = actor_config(clip_ratio_low=eps, clip_ratio_high=eps)
+    live = without_empty_rows(batch)
+    verl = run(core_algos.get_policy_loss_fn("geo_mean"), live, "token-mean", config)
+    ours = run(core_algos.get_policy_loss_fn("cegppo_geo_mean"), live, "token-mean", config)
+    assert_same(ours, verl)
+    verl_all = run(core_algos.get_policy_loss_fn("geo_mean"), batch, "token-mean", config)
+    ours_all = run(core_algos.get_policy_loss_fn("cegppo_geo_mean"), batch, "token-mean", config)
+    scale = BATCH / (BATCH - 1)
+    torch.testing.assert_close(ours_all[0], verl_all[0] * scale)
+    torch.testing.assert_close(ours_all[1], verl_all[1] * scale)
+    weights = (
+        torch.rand(BATCH - 1, LENGTH, generator=torch.Generator().manual_seed(2), dtype=torch.float64) + 0.5
+    )
+    verl_w = run(core_algos.get_policy_loss_fn("geo_mean"), live, "token-mean", config, weights)
+    ours_w = run(core_algos.get_policy_loss_fn("cegppo_geo_mean"), live, "token-mean", config, weights)
+    assert_same(ours_w, verl_w)
+
+
+def mismatch_batch(seed: int) -> dict[str, torch.Tensor]:
+    """``edge_batch``'s masks and advantages with a sampler mismatch: log r ~ N(0, 0.15²), and one outlier
+    token (log r = ±3) in rows 2 and 3, so that some sequences pass each criterion and others do not."""
+    batch = edge_batch(seed)
+    g = torch.Generator().manual_seed(seed)
+    old = batch["old_log_prob"]
+    new = old + 0.15 * torch.randn(old.shape, generator=g, dtype=torch.float64)
+    new[2, 0], new[3, 1] = old[2, 0] + 3.0, old[3, 1] - 3.0
+    batch["log_prob"] = new.requires_grad_(True)
+    return batch
+
+
+# verl's presets (RolloutCorrectionConfig's class methods) and each rejection criterion on its own.
+CORRECTIONS = {
+    "token_tis": {"rollout_is": "token", "rollout_is_threshold": 2.0},
+    "seq_tis": {"rollout_is": "sequence", "rollout_is_threshold": 2.0},
+    "token_icepop": {"rollout_is": "token", "rollout_is_threshold": "0.5_5.0"},
+    "seq_mis": {"rollout_is": "sequence", "rollout_is_threshold": 2.0, "rollout_rs": "seq_sum_k1",
+                "rollout_rs_threshold": "0.5_2.0"},
+    "token_tis_normalized": {"rollout_is": "token", "rollout_is_threshold": 2.0, "rollout_is_batch_normalize": True},
+    "seq_tis_normalized": {"rollout_is": "sequence", "rollout_is_threshold": 5.0, "rollout_is_batch_normalize": True},
+    "geo_rs": {"rollout_rs": "seq_mean_k1", "rollout_rs_threshold": "0.8_1.25"},
+    "geo_rs_upper_only": {"rollout_rs": "seq_mean_k1", "rollout_rs_threshold": 1.3},
+    "k3_rs_token_tis": {"rollout_is": "token", "rollout_is_threshold": 2.0, "rollout_rs": "seq_mean_k3",
+                        "rollout_rs_threshold": 0.05},
+    "token_k1": {"rollout_rs": "token_k1", "rollout_rs_threshold": "0.7_1.4"},
+    "token_k2": {"rollout_rs": "token_k2", "rollout_rs_threshold": 0.1},
+    "token_k3": {"rollout_rs": "token_k3", "rollout_rs_threshold": 0.1},
+    "seq_sum_k2": {"rollout_rs": "seq_sum_k2", "rollout_rs_threshold": 1.0},
+    "seq_sum_k3": {"rollout_rs": "seq_sum_k3", "rollout_rs_threshold": 1.0},
+    "seq_mean_k2": {"rollout_rs": "seq_mean_k2", "rollout_rs_threshold": 0.05},
+    "seq_max_k2": {"rollout_rs": "seq_max_k2", "rollout_rs_threshold": 0.5},
+    "seq_max_k3": {"rollout_rs": "seq_max_k3", "rollout_rs_threshold": 0.5},
+    "chained": {"rollout_rs": "token_k1,seq_mean_k3", "rollout_rs_threshold": "0.5_2.0,0.05"},
+}  # fmt: skip
+CORRECTION_METRICS = (
+    "rollout_is_mean",
+    "rollout_is_ratio_fraction_high",
+    "rollout_is_ratio_fraction_low",
+    "rollout_rs_masked_fraction",
+    "rollout_rs_seq_masked_fraction",
+)
+
+
+@pytest.mark.parametrize("name", list(CORRECTIONS))
+def test_rollout_correction_matches_verls(name: str) -> None:
+    """Weights and rejection mask equal verl's on every token; the metrics too, on a batch without empty rows
+    (verl counts empty rows in its per-sequence fractions, we leave them out)."""
+    settings = CORRECTIONS[name]
+    for batch in (mismatch_batch(seed=43), without_empty_rows(mismatch_batch(seed=43))):
+        train, sampler, mask = batch["log_prob"].detach(), batch["old_log_prob"], batch["response_mask"]
+        theirs = compute_rollout_correction_and_rejection_mask(
+            train, sampler, mask, **{"rollout_is": None, **settings}
+        )
+        ours = rollout_correction(train, sampler, mask, PolicyLossConfig(**settings))
+        if settings.get("rollout_is") is None:
+            assert theirs[0] is None and ours.weights is None
+        else:
+            torch.testing.assert_close(ours.weights, theirs[0].batch["rollout_is_weights"])
+        assert torch.equal(ours.mask, theirs[1])
+    for key in CORRECTION_METRICS:
+        if f"rollout_corr/{key}" in theirs[2]:
+            assert ours.metrics[f"actor/{key}"] == pytest.approx(theirs[2][f"rollout_corr/{key}"]), key
+    if "rollout_rs" in settings:
+        assert 0 < ours.metrics["actor/rollout_rs_masked_fraction"] < 1
+    if settings.get("rollout_is_threshold") == 2.0 and not settings.get("rollout_is_batch_normalize"):
+        assert ours.weights.max() == 2.0
+
+
+@pytest.mark.parametrize("loss_type", ["ppo_clip", "reinforce"])
+@pytest.mark.parametrize("correction", ["seq_tis", "token_icepop", "geo_rs", "k3_rs_token_tis", "chained"])
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
+def test_bypass_mode_matches_verls(loss_type: str, correction: str, mode: str) -> None:
+    batch = mismatch_batch(seed=47)
+    rollout = RolloutCorrectionConfig(**{"rollout_is": None, **CORRECTIONS[correction]}, loss_type=loss_type)
+    config = actor_config(
+        DP2, policy_loss=VerlPolicyLossConfig(loss_mode="bypass_mode", rollout_correction=rollout)
+    )
+    verl = run(core_algos.get_policy_loss_fn("bypass_mode"), batch, mode, config)
+    ours = run(core_algos.get_policy_loss_fn("cegppo_bypass_mode"), batch, mode, config)
+    assert_same(ours, verl)
+    for key in ("rollout_rs_masked_fraction", "rollout_is_mean"):
+        if f"rollout_corr/{key}" in verl[2]:
+            assert ours[2][f"actor/{key}"] == pytest.approx(verl[2][f"rollout_corr/{key}"])
 
 
 def test_rollout_is_weights_reach_the_loss() -> None:
@@ -235,13 +422,22 @@ def test_config_translation() -> None:
         clip_ratio_low=None,
         clip_ratio_high=None,
         clip_ratio_c=5.0,
-        policy_loss=CEGPPOPolicyLossConfig(beta1=0.25, beta2=0.9, clip_cov_ratio=1e-3, ppo_kl_coef=0.1),
+        policy_loss=CEGPPOPolicyLossConfig(
+            beta1=0.25, beta2=0.9, clip_cov_ratio=1e-3, ppo_kl_coef=0.1, vespo_k_neg=1.5, dro_beta=0.2
+        ),
+        tau_neg=2.0,
     )
     ours = policy_loss_config_from_verl(config)
     assert (ours.clip_ratio_low, ours.clip_ratio_high, ours.clip_ratio_c) == (0.3, 0.3, 5.0)
     assert (ours.beta1, ours.beta2, ours.clip_cov_ratio, ours.ppo_kl_coef) == (0.25, 0.9, 1e-3, 0.1)
     assert (ours.dp_size, ours.batch_num_tokens, ours.global_batch_size) == (4, 120, 16)
     assert ours.loss_scale_factor == 8
+    assert (ours.vespo_k_neg, ours.dro_beta, ours.tau_pos, ours.tau_neg) == (1.5, 0.2, 1.0, 2.0)
+    assert (ours.rollout_is, ours.rollout_is_threshold, ours.bypass_loss_type) == (
+        "sequence",
+        2.0,
+        "ppo_clip",
+    )
 
 
 def test_bad_settings_fail_with_the_key_named() -> None:

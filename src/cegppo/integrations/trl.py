@@ -10,7 +10,12 @@ Everything else is TRL's: generation (``model.generate`` or vLLM), rewards, grou
 reference model (``beta``), logging, ``accelerate``/DeepSpeed/FSDP. Only ``GRPOTrainer._compute_loss`` is
 replaced, TRL's supported extension route. TRL's clip knobs keep their meaning: ``epsilon`` is ε_low,
 ``epsilon_high`` is ε_high and ``delta`` is the dual-clip bound c (TRL's "two-sided clipping" is exactly
-dual-clip; here it defaults to 10, the CE-GPPO recipe's value). ``loss_type`` is replaced by ``loss_mode``
+dual-clip; here it defaults to 10, the CE-GPPO recipe's value); ``sapo_temperature_{pos,neg}`` and
+``vespo_{k,lambda}_{pos,neg}`` reach ``loss_mode="sapo"``/``"vespo"``. TRL's ``loss_type`` values map to
+``loss_mode="vanilla"`` with an aggregation (``dapo``: ``token-mean``, ``grpo``: ``seq-mean-token-mean``, ``dr_grpo``:
+``seq-mean-token-sum-norm``), or to the losses ``sapo``, ``luspo``, ``vespo``, ``cispo``; ``bnpo`` (a token mean over
+each micro-batch's own tokens) is not offered because its gradient depends on how a step is split into
+micro-batches: ``token-mean`` is the split-free version. ``loss_type`` is replaced by ``loss_mode``
 (the registered loss) and ``loss_agg_mode`` (the aggregation), normalised as TRL normalises:
 
 - ``token-mean``: Σ loss / tokens of the optimizer step across processes, as TRL's ``dapo``;
@@ -82,10 +87,20 @@ class CEGPPOConfig(GRPOConfig):
     clip_cov_ub: float = field(default=_DEFAULTS.clip_cov_ub, **_help("clip_cov: covariance upper bound."))
     kl_cov_ratio: float = field(default=_DEFAULTS.kl_cov_ratio, **_help("kl_cov: fraction of tokens."))
     ppo_kl_coef: float = field(default=_DEFAULTS.ppo_kl_coef, **_help("kl_cov: KL penalty coefficient."))
+    dro_beta: float | None = field(
+        default=_DEFAULTS.dro_beta, **_help("dro: quadratic log-ratio penalty (required by loss_mode='dro').")
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         get_policy_loss_fn(self.loss_mode)
+        if self.loss_mode == "bypass_mode":
+            raise ValueError(
+                "CEGPPOConfig.loss_mode='bypass_mode' needs the sampler's log-probs as old_log_prob, which TRL does "
+                "not pass to the loss; use TRL's vllm_importance_sampling_correction instead"
+            )
+        if self.loss_mode == "dro" and self.dro_beta is None:
+            raise ValueError("CEGPPOConfig.dro_beta=None: loss_mode='dro' needs a penalty dro_beta > 0")
         if self.loss_agg_mode not in LOSS_AGG_MODES:
             raise ValueError(
                 f"CEGPPOConfig.loss_agg_mode={self.loss_agg_mode!r}: allowed values are {LOSS_AGG_MODES}"
@@ -117,6 +132,13 @@ class CEGPPOConfig(GRPOConfig):
             clip_cov_ub=self.clip_cov_ub,
             kl_cov_ratio=self.kl_cov_ratio,
             ppo_kl_coef=self.ppo_kl_coef,
+            tau_pos=self.sapo_temperature_pos,
+            tau_neg=self.sapo_temperature_neg,
+            vespo_k_pos=self.vespo_k_pos,
+            vespo_lambda_pos=self.vespo_lambda_pos,
+            vespo_k_neg=self.vespo_k_neg,
+            vespo_lambda_neg=self.vespo_lambda_neg,
+            dro_beta=self.dro_beta,
         )
 
 

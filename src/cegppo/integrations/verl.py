@@ -2,9 +2,9 @@
 
 Importing this module registers, in ``verl.trainer.ppo.core_algos.POLICY_LOSS_REGISTRY``:
 
-- ``ce_gppo`` and ``gppo`` (verl has neither);
-- ``cegppo_vanilla``, ``cegppo_cispo``, ``cegppo_gspo``, ``cegppo_clip_cov``, ``cegppo_kl_cov``, ``cegppo_gpg``
-  (verl already registers the bare names; ours keep verl's losses untouched).
+- ``ce_gppo``, ``gppo``, ``luspo`` and ``vespo`` (verl has none of them);
+- ``cegppo_<name>`` for every loss verl also registers (``vanilla``, ``cispo``, ``gspo``, ``sapo``, ``geo_mean``,
+  ``dppo_tv``, ``dppo_kl``, ``dro``, ``clip_cov``, ``kl_cov``, ``gpg``): verl's own losses stay untouched.
 
 verl loads the module in its Ray workers through any one of: the ``verl.plugins`` entry point that the cegppo
 package declares (verl 0.9+ imports every such plug-in on ``import verl``), or
@@ -19,7 +19,8 @@ loss with ``actor_rollout_ref.actor.policy_loss.loss_mode=ce_gppo``.
     +actor_rollout_ref.actor.policy_loss.beta2=1.0
 
 Without the subclass, ``ce_gppo`` uses the paper's β1 = 0.5, β2 = 1 (:class:`cegppo.losses.PolicyLossConfig`'s
-defaults). Everything else comes from verl's actor config (:func:`policy_loss_config_from_verl`), and verl's
+defaults). VESPO's ``vespo_{k,lambda}_{pos,neg}`` are set the same way; SAPO's ``tau_pos``/``tau_neg`` and DRO's
+``policy_loss.dro_beta`` are verl's own keys. Everything else comes from verl's actor config (:func:`policy_loss_config_from_verl`), and verl's
 ``global_batch_info`` (data-parallel size, global token and sequence counts) reaches the aggregation, so the
 loss does not depend on how verl splits a mini-batch into micro-batches and ranks.
 """
@@ -50,8 +51,9 @@ from cegppo.losses import POLICY_LOSS_REGISTRY, PolicyLossConfig, PolicyLossFn
 logger = logging.getLogger(__name__)
 
 # Losses verl has no version of keep their own name; the others get a prefix so verl's stay reachable.
-_UNPREFIXED = ("ce_gppo", "gppo")
+_UNPREFIXED = ("ce_gppo", "gppo", "luspo", "vespo")
 _DEFAULTS = PolicyLossConfig()
+_VESPO_KEYS = ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg")
 # Settings read from verl's actor_rollout_ref.actor.policy_loss section (beta1/beta2 via CEGPPOPolicyLossConfig).
 _POLICY_LOSS_KEYS = (
     "beta1",
@@ -61,7 +63,25 @@ _POLICY_LOSS_KEYS = (
     "clip_cov_ub",
     "kl_cov_ratio",
     "ppo_kl_coef",
+    "dro_beta",
+    *_VESPO_KEYS,
 )
+# verl's policy_loss.rollout_correction keys (read by bypass_mode), with our field names.
+_ROLLOUT_CORRECTION_KEYS = {
+    **{
+        key: key
+        for key in (
+            "rollout_is",
+            "rollout_is_threshold",
+            "rollout_is_batch_normalize",
+            "rollout_rs",
+            "rollout_rs_threshold",
+        )
+    },
+    "loss_type": "bypass_loss_type",
+}
+# Settings verl keeps at the top of the actor config.
+_ACTOR_KEYS = ("tau_pos", "tau_neg")
 
 
 def verl_loss_name(name: str) -> str:
@@ -79,10 +99,14 @@ class CEGPPOPolicyLossConfig(VerlPolicyLossConfig):
 
     beta1: float = _DEFAULTS.beta1
     beta2: float = _DEFAULTS.beta2
+    vespo_k_pos: float = _DEFAULTS.vespo_k_pos
+    vespo_lambda_pos: float = _DEFAULTS.vespo_lambda_pos
+    vespo_k_neg: float = _DEFAULTS.vespo_k_neg
+    vespo_lambda_neg: float = _DEFAULTS.vespo_lambda_neg
 
     def __post_init__(self) -> None:
         # Fail when verl builds the actor config (on the driver, before any GPU work), not at the first update.
-        PolicyLossConfig(beta1=self.beta1, beta2=self.beta2)
+        PolicyLossConfig(**{name: getattr(self, name) for name in ("beta1", "beta2", *_VESPO_KEYS)})
 
 
 def _count(value: Any, key: str) -> int | None:
@@ -102,8 +126,10 @@ def policy_loss_config_from_verl(config: Any) -> PolicyLossConfig:
     """Translate verl's actor config (``ActorConfig`` or an OmegaConf node of it) into a cegppo config.
 
     ``clip_ratio_low``/``clip_ratio_high`` fall back to ``clip_ratio`` when unset, as in verl; ``clip_ratio_c``,
-    ``loss_scale_factor``, ``policy_loss.{clip_cov_ratio, clip_cov_lb, clip_cov_ub, kl_cov_ratio, ppo_kl_coef,
-    beta1, beta2}`` and ``global_batch_info`` are carried over; keys verl does not have keep cegppo's defaults.
+    ``loss_scale_factor``, ``tau_pos``, ``tau_neg``, ``policy_loss.{clip_cov_ratio, clip_cov_lb, clip_cov_ub,
+    kl_cov_ratio, ppo_kl_coef, dro_beta, beta1, beta2, vespo_*}``, ``policy_loss.rollout_correction`` (for
+    ``bypass_mode``; its ``loss_type`` is our ``bypass_loss_type``) and ``global_batch_info`` are carried over; keys
+    verl does not have keep cegppo's defaults.
     """
     if not isinstance(config, Mapping):
         raise TypeError(
@@ -114,6 +140,7 @@ def policy_loss_config_from_verl(config: Any) -> PolicyLossConfig:
     clip_ratio_high = config.get("clip_ratio_high")
     policy_loss = config.get("policy_loss") or {}
     batch_info = config.get("global_batch_info") or {}
+    correction = policy_loss.get("rollout_correction") or {}
     loss_scale_factor = batch_info.get("loss_scale_factor", config.get("loss_scale_factor"))
     return PolicyLossConfig(
         clip_ratio_low=clip_ratio if clip_ratio_low is None else clip_ratio_low,
@@ -121,6 +148,12 @@ def policy_loss_config_from_verl(config: Any) -> PolicyLossConfig:
         clip_ratio_c=config.get("clip_ratio_c", _DEFAULTS.clip_ratio_c),
         loss_scale_factor=loss_scale_factor,
         **{key: policy_loss.get(key, getattr(_DEFAULTS, key)) for key in _POLICY_LOSS_KEYS},
+        **{key: config.get(key, getattr(_DEFAULTS, key)) for key in _ACTOR_KEYS},
+        **{
+            ours: correction[theirs]
+            for theirs, ours in _ROLLOUT_CORRECTION_KEYS.items()
+            if theirs in correction
+        },
         dp_size=_count(batch_info.get("dp_size", 1), "dp_size"),
         batch_num_tokens=_count(batch_info.get("batch_num_tokens"), "batch_num_tokens"),
         global_batch_size=_count(batch_info.get("global_batch_size"), "global_batch_size"),

@@ -6,10 +6,25 @@
 ...     loss_agg_mode="token-mean", config=PolicyLossConfig(), rollout_is_weights=None)  # doctest: +SKIP
 
 Registered: ``ce_gppo``, ``gppo``, ``vanilla`` (PPO-clip; GRPO and DAPO are configurations),
-``cispo``, ``gspo``, ``clip_cov``, ``kl_cov``, ``gpg``. ``docs/losses.md`` explains each.
+``cispo``, ``gspo``, ``luspo``, ``geo_mean``, ``sapo``, ``dppo_tv``, ``dppo_kl``, ``vespo``, ``dro``,
+``clip_cov``, ``kl_cov``, ``gpg``, ``bypass_mode``. ``docs/losses.md`` explains each; the rollout correction
+(importance weights and rejection against the sampler) is :mod:`cegppo.losses.rollout_correction`.
 """
 
-from cegppo.losses import cispo, covariance, gpg, gppo, gspo, ppo  # noqa: F401  (register the losses)
+from cegppo.losses import (  # noqa: F401  (register the losses)
+    bypass,
+    cispo,
+    covariance,
+    dppo,
+    dro,
+    gmpo,
+    gpg,
+    gppo,
+    gspo,
+    ppo,
+    sapo,
+    vespo,
+)
 from cegppo.losses.aggregation import agg_loss, masked_mean
 from cegppo.losses.config import LOSS_AGG_MODES, PolicyLossConfig
 from cegppo.losses.kl import KL_ESTIMATORS, kl_penalty

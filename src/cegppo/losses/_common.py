@@ -88,15 +88,19 @@ def prepare_inputs(
     return inputs, config
 
 
-def apply_dual_clip(pg_losses: torch.Tensor, inputs: PolicyInputs, config: PolicyLossConfig) -> torch.Tensor:
-    """Dual-clip PPO (Ye et al. 2020, arXiv 1912.09729): cap A < 0 token losses at -c·A.
+def apply_dual_clip(
+    pg_losses: torch.Tensor, ratio: torch.Tensor, inputs: PolicyInputs, config: PolicyLossConfig
+) -> torch.Tensor:
+    """Dual-clip PPO (Ye et al. 2020, arXiv 1912.09729): a token with A < 0 and ratio δ > c has loss −c·A.
 
-    Tokens with A < 0 and δ > c thus get zero gradient, so one very stale token cannot dominate.
+    Such tokens get zero gradient, so one very stale token cannot dominate. For PPO-clip this is the usual
+    min(loss, −c·A); selecting by δ (not by the loss value) keeps CE-GPPO's left-boundary tokens (δ < 1−ε),
+    whose value β1·(1−ε)·|A| may exceed c·|A| for large β1, out of the cap.
     """
     if config.clip_ratio_c is None:
         return pg_losses
-    capped = torch.minimum(pg_losses, -inputs.advantages * config.clip_ratio_c)
-    return torch.where(inputs.advantages < 0, capped, pg_losses)
+    stale = (inputs.advantages < 0) & (ratio.detach() > config.clip_ratio_c)
+    return torch.where(stale, -inputs.advantages * config.clip_ratio_c, pg_losses)
 
 
 def clip_regions(
@@ -116,6 +120,12 @@ def clip_regions(
     else:
         dual = (ratio > config.clip_ratio_c) & (advantages < 0)
     return {"low": low, "high": high, "dual": dual}
+
+
+def no_regions(inputs: PolicyInputs) -> dict[str, torch.Tensor]:
+    """The regions of a loss that clips nowhere (all fractions report 0)."""
+    nothing = torch.zeros_like(inputs.mask, dtype=torch.bool)
+    return {"low": nothing, "high": nothing, "dual": nothing}
 
 
 def clip_metrics(

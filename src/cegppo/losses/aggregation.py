@@ -72,3 +72,8 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     dtype = accumulation_dtype(values)
     mask = mask.to(dtype)
     return (values.to(dtype) * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def sequence_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-row mean of ``values`` over the tokens where ``mask`` is 1, [batch]; 0 for an empty row."""
+    return (values * mask).sum(dim=-1) / mask.sum(dim=-1).clamp(min=1.0)

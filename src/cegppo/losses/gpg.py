@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from cegppo.losses._common import aggregate, clip_metrics, prepare_inputs
+from cegppo.losses._common import aggregate, clip_metrics, no_regions, prepare_inputs
 from cegppo.losses.config import PolicyLossConfig
 from cegppo.losses.registry import register_policy_loss
 
@@ -30,7 +30,6 @@ def compute_policy_loss_gpg(
         old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights
     )
     pg_losses = -inputs.advantages * inputs.log_prob
-    nothing = torch.zeros_like(inputs.mask, dtype=torch.bool)
-    regions = {"low": nothing, "high": nothing, "dual": nothing}
+    regions = no_regions(inputs)
     loss = aggregate(pg_losses, inputs, loss_agg_mode, config)
-    return loss, clip_metrics(regions, nothing, inputs)
+    return loss, clip_metrics(regions, regions["low"], inputs)

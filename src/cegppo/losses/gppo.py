@@ -33,7 +33,7 @@ def gradient_preserving_loss(
         ratio.new_tensor(beta2 * (1 + config.clip_ratio_high)),
     )
     pg_losses = -inputs.advantages * torch.where(boundary, weight * gradient_carrier, ratio)
-    pg_losses = apply_dual_clip(pg_losses, inputs, config)
+    pg_losses = apply_dual_clip(pg_losses, ratio, inputs, config)
     loss = aggregate(pg_losses, inputs, loss_agg_mode, config)
     metrics = clip_metrics(regions, boundary | regions["dual"], inputs)
     metrics.update(

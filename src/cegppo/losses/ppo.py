@@ -36,7 +36,7 @@ def compute_policy_loss_vanilla(
     ratio = inputs.ratio
     unclipped = -inputs.advantages * ratio
     clipped = -inputs.advantages * ratio.clamp(1 - config.clip_ratio_low, 1 + config.clip_ratio_high)
-    pg_losses = apply_dual_clip(torch.maximum(unclipped, clipped), inputs, config)
+    pg_losses = apply_dual_clip(torch.maximum(unclipped, clipped), ratio, inputs, config)
     regions = clip_regions(ratio, inputs, config)
     loss = aggregate(pg_losses, inputs, loss_agg_mode, config)
     return loss, clip_metrics(regions, regions["low"] | regions["high"] | regions["dual"], inputs)

@@ -17,6 +17,7 @@ from transformers import PreTrainedModel, get_constant_schedule_with_warmup
 from cegppo.config import Config
 from cegppo.dynamics import QuadrantTotals, quadrant_totals
 from cegppo.losses import PolicyLossConfig, agg_loss, get_policy_loss_fn, get_token_selector, kl_penalty
+from cegppo.losses.rollout_correction import correction_enabled, rollout_correction
 from cegppo.ops import causal_lm_logprobs_and_entropy
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class Experience:
     sampler_log_prob: torch.Tensor | None = None  # [N, R], from the rollout engine
     old_log_prob: torch.Tensor | None = None  # [N, R]
     ref_log_prob: torch.Tensor | None = None  # [N, R]
+    rollout_is_weights: torch.Tensor | None = None  # [N, R], set by Actor.correct_for_sampler
     token_selection: torch.Tensor | None = None  # [N, R] bool, Clip-Cov/KL-Cov's tokens of the mini-batch
 
     @property
@@ -83,6 +85,8 @@ class Actor:
         self.loss_fn = get_policy_loss_fn(actor.policy_loss)
         self.token_selector = get_token_selector(actor.policy_loss)
         self.loss_config = config.policy_loss_config()
+        # bypass_mode: the sampler's log-probs are π_old (verl's two-policy mode).
+        self.bypass = actor.policy_loss == "bypass_mode"
         # The KL reference: the given frozen model, else the policy as training starts.
         self.ref_model: PreTrainedModel | None = None
         if actor.use_kl_loss:
@@ -133,16 +137,31 @@ class Actor:
 
     def rollout_is_weights(self, batch: Experience) -> torch.Tensor | None:
         """Truncated importance weights min(π_old/π_sampler, cap) per token, or None when not configured."""
+        if batch.rollout_is_weights is not None:
+            return batch.rollout_is_weights
         cap = self.config.rollout.tis_cap
         if cap is None or batch.sampler_log_prob is None or batch.old_log_prob is None:
             return None
         log_ratio = (batch.old_log_prob - batch.sampler_log_prob).clamp(max=math.log(cap))
         return log_ratio.exp() * batch.response_mask
 
+    def correct_for_sampler(self, batch: Experience) -> tuple[Experience, dict[str, float]]:
+        """verl's decoupled rollout correction (``actor.rollout_is``/``rollout_rs``) over the whole batch: IS
+        weights π_old/π_sampler and the rejection mask, for any loss (``bypass_mode`` corrects inside its loss)."""
+        if self.bypass or not correction_enabled(self.loss_config) or batch.sampler_log_prob is None:
+            return batch, {}
+        correction = rollout_correction(
+            batch.old_log_prob, batch.sampler_log_prob, batch.response_mask, self.loss_config
+        )
+        return dataclasses.replace(
+            batch, response_mask=correction.mask, rollout_is_weights=correction.weights
+        ), correction.metrics
+
     def update(self, batch: Experience, group_size: int) -> dict[str, float]:
         """``ppo_epochs`` passes over mini-batches of ``ppo_mini_batch_size`` prompts; one optimiser step each."""
         if batch.old_log_prob is None:
             raise ValueError("compute_old_log_probs must run before update")
+        batch, correction_metrics = self.correct_for_sampler(batch)
         actor = self.config.actor
         self.model.train()
         totals: dict[str, float] = defaultdict(float)
@@ -160,7 +179,7 @@ class Actor:
                 for key, value in metrics.items():
                     totals[key] += value
                     weights[key] += 1
-        result = {key: totals[key] / weights[key] for key in totals}
+        result = {key: totals[key] / weights[key] for key in totals} | correction_metrics
         if quadrants is not None:
             result.update(quadrants.metrics())
         result["actor/lr"] = self.scheduler.get_last_lr()[0]
@@ -219,7 +238,7 @@ class Actor:
             if not torch.isfinite(log_prob).all():
                 return dict(metrics), quadrants, False
             pg_loss, pg_metrics = self.loss_fn(
-                old_log_prob=micro.old_log_prob,
+                old_log_prob=micro.sampler_log_prob if self.bypass else micro.old_log_prob,
                 log_prob=log_prob,
                 advantages=micro.advantages.unsqueeze(1).expand_as(log_prob),
                 response_mask=micro.response_mask,
