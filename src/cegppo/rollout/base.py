@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -53,10 +55,14 @@ class RolloutBatch:
     - ``prompt_ids`` / ``prompt_mask``: ``[B*n, P]``, left-padded with the pad id (mask 0 on padding).
     - ``response_ids`` / ``response_mask``: ``[B*n, R]``, right-padded with the pad id; the mask is 1 on
       every generated token up to and including the first EOS, 0 after it.
-    - ``sampler_logprobs``: ``[B*n, R]`` float32, the log-probability of each sampled token under
-      ``log_softmax(logits / temperature)``, i.e. after temperature but *before* top-k/top-p filtering
-      (for greedy decoding, temperature 1). This equals what a teacher-forced forward pass recomputes
-      at the same temperature, so a PPO ratio against it is exactly 1 on-policy. 0 where the mask is 0.
+    - ``sampler_logprobs``: ``[B*n, R]`` float32, the log-probability of each sampled token under the
+      distribution it was drawn from, in both engines: ``log_softmax`` of ``logits / temperature`` after
+      top-k and top-p filtering (the kept tokens renormalised; greedy decoding: temperature 1, no
+      filtering). With the filters off (``top_k=-1``, ``top_p=1``) it equals what a teacher-forced forward
+      pass recomputes at the same temperature, up to numerics. With a filter on it is larger by
+      ``-log(kept mass)`` of that step, so ``π_old/π_sampler`` (the truncated importance-sampling weight,
+      ``rollout.tis_cap``) is the kept mass, < 1: it corrects for sampling from the truncated
+      distribution. 0 where the mask is 0.
     - ``response_texts``: the decoded responses (masked tokens only, special tokens skipped).
     - ``truncated``: ``[B*n]`` bool, True where the response hit ``max_new_tokens`` without an EOS.
     - ``n``: samples per prompt.
@@ -106,19 +112,108 @@ class RolloutBatch:
         return torch.cat([self.prompt_mask, self.response_mask], dim=1)
 
     @property
-    def position_ids(self) -> torch.Tensor:
-        """Positions as generation assigned them (counting from each row's first real token), ``[B*n, P+R]``.
-
-        Pass these to a teacher-forced forward pass: with left padding, the default ``arange`` positions
-        would differ from the ones the sampler used.
-        """
-        mask = self.attention_mask.long()
-        return (mask.cumsum(dim=1) - 1).clamp(min=0)
-
-    @property
     def num_prompts(self) -> int:
         """Number of distinct prompts ``B``."""
         return self.prompt_ids.shape[0] // self.n
+
+
+@contextlib.contextmanager
+def seeded(seed: int | None, device: torch.device) -> Iterator[None]:
+    """Seed torch's generators for the block and restore their previous state afterwards.
+
+    Both engines sample with torch's default generator of the device they run on (vLLM's in-process
+    engine core included), so this is what makes ``SamplingParams.seed`` reproducible.
+    """
+    if seed is None:
+        yield
+        return
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def tokenize_prompts(tokenizer: Any, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rendered prompts as left-padded ids and mask ``[B, P]`` (no special tokens added: they are rendered)."""
+    if not prompts:
+        raise ValueError("generate() got no prompts")
+    enc = tokenizer(
+        list(prompts), add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt"
+    )
+    empty = (enc["attention_mask"].sum(dim=1) == 0).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"prompts at indices {empty} tokenize to no tokens")
+    return enc["input_ids"], enc["attention_mask"]
+
+
+def assemble_rollout_batch(
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    responses: list[torch.Tensor],
+    logprobs: list[torch.Tensor],
+    *,
+    n: int,
+    max_new_tokens: int,
+    tokenizer: Any,
+    eos_token_ids: list[int],
+) -> RolloutBatch:
+    """The batch every engine returns, from each row's generated tokens and their sampler log-probs.
+
+    ``prompt_ids`` / ``prompt_mask`` are ``[B*n, P]`` (prompt-major, left-padded); ``responses[i]`` and
+    ``logprobs[i]`` are row ``i``'s generated tokens and log-probs (1-D, as long as generation ran for that
+    row; tokens after its EOS, such as the padding ``generate`` appends, are ignored). One rule for all
+    engines: the response is every generated token up to and including the first EOS; a row without EOS
+    keeps all its tokens and is ``truncated`` when it used all ``max_new_tokens``.
+    """
+    rows = len(responses)
+    lengths = torch.tensor([len(row) for row in responses])
+    if rows != prompt_ids.shape[0] or rows != len(logprobs):
+        raise RuntimeError(
+            f"{rows} responses and {len(logprobs)} log-prob rows for {prompt_ids.shape[0]} prompt rows"
+        )
+    if not int(lengths.min()) or not 0 < int(lengths.max()) <= max_new_tokens:
+        raise RuntimeError(f"responses must have 1..{max_new_tokens} tokens, got lengths {lengths.tolist()}")
+    width = int(lengths.max())
+    response_ids = torch.full((rows, width), tokenizer.pad_token_id, dtype=torch.long)
+    sampler_logprobs = torch.zeros(rows, width, dtype=torch.float32)
+    for row, (tokens, lps) in enumerate(zip(responses, logprobs, strict=True)):
+        if len(lps) != len(tokens):
+            raise RuntimeError(f"row {row} has {len(tokens)} tokens but {len(lps)} log-probs")
+        response_ids[row, : len(tokens)] = tokens
+        sampler_logprobs[row, : len(lps)] = lps
+
+    positions = torch.arange(width).unsqueeze(0)
+    generated = positions < lengths.unsqueeze(1)
+    # The pad id may equal EOS (SmolLM2), so EOS is searched among generated tokens only.
+    is_eos = torch.isin(response_ids, torch.tensor(eos_token_ids)) & generated
+    has_eos = is_eos.any(dim=1)
+    first_eos = is_eos.int().argmax(dim=1)
+    response_mask = torch.where(has_eos.unsqueeze(1), positions <= first_eos.unsqueeze(1), generated)
+    # where, not a product: a token after EOS may have had probability 0 under the filtered distribution.
+    sampler_logprobs = torch.where(response_mask, sampler_logprobs, 0.0)
+    bad = (~torch.isfinite(sampler_logprobs)).nonzero()
+    if len(bad):
+        row, col = bad[0].tolist()
+        raise RuntimeError(
+            f"the sampler returned a non-finite log-prob ({sampler_logprobs[row, col].item()}) for row {row}, "
+            f"token {col}"
+        )
+    lengths = response_mask.sum(dim=1)
+    texts = tokenizer.batch_decode(
+        [row[:length].tolist() for row, length in zip(response_ids, lengths.tolist(), strict=True)],
+        skip_special_tokens=True,
+    )
+    return RolloutBatch(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        response_ids=response_ids,
+        response_mask=response_mask.long(),
+        sampler_logprobs=sampler_logprobs,
+        response_texts=texts,
+        # An EOS drawn as the last allowed token ends a complete answer.
+        truncated=~has_eos & (lengths == max_new_tokens),
+        n=n,
+    )
 
 
 @runtime_checkable

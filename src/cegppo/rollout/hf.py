@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 
 import torch
 from transformers import (
@@ -12,30 +11,52 @@ from transformers import (
     LogitsProcessorList,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
 )
 
-from cegppo.rollout.base import RolloutBatch, SamplingParams, eos_token_ids
+from cegppo.rollout.base import (
+    RolloutBatch,
+    SamplingParams,
+    assemble_rollout_batch,
+    eos_token_ids,
+    seeded,
+    tokenize_prompts,
+)
 
 
 class _SampledTokenLogprobs(LogitsProcessor):
-    """Records ``log_softmax(logits / T)`` of each sampled token while generation runs.
+    """Turns logits into the sampling distribution and records each sampled token's log-prob under it.
 
-    A logits processor sees step ``t``'s logits before the token is drawn and step ``t+1``'s input ids
-    after, so it keeps one step of log-probs (``rows x vocab``) and gathers the drawn token one call later;
-    storing every step's logits (``output_logits``) would cost ``rows x R x vocab`` floats instead.
-    transformers runs user processors before the temperature/top-k/top-p warpers, so ``scores`` here are
-    the unprocessed logits.
+    It applies the temperature, then top-k, then top-p (transformers' own warpers, in vLLM's order) and
+    returns the filtered logits, which ``generate`` samples from with its own warpers switched off
+    (``HFRolloutEngine._generation_config``): the recorded log-prob is that of the distribution the token
+    was drawn from, as ``RolloutBatch.sampler_logprobs`` defines it. Greedy decoding gets temperature 1 and
+    no filter. A logits processor sees step ``t``'s logits before the token is drawn and step ``t+1``'s
+    input ids after, so it keeps one step of log-probs (``rows x vocab``) and gathers the drawn token one
+    call later; storing every step's logits (``output_logits``) would cost ``rows x R x vocab`` floats.
     """
 
-    def __init__(self, temperature: float) -> None:
-        self.temperature = temperature
+    def __init__(self, params: SamplingParams) -> None:
+        self._warpers: list[LogitsProcessor] = []
+        if not params.greedy:
+            if params.temperature != 1.0:
+                self._warpers.append(TemperatureLogitsWarper(params.temperature))
+            if params.top_k != -1:
+                self._warpers.append(TopKLogitsWarper(params.top_k))
+            if params.top_p < 1.0:
+                self._warpers.append(TopPLogitsWarper(params.top_p))
         self._pending: torch.Tensor | None = None
         self._gathered: list[torch.Tensor] = []
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self._pending is not None:
             self._gathered.append(self._pending.gather(1, input_ids[:, -1:]))
-        self._pending = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        scores = scores.float()
+        for warper in self._warpers:
+            scores = warper(input_ids, scores)
+        self._pending = torch.log_softmax(scores, dim=-1)
         return scores
 
     def finish(self, new_tokens: torch.Tensor) -> torch.Tensor:
@@ -47,18 +68,6 @@ class _SampledTokenLogprobs(LogitsProcessor):
             )
         self._gathered.append(self._pending.gather(1, new_tokens[:, -1:]))
         return torch.cat(self._gathered, dim=1)
-
-
-@contextlib.contextmanager
-def _seeded(seed: int | None, device: torch.device) -> Iterator[None]:
-    """Seed torch's generators for the block and restore their previous state afterwards."""
-    if seed is None:
-        yield
-        return
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
 
 
 class HFRolloutEngine:
@@ -108,24 +117,11 @@ class HFRolloutEngine:
         }
         if params.greedy:
             return GenerationConfig(do_sample=False, **common)
-        return GenerationConfig(
-            do_sample=True,
-            temperature=params.temperature,
-            top_p=params.top_p,
-            top_k=0 if params.top_k == -1 else params.top_k,  # transformers' "off" is 0
-            **common,
-        )
+        # _SampledTokenLogprobs applies temperature, top-k and top-p; generate only draws from its output.
+        return GenerationConfig(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, **common)
 
     def _tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        if not prompts:
-            raise ValueError("generate() got no prompts")
-        enc = self.tokenizer(
-            list(prompts), add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt"
-        )
-        empty = (enc["attention_mask"].sum(dim=1) == 0).nonzero().flatten().tolist()
-        if empty:
-            raise ValueError(f"prompts at indices {empty} tokenize to no tokens")
-        return enc["input_ids"], enc["attention_mask"]
+        return tokenize_prompts(self.tokenizer, prompts)
 
     def generate(self, prompts: list[str], params: SamplingParams) -> RolloutBatch:
         """Sample ``params.n`` responses per rendered prompt (tokenized without adding special tokens)."""
@@ -137,7 +133,6 @@ class HFRolloutEngine:
         model = self.model
         device = model.device
         config = self._generation_config(params)
-        temperature = 1.0 if params.greedy else params.temperature
 
         pieces: list[tuple[torch.Tensor, torch.Tensor]] = []
         was_training = model.training
@@ -150,7 +145,7 @@ class HFRolloutEngine:
         try:
             model.eval()
             model.generation_config = GenerationConfig()
-            with torch.inference_mode(), _seeded(params.seed, device), autocast:
+            with torch.inference_mode(), seeded(params.seed, device), autocast:
                 for start in range(0, rows, chunk):
                     mask = prompt_mask[start : start + chunk]
                     # Drop the padding columns this chunk does not need (rows are left-padded to the
@@ -158,7 +153,7 @@ class HFRolloutEngine:
                     first = int(mask.any(dim=0).nonzero()[0])
                     ids = prompt_ids[start : start + chunk, first:].to(device)
                     mask = mask[:, first:].to(device)
-                    recorder = _SampledTokenLogprobs(temperature)
+                    recorder = _SampledTokenLogprobs(params)
                     sequences = model.generate(
                         input_ids=ids,
                         attention_mask=mask,
@@ -179,35 +174,13 @@ class HFRolloutEngine:
         pieces: list[tuple[torch.Tensor, torch.Tensor]],
         params: SamplingParams,
     ) -> RolloutBatch:
-        rows = prompt_ids.shape[0]
-        width = max(tokens.shape[1] for tokens, _ in pieces)
-        response_ids = torch.full((rows, width), self.tokenizer.pad_token_id, dtype=prompt_ids.dtype)
-        logprobs = torch.zeros(rows, width, dtype=torch.float32)
-        start = 0
-        for tokens, lp in pieces:
-            response_ids[start : start + tokens.shape[0], : tokens.shape[1]] = tokens
-            logprobs[start : start + tokens.shape[0], : tokens.shape[1]] = lp
-            start += tokens.shape[0]
-
-        # The pad id may equal EOS (SmolLM2), so the mask comes from the first EOS, not from != pad.
-        is_eos = torch.isin(response_ids, torch.tensor(self.eos_token_ids, dtype=response_ids.dtype))
-        has_eos = is_eos.any(dim=1)
-        first_eos = torch.where(has_eos, is_eos.int().argmax(dim=1), width - 1)
-        # A row without EOS ran the full max_new_tokens, which is then the batch's width.
-        response_mask = (torch.arange(width).unsqueeze(0) <= first_eos.unsqueeze(1)).long()
-        logprobs = logprobs * response_mask
-        lengths = response_mask.sum(dim=1).tolist()
-        texts = self.tokenizer.batch_decode(
-            [row[:length].tolist() for row, length in zip(response_ids, lengths, strict=True)],
-            skip_special_tokens=True,
-        )
-        return RolloutBatch(
-            prompt_ids=prompt_ids,
-            prompt_mask=prompt_mask,
-            response_ids=response_ids,
-            response_mask=response_mask,
-            sampler_logprobs=logprobs,
-            response_texts=texts,
-            truncated=~has_eos,
+        return assemble_rollout_batch(
+            prompt_ids,
+            prompt_mask,
+            [row for tokens, _ in pieces for row in tokens],
+            [row for _, lp in pieces for row in lp],
             n=params.n,
+            max_new_tokens=params.max_new_tokens,
+            tokenizer=self.tokenizer,
+            eos_token_ids=self.eos_token_ids,
         )

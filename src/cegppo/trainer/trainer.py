@@ -120,12 +120,14 @@ class Trainer:
         if config.actor.use_kl_loss and checkpoint is not None:  # the reference is the starting policy
             ref_model = disable_dropout(load_model_and_tokenizer(config.model.path)[0]).to(device)
         self.actor = Actor(self.model, config, ref_model=ref_model)
+        engine_options: dict[str, Any] = {
+            "batch_size": config.rollout.batch_size,
+            "autocast_dtype": torch.bfloat16 if config.actor.bf16_autocast else None,
+        }
+        if config.rollout.engine == "vllm":
+            engine_options.update(seed=config.trainer.seed, **dataclasses.asdict(config.rollout.vllm))
         self.engine = build_rollout_engine(
-            config.rollout.engine,
-            self.model,
-            self.tokenizer,
-            batch_size=config.rollout.batch_size,
-            autocast_dtype=torch.bfloat16 if config.actor.bf16_autocast else None,
+            config.rollout.engine, self.model, self.tokenizer, **engine_options
         )
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / CONFIG_FILE).write_text(to_yaml(config))
