@@ -76,7 +76,7 @@ $(VLLM_STAMP): pyproject.toml
 	@touch $(VLLM_STAMP)
 
 test-vllm: $(VLLM_STAMP)
-	VLLM_ENABLE_V1_MULTIPROCESSING=0 $(VLLM_PY) -m pytest -q -m vllm tests/test_rollout_vllm.py
+	$(VLLM_PY) -m pytest -q tests/test_vllm_engine.py tests/test_rollout.py tests/test_rollout_vllm.py
 
 # Render a run report in headless Chromium and save a screenshot to look at: `make report-check` uses two
 # synthetic runs; `make report-check RUNS="runs/a runs/b"` reports real ones. Needs `chromium` (Debian:

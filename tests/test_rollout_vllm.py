@@ -276,7 +276,7 @@ def test_sampling_params_sent_to_vllm_and_seeding(fake_vllm, tiny_llama, tiny_to
     }
 
 
-def test_sync_weights_pushes_every_parameter_once_by_reference(fake_vllm, tiny_tokenizer):
+def test_sync_weights_pushes_every_parameter_by_reference(fake_vllm, tiny_tokenizer):
     config = LlamaConfig(
         vocab_size=len(tiny_tokenizer),
         hidden_size=16,
@@ -289,8 +289,8 @@ def test_sync_weights_pushes_every_parameter_once_by_reference(fake_vllm, tiny_t
     with torch.random.fork_rng(devices=[]):
         model = LlamaForCausalLM(config)
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    names = hf_names(model)
-    assert "lm_head.weight" not in names and "model.embed_tokens.weight" in names
+    names = [name for name, _ in model.named_parameters(remove_duplicate=False)]
+    assert "lm_head.weight" in names and "model.embed_tokens.weight" in names  # vLLM's copy is untied
     llm = FakeLLM(lambda i, ids, params: [], names)
     engine = VLLMRolloutEngine(model, tiny_tokenizer, enable_sleep_mode=False, llm=llm)
     assert llm.calls == [("collective_rpc",), ("reset_prefix_cache",)]  # built awake: pushed at once
@@ -300,7 +300,7 @@ def test_sync_weights_pushes_every_parameter_once_by_reference(fake_vllm, tiny_t
     engine.sync_weights(model)
     pushed = llm.model.received[-1]
     assert [name for name, _ in pushed] == names
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters(remove_duplicate=False))
     for name, tensor in pushed:
         assert not tensor.requires_grad
         assert tensor.data_ptr() == params[name].data_ptr()  # handed over, not copied
@@ -399,7 +399,8 @@ def test_model_files_for_vllm(tmp_path, tiny_llama, tiny_tokenizer):
     assert tiny_llama.config.architectures is None  # built from a config, never saved
     _write_model_files(tiny_llama, tiny_tokenizer, tmp_path)
     assert tiny_llama.config.architectures is None
-    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["architectures"] == ["LlamaForCausalLM"] and saved["tie_word_embeddings"] is False
     assert AutoConfig.from_pretrained(tmp_path).vocab_size == tiny_llama.config.vocab_size
     text = render(tiny_tokenizer)[0]
     assert AutoTokenizer.from_pretrained(tmp_path)(text).input_ids == tiny_tokenizer(text).input_ids

@@ -27,12 +27,13 @@ their own, as in the ``hf`` engine: per-request seeds would make vLLM keep one g
 which its CPU sampler does not support ("CPU Generator does not use offset").
 
 Only a plain (unsharded, non-PEFT, unquantized) ``PreTrainedModel`` whose vLLM implementation accepts
-Hugging Face parameter names is supported; tied input/output embeddings are pushed once.
+Hugging Face parameter names is supported; vLLM's copy has its own LM head where the policy's is tied.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import os
 import tempfile
@@ -76,13 +77,37 @@ def _load_weights_on_worker(worker: Any, weights: list[tuple[str, torch.Tensor]]
     """Runs inside vLLM's worker (through ``collective_rpc``): load HF-named tensors into the model.
 
     Returns the names of vLLM parameters that received nothing, the same check vLLM's own loader makes;
-    after a level-2 sleep such a parameter would hold garbage.
+    such a parameter would keep dummy (or, after a level-2 sleep, garbage) values.
     """
-    model = worker.model_runner.model
-    loaded = model.load_weights(weights)
-    if loaded is None:  # some model classes do not report what they loaded
-        return []
-    return sorted({name for name, _ in model.named_parameters()} - set(loaded))
+    runner = worker.model_runner
+    model = runner.model
+    loaded: list[set[str]] = []
+    load = model.load_weights
+
+    def load_and_record(tensors: Any) -> Any:
+        names = load(tensors)
+        loaded.append(set(names) if names is not None else {name for name, _ in model.named_parameters()})
+        return names
+
+    reload = getattr(runner, "reload_weights", None)
+    if reload is not None and "weights_iterator" in inspect.signature(reload).parameters:
+        # vLLM's in-place reload puts back the weight loaders that its post-load processing removes (the
+        # CPU kernels repack linear weights) and processes the new weights again; it only logs parameters
+        # left unset, so its call to load_weights is recorded to check them here.
+        # Layers without weights of their own (rotary embeddings) are reported as "Failed to load weights"
+        # at every push; the check below covers the parameters.
+        layerwise_log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+        level = layerwise_log.level
+        model.load_weights = load_and_record
+        layerwise_log.setLevel(logging.ERROR)
+        try:
+            reload(weights_iterator=weights, is_checkpoint_format=True)
+        finally:
+            del model.load_weights
+            layerwise_log.setLevel(level)
+    else:  # older vLLM: unprocessed (GPU, unquantized) parameters keep their loaders
+        load_and_record(weights)
+    return sorted({name for name, _ in model.named_parameters()} - set().union(*loaded))
 
 
 def _write_model_files(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: Path) -> None:
@@ -91,6 +116,10 @@ def _write_model_files(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
     # A model built from a config (not loaded from disk) has no `architectures`; vLLM picks its model
     # class from it.
     config.architectures = [type(model).__name__]
+    # vLLM gets its own LM head even where the policy ties it to the input embedding: vLLM's in-place
+    # reload skips a tied head and leaves its processed (CPU-packed) copy unset, and an untied head is
+    # simply pushed under both names (costs vocab x hidden more memory in vLLM).
+    config.tie_word_embeddings = False
     config.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
 
@@ -202,9 +231,10 @@ class VLLMRolloutEngine:
 
     def _push_weights(self) -> None:
         with torch.no_grad():
-            # named_parameters() yields a tied embedding once, under its first name (the input
-            # embedding); vLLM's tied models skip lm_head.* and share that parameter.
-            weights = [(name, param.detach()) for name, param in self.model.named_parameters()]
+            # A tied embedding goes under both of its names: vLLM's copy of the model is untied.
+            weights = [
+                (name, param.detach()) for name, param in self.model.named_parameters(remove_duplicate=False)
+            ]
             unloaded = self.llm.collective_rpc(_load_weights_on_worker, args=(weights,))
         missing = sorted({name for worker in unloaded for name in worker})
         if missing:
@@ -218,7 +248,7 @@ class VLLMRolloutEngine:
 
     def _sampling_params(self, params: SamplingParams) -> Any:
         return self._vllm_sampling_params(
-            n=params.n,
+            n=_requested_samples(params),
             temperature=params.temperature,
             top_p=params.top_p,
             top_k=params.top_k,
@@ -246,7 +276,12 @@ class VLLMRolloutEngine:
         finally:
             if self.enable_sleep_mode:
                 self.llm.sleep(level=2)
-        responses, logprobs = self._samples([r["prompt_token_ids"] for r in requests], outputs, params.n)
+        responses, logprobs = self._samples(
+            [r["prompt_token_ids"] for r in requests], outputs, _requested_samples(params)
+        )
+        if len(responses) != len(requests) * params.n:  # greedy: one sample stands for all n
+            responses = [row for row in responses for _ in range(params.n)]
+            logprobs = [row for row in logprobs for _ in range(params.n)]
         return assemble_rollout_batch(
             prompt_ids.repeat_interleave(params.n, dim=0),
             prompt_mask.repeat_interleave(params.n, dim=0),
@@ -291,6 +326,11 @@ class VLLMRolloutEngine:
                     )
                 )
         return tokens, logprobs
+
+
+def _requested_samples(params: SamplingParams) -> int:
+    """Samples per prompt to ask vLLM for: greedy decoding gives n identical ones, and vLLM refuses n > 1."""
+    return 1 if params.greedy else params.n
 
 
 def _vllm_device_type() -> str:
