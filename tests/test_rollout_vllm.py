@@ -20,6 +20,7 @@ import json
 import os
 import sys
 import types
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -27,7 +28,8 @@ import torch
 from transformers import AutoConfig, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import cegppo.rollout as rollout
-from _tiny import tiny_model
+from _tiny import save_tiny, tiny_model, tiny_overrides
+from cegppo.config import ConfigError, load_config
 from cegppo.rollout import (
     HFRolloutEngine,
     RolloutEngine,
@@ -37,6 +39,7 @@ from cegppo.rollout import (
     build_rollout_engine,
 )
 from cegppo.rollout.vllm import _write_model_files
+from cegppo.trainer import Trainer
 
 QUESTIONS = ["What is 1 + 2?", "What is 12 + 30? Think step by step.", "Hi"]
 
@@ -420,6 +423,55 @@ def test_registry_builds_the_vllm_engine(fake_vllm, tiny_llama, tiny_tokenizer):
         llm=scripted(None)(tiny_llama),
     )
     assert isinstance(engine, VLLMRolloutEngine) and isinstance(engine, RolloutEngine)
+
+
+@pytest.mark.parametrize("name", ["paper_1p5b", "paper_7b"])
+def test_paper_recipes_sample_with_vllm(name):
+    config = load_config(Path(__file__).parent.parent / "configs" / f"{name}.yaml")
+    assert config.rollout.engine == "vllm" and config.rollout.vllm.enable_sleep_mode
+    assert config.rollout.vllm.max_model_len >= config.rollout.max_new_tokens
+
+
+def test_trainer_builds_vllm_from_the_config(fake_vllm, monkeypatch, tmp_path):
+    """trainer.seed is vLLM's seed, and rollout.vllm.* reach vllm.LLM (vLLM's CPU build, stand-in)."""
+    built = {}
+
+    def record(**kwargs):
+        built.update(kwargs)
+        return FakeLLM(lambda i, ids, params: [], [])
+
+    fake_vllm.LLM = record
+    monkeypatch.setattr(fake_vllm.platforms, "current_platform", SimpleNamespace(device_type="cpu"))
+    monkeypatch.setattr(
+        "cegppo.rollout.vllm._load_weights_on_worker", lambda worker, weights: []
+    )  # the stand-in has no parameters to match
+    overrides = tiny_overrides(
+        save_tiny(tmp_path / "model"),
+        tmp_path,
+        **{
+            "rollout.engine": "vllm",
+            "rollout.vllm.gpu_memory_utilization": 0.3,
+            "rollout.vllm.kv_cache_gib": 0.5,
+            "rollout.vllm.max_model_len": 256,
+            "rollout.batch_size": 16,
+            "trainer.seed": 7,
+            "trainer.device": "cpu",
+        },
+    )
+    trainer = Trainer(load_config(None, overrides), tmp_path / "run")
+    trainer.close()
+    assert {
+        key: built[key] for key in ("seed", "gpu_memory_utilization", "max_model_len", "max_num_seqs")
+    } == {
+        "seed": 7,
+        "gpu_memory_utilization": 0.3,
+        "max_model_len": 256,
+        "max_num_seqs": 16,
+    }
+    assert built["kv_cache_memory_bytes"] == 2**29 and built["dtype"] == "bfloat16"
+    assert built["enable_sleep_mode"] is False and built["enforce_eager"] is True  # CPU
+    with pytest.raises(ConfigError, match=r"rollout.vllm.gpu_memory_utilization=1.5"):
+        load_config(None, [*overrides, "rollout.vllm.gpu_memory_utilization=1.5"])
 
 
 def test_importing_the_package_does_not_import_vllm(monkeypatch):
