@@ -1,0 +1,61 @@
+"""benchmarks/gpu_check.py in its reduced CPU mode, so the GPU check cannot rot between GPU sessions."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_check"] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cpu_mode_runs_every_case_and_writes_one_json(gpu_check, tmp_path):
+    out = tmp_path / "check.json"
+    report = gpu_check.main(["--cpu", "--out", str(out)])
+    assert json.loads(out.read_text()) == report
+    assert set(report["cases"]) == set(gpu_check.CASES)
+    for name, result in report["cases"].items():
+        assert result["ok"], (name, result.get("trace"))
+    for model in ("smollm2_135m", "qwen2_1p5b"):
+        fused = report["cases"][f"fused_logprobs/{model}"]
+        # bfloat16 on both paths; the fused op accumulates in float32, the naive one in bfloat16 logits.
+        assert fused["max_abs_diff_logprob"] < 0.1 and fused["max_abs_diff_entropy"] < 0.1, fused
+        assert fused["time_ratio_naive_over_fused"] > 0 and fused["naive_peak_mb"] is None  # no CUDA here
+    step = report["cases"]["trainer_step_hf"]
+    assert step["metrics_finite"] and step["timing/step_s"] > 0 and math.isfinite(step["actor/grad_norm"])
+
+
+def test_a_failing_case_is_recorded_and_the_others_still_run(gpu_check, tmp_path, monkeypatch):
+    def broken(mode):
+        raise RuntimeError("CUDA error: an illegal memory access")
+
+    monkeypatch.setitem(gpu_check.CASES, "fused_logprobs/qwen2_1p5b", broken)
+    report = gpu_check.main(
+        [
+            "--cpu",
+            "--out",
+            str(tmp_path / "check.json"),
+            "--only",
+            "fused_logprobs/qwen2_1p5b",
+            "fused_logprobs/smollm2_135m",
+        ]
+    )
+    assert (
+        report["cases"]["fused_logprobs/qwen2_1p5b"]["error"]
+        == "RuntimeError: CUDA error: an illegal memory access"
+    )
+    assert report["cases"]["fused_logprobs/smollm2_135m"]["ok"]
+    assert "trainer_step_hf" not in report["cases"]
