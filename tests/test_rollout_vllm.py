@@ -71,7 +71,10 @@ class FakeVLLMModel:
         return {name for name, _ in weights}
 
     def named_parameters(self):
-        return [(name, None) for name in self.names]
+        return [(name, torch.zeros(())) for name in self.names]  # float32, as the tiny policies
+
+    def parameters(self):
+        return (param for _, param in self.named_parameters())
 
 
 class FakeLLM:

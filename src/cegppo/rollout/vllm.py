@@ -81,6 +81,9 @@ def _load_weights_on_worker(worker: Any, weights: list[tuple[str, torch.Tensor]]
     """
     runner = worker.model_runner
     model = runner.model
+    # Cast one tensor at a time as vLLM consumes them (it warns for every tensor of another dtype).
+    dtype = next(model.parameters()).dtype
+    weights = ((name, tensor.to(dtype)) for name, tensor in weights)
     loaded: list[set[str]] = []
     load = model.load_weights
 
