@@ -277,3 +277,54 @@ def test_invalid_sampling_params(field, value):
 
 def test_greedy_is_temperature_zero():
     assert SamplingParams(temperature=0.0).greedy and not SamplingParams().greedy
+
+
+def test_one_batch_assembler_for_every_engine(tiny_tokenizer):
+    """Both engines build their batch with assemble_rollout_batch: response = generated tokens up to and
+    including the first EOS (tokens after it ignored, even a -inf log-prob there), truncated only without
+    EOS at max_new_tokens."""
+    import copy
+
+    from cegppo.rollout.base import assemble_rollout_batch
+
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.pad_token = tokenizer.eos_token  # pad == EOS, as SmolLM2 ships
+    eos = tokenizer.eos_token_id
+    rows = [
+        ([5, eos, eos, 9], [-1.0, -2.0, float("-inf"), -5.0]),  # generate's padding after EOS
+        ([5, 6, 7, 8], [-1.0] * 4),  # no EOS, max_new_tokens: truncated
+        ([5, 6], [-1.0] * 2),  # stopped early without EOS (a stop token that is not EOS): not truncated
+        ([eos], [-0.5]),
+    ]
+    prompt_ids = torch.tensor([[0, 7], [7, 7], [0, 7], [7, 7]])
+    batch = assemble_rollout_batch(
+        prompt_ids,
+        (prompt_ids != 0).long(),
+        [torch.tensor(tokens) for tokens, _ in rows],
+        [torch.tensor(lps) for _, lps in rows],
+        n=2,
+        max_new_tokens=4,
+        tokenizer=tokenizer,
+        eos_token_ids=[eos],
+    )
+    assert batch.response_mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]]
+    assert batch.response_ids[2].tolist() == [5, 6, eos, eos]  # right-padded with the pad id
+    assert batch.sampler_logprobs[0].tolist() == [-1.0, -2.0, 0.0, 0.0]
+    assert batch.truncated.tolist() == [False, True, False, False]
+    assert batch.response_texts[3] == "" and batch.num_prompts == 2
+    with pytest.raises(RuntimeError, match="non-finite log-prob"):
+        assemble_rollout_batch(
+            prompt_ids[:1],
+            prompt_ids[:1] != 0,
+            [torch.tensor([5, 6])],
+            [torch.tensor([-1.0, float("nan")])],
+            n=1,
+            max_new_tokens=4,
+            tokenizer=tokenizer,
+            eos_token_ids=[eos],
+        )
+
+
+def test_position_ids_come_from_the_ops_layer_only():
+    # RolloutBatch had its own copy, padded with 0 where the trainer pads with 1 (sampler_position_ids).
+    assert not hasattr(RolloutBatch, "position_ids")
