@@ -22,7 +22,7 @@ from cegppo.losses import (
 
 ALL_LOSSES = [
     "ce_gppo", "gppo", "vanilla", "cispo", "gspo", "luspo", "geo_mean", "sapo", "dppo_tv", "dppo_kl", "vespo",
-    "dro", "clip_cov", "kl_cov", "gpg", "bypass_mode",
+    "dro", "clip_cov", "kl_cov", "gpg", "bypass_mode", "dgpo",
 ]  # fmt: skip
 # Losses whose token selection does not depend on the rest of the micro-batch. The sequence-level ones (gspo,
 # luspo, geo_mean, vespo) need whole sequences, which row-wise micro-batches always are.

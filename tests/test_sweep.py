@@ -6,7 +6,7 @@ import pytest
 
 from _tiny import tiny_overrides
 from cegppo.config import load_config
-from cegppo.sweep import VARIANTS, run_sweep, sweep_table, variant_overrides
+from cegppo.sweep import METHODS, VARIANTS, run_sweep, sweep_table, variant_overrides
 from cegppo.trainer import load_run_config
 
 
@@ -57,3 +57,20 @@ def test_any_registered_loss_is_a_variant_with_its_papers_band():
     assert variant_overrides("grpo") == VARIANTS["grpo"]
     with pytest.raises(ValueError, match="dppo_tv"):
         variant_overrides("dppo")
+
+
+def test_method_presets_are_variants_and_run(tiny_model_dir, tmp_path):
+    for name in METHODS:
+        load_config(None, variant_overrides(name))  # every preset is a valid config
+    with pytest.raises(ValueError, match=r"unknown sweep variant 'ppo'.*dapo_erc.*'gpg'"):
+        run_sweep(tmp_path / "nothing", variants=["grpo", "ppo"])
+    assert not (tmp_path / "nothing").exists()
+    base = [
+        o
+        for o in tiny_overrides(tiny_model_dir, tmp_path)
+        if not o.startswith(("trainer.output_dir", "trainer.name"))
+    ]
+    base += ["trainer.total_steps=1", "data.heldout=null"]
+    (run_dir,) = run_sweep(tmp_path / "sweep", overrides=base, variants=["dapo_erc"])
+    assert (run_dir / "summary.json").is_file()
+    assert "actor.policy_loss=grpo_erc" in variant_overrides("dapo_erc")

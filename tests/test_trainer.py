@@ -637,6 +637,10 @@ def test_bypass_mode_takes_the_sampler_log_probs_as_pi_old():
         ({"actor.policy_loss": "geo_mean", "actor.rollout_rs": "seq_mean_k3", "actor.rollout_rs_threshold": 1e-9},
          "actor/rollout_rs_masked_fraction"),
         ({"actor.policy_loss": "bypass_mode", "actor.rollout_is": "sequence"}, "actor/rollout_is_mean"),
+        ({"actor.policy_loss": "dgpo"}, "actor/dgpo_weight_mean"),
+        ({"actor.policy_loss": "grpo_erc"}, "actor/erc_clipfrac"),
+        ({"actor.top_entropy_quantile": 0.2}, "actor/top_entropy_kept_frac"),
+        ({"actor.use_adaptive_entropy": True}, "actor/adaptive_entropy_coeff"),
     ],
 )  # fmt: skip
 def test_each_method_logs_its_own_quantity(tiny_model_dir, tmp_path, short_reward, settings, metric):

@@ -304,8 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument(
         "--variants",
         default="all",
-        help="comma-separated variants (grpo, dapo, gppo, ce_gppo_b<β1>_<β2>) or registered loss names "
-        "(sapo, geo_mean, dppo_tv, ...), or all (the CE-GPPO study)",
+        help="comma-separated variants (grpo, dapo, gppo, ce_gppo_b<β1>_<β2>), method presets (dapo_erc, dapo_80_20, "
+        "grpo_adaptive_entropy) or registered loss names (sapo, geo_mean, dgpo, gppo_erc, ...), or all (the CE-GPPO "
+        "study)",
     )
     sweep.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides for every run")
     sweep.set_defaults(handler=_sweep)

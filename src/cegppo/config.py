@@ -165,6 +165,11 @@ class ActorConfig:
     rollout_rs: str | None = _LOSS.rollout_rs  # rejection: token_k1, seq_mean_k1 (Geo-RS), seq_mean_k3, ...
     rollout_rs_threshold: str | None = _LOSS.rollout_rs_threshold
     bypass_loss_type: str = _LOSS.bypass_loss_type  # bypass_mode: ppo_clip | reinforce
+    # ERC's band (1 - low, 1 + high) on the entropy ratio H/H_old, for the *_erc losses
+    entropy_clip_ratio_low: float = _LOSS.entropy_clip_ratio_low
+    entropy_clip_ratio_high: float = _LOSS.entropy_clip_ratio_high
+    dgpo_n: float = _LOSS.dgpo_n  # DGPO: decay of the ∇π weight past the left boundary, π^n
+    dgpo_m: float = _LOSS.dgpo_m  # ... and past the right boundary, π^(-1/m)
     ppo_epochs: int = 1
     ppo_mini_batch_size: int = 4  # prompts per optimiser update
     micro_batch_size: int = 8  # sequences per forward/backward (memory only: never changes the gradient)
@@ -175,6 +180,17 @@ class ActorConfig:
     grad_clip: float = 1.0
     bf16_autocast: bool = True  # bfloat16 autocast for the update's forward passes (~2.4x faster on CPU)
     entropy_coeff: float = 0.0
+    # Skywork-OR1's controller, as TRL's use_adaptive_entropy: after each optimiser update the coefficient moves
+    # by entropy_coeff_delta (up when the update's entropy is <= entropy_target, else down), within
+    # [entropy_coeff_min, entropy_coeff_max], starting from entropy_coeff; it applies only while entropy <= target
+    use_adaptive_entropy: bool = False
+    entropy_target: float = 0.2
+    entropy_coeff_delta: float = 0.005
+    entropy_coeff_min: float = 0.0
+    entropy_coeff_max: float = 1.0
+    # The 80/20 rule (TRL's top_entropy_quantile): train on the tokens whose entropy is in the top fraction of
+    # the mini-batch (1.0: every token; the paper uses 0.2)
+    top_entropy_quantile: float = 1.0
     use_kl_loss: bool = False
     kl_loss_coef: float = 0.001
     kl_loss_type: str = "low_var_kl"
@@ -361,6 +377,19 @@ def validate(config: Config) -> None:
         r.vllm.dtype,
         "one of ['bfloat16', 'float16', 'float32', 'auto']",
     )
+    check(
+        0 <= a.top_entropy_quantile <= 1,
+        "actor.top_entropy_quantile",
+        a.top_entropy_quantile,
+        "must be in [0, 1] (1: every token)",
+    )
+    check(a.entropy_coeff_delta > 0, "actor.entropy_coeff_delta", a.entropy_coeff_delta, "must be > 0")
+    check(
+        0 <= a.entropy_coeff_min <= a.entropy_coeff_max,
+        "actor.entropy_coeff_min/entropy_coeff_max",
+        (a.entropy_coeff_min, a.entropy_coeff_max),
+        "need 0 <= entropy_coeff_min <= entropy_coeff_max",
+    )
     check(r.top_k == -1 or r.top_k > 0, "rollout.top_k", r.top_k, "must be -1 (off) or > 0")
     check(
         d.train_batch_size % a.ppo_mini_batch_size == 0,
@@ -402,6 +431,7 @@ def validate(config: Config) -> None:
         ("actor.weight_decay", a.weight_decay),
         ("actor.warmup_steps", a.warmup_steps),
         ("actor.entropy_coeff", a.entropy_coeff),
+        ("actor.entropy_target", a.entropy_target),
         ("actor.kl_loss_coef", a.kl_loss_coef),
         ("actor.positive_loss_coeff", a.positive_loss_coeff),
         ("algorithm.max_num_gen_batches", config.algorithm.max_num_gen_batches),

@@ -1,7 +1,8 @@
 """The entropy experiment: the same budget for GRPO, DAPO clip-higher, GPPO and CE-GPPO at several (β1, β2).
 
 Each variant × seed is an ordinary run under ``output_dir``; a finished run (``summary.json``) is skipped and an
-interrupted one resumed, so re-running the same command completes a sweep.
+interrupted one resumed, so re-running the same command completes a sweep. Besides ``VARIANTS`` (the default
+set), a variant may be one of the ``METHODS`` presets or the name of any registered loss.
 """
 
 from __future__ import annotations
@@ -27,6 +28,18 @@ VARIANTS: dict[str, list[str]] = {
     "ce_gppo_b0.75_1": ["actor.policy_loss=ce_gppo", "actor.beta1=0.75", "actor.beta2=1.0"],
     "ce_gppo_b1_0.5": ["actor.policy_loss=ce_gppo", "actor.beta1=1.0", "actor.beta2=0.5"],
 }
+# Methods that compete with CE-GPPO in their papers' settings, beyond a loss's own name (--variants NAME,...).
+_DAPO = ["actor.clip_ratio_low=0.2", "actor.clip_ratio_high=0.28"]
+METHODS: dict[str, list[str]] = {
+    "dapo_erc": ["actor.policy_loss=grpo_erc", *_DAPO],  # ERC on DAPO, arXiv 2512.05591
+    "dapo_80_20": ["actor.policy_loss=vanilla", *_DAPO, "actor.top_entropy_quantile=0.2"],  # arXiv 2506.01939
+    # Skywork-OR1's controller, with a target at the demo task's entropy (~0.1 nats; its paper's 0.2 never binds)
+    "grpo_adaptive_entropy": [
+        "actor.policy_loss=vanilla",
+        "actor.use_adaptive_entropy=true",
+        "actor.entropy_target=0.1",
+    ],
+}
 
 # Any registered loss is a variant by its name, with its paper's band where that differs from the base config's.
 PAPER_SETTINGS: dict[str, list[str]] = {
@@ -36,13 +49,16 @@ PAPER_SETTINGS: dict[str, list[str]] = {
 
 
 def variant_overrides(name: str) -> list[str]:
-    """The overrides of a named variant: one of ``VARIANTS``, or a registered loss with its paper's settings."""
+    """The overrides of a named variant: one of ``VARIANTS`` or ``METHODS``, or a registered loss with its paper's
+    settings."""
     if name in VARIANTS:
         return VARIANTS[name]
+    if name in METHODS:
+        return METHODS[name]
     if name in list_policy_losses():
         return [f"actor.policy_loss={name}", *PAPER_SETTINGS.get(name, [])]
     raise ValueError(
-        f"unknown sweep variant {name!r}: known are {list(VARIANTS)} and the losses {list_policy_losses()}"
+        f"unknown sweep variant {name!r}: known are {[*VARIANTS, *METHODS]} and the losses {list_policy_losses()}"
     )
 
 

@@ -34,7 +34,7 @@ from cegppo.integrations.verl import (
     CEGPPOPolicyLossConfig,
     policy_loss_config_from_verl,
 )
-from cegppo.losses import PolicyLossConfig, get_policy_loss_fn, list_policy_losses
+from cegppo.losses import PolicyLossConfig, get_policy_loss_fn, list_policy_losses, policy_loss_needs_entropy
 from cegppo.losses.rollout_correction import rollout_correction
 
 REPO = Path(__file__).resolve().parents[2]
@@ -121,8 +121,10 @@ def run(fn, batch: dict, mode: str, config, rollout_is_weights=None):
 
 
 def test_registers_every_loss_without_touching_verls() -> None:
-    assert set(REGISTERED) == set(list_policy_losses())
-    for name in ("ce_gppo", "gppo", "luspo", "vespo"):
+    needs_entropy = {name for name in list_policy_losses() if policy_loss_needs_entropy(name)}
+    assert {"grpo_erc", "gppo_erc", "ce_gppo_erc"} <= needs_entropy
+    assert set(REGISTERED) == set(list_policy_losses()) - needs_entropy
+    for name in ("ce_gppo", "gppo", "luspo", "vespo", "dgpo"):
         assert REGISTERED[name] == name
     for name in VERL_NAMED:
         assert REGISTERED[name] == f"cegppo_{name}"
@@ -631,3 +633,25 @@ def test_recipe_reward_is_plus_minus_one() -> None:
     wrong = reward.compute_score("aime24", "so the answer is \\boxed{3}.", "0.5", extra_info={})
     assert right == {"score": 1.0, "acc": 1.0}
     assert wrong == {"score": -1.0, "acc": 0.0}
+
+
+def test_dgpo_exponents_reach_the_loss_through_the_target_override() -> None:
+    actor = compose_actor(
+        [
+            "actor_rollout_ref.actor.policy_loss.loss_mode=dgpo",
+            TARGET,
+            "+actor_rollout_ref.actor.policy_loss.dgpo_n=2",
+            "+actor_rollout_ref.actor.policy_loss.dgpo_m=3",
+            "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
+        ]
+    )
+    batch = random_batch(seed=29)
+    via_verl = run(core_algos.get_policy_loss_fn("dgpo"), batch, actor.loss_agg_mode, actor)
+    config = PolicyLossConfig(dgpo_n=2, dgpo_m=3, clip_ratio_c=actor.clip_ratio_c)
+    direct = run(get_policy_loss_fn("dgpo"), batch, "token-mean", config)
+    torch.testing.assert_close(via_verl[0], direct[0])
+    torch.testing.assert_close(via_verl[1], direct[1])
+    default = run(get_policy_loss_fn("dgpo"), batch, "token-mean", PolicyLossConfig())
+    assert not torch.allclose(via_verl[1], default[1])
+    with pytest.raises(ValueError, match="dgpo_m"):
+        CEGPPOPolicyLossConfig(dgpo_m=0.0)

@@ -2,9 +2,13 @@
 
 Importing this module registers, in ``verl.trainer.ppo.core_algos.POLICY_LOSS_REGISTRY``:
 
-- ``ce_gppo``, ``gppo``, ``luspo`` and ``vespo`` (verl has none of them);
+- ``ce_gppo``, ``gppo``, ``luspo``, ``vespo`` and ``dgpo`` (verl has none of them);
 - ``cegppo_<name>`` for every loss verl also registers (``vanilla``, ``cispo``, ``gspo``, ``sapo``, ``geo_mean``,
   ``dppo_tv``, ``dppo_kl``, ``dro``, ``clip_cov``, ``kl_cov``, ``gpg``): verl's own losses stay untouched.
+
+Losses that need the per-token entropy (``grpo_erc``, ``gppo_erc``, ``ce_gppo_erc``:
+:func:`cegppo.losses.policy_loss_needs_entropy`) are not registered: verl's ``PolicyLossFn`` receives neither the
+current nor the old policy's entropy (docs/losses.md says how to get them into a verl actor).
 
 verl loads the module in its Ray workers through any one of: the ``verl.plugins`` entry point that the cegppo
 package declares (verl 0.9+ imports every such plug-in on ``import verl``), or
@@ -46,15 +50,17 @@ except ImportError as exc:  # pragma: no cover - exercised only without verl
         "docs/scaling.md for a CPU-only install of the parts the loss needs"
     ) from exc
 
-from cegppo.losses import POLICY_LOSS_REGISTRY, PolicyLossConfig, PolicyLossFn
+from cegppo.losses import POLICY_LOSS_REGISTRY, PolicyLossConfig, PolicyLossFn, policy_loss_needs_entropy
 
 logger = logging.getLogger(__name__)
 
 # Losses verl has no version of keep their own name; the others get a prefix so verl's stay reachable.
-_UNPREFIXED = ("ce_gppo", "gppo", "luspo", "vespo")
+_UNPREFIXED = ("ce_gppo", "gppo", "luspo", "vespo", "dgpo")
 _DEFAULTS = PolicyLossConfig()
 _VESPO_KEYS = ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg")
-# Settings read from verl's actor_rollout_ref.actor.policy_loss section (beta1/beta2 via CEGPPOPolicyLossConfig).
+_DGPO_KEYS = ("dgpo_n", "dgpo_m")
+# Settings read from verl's actor_rollout_ref.actor.policy_loss section (beta1/beta2, vespo_* and dgpo_* via
+# CEGPPOPolicyLossConfig).
 _POLICY_LOSS_KEYS = (
     "beta1",
     "beta2",
@@ -65,6 +71,7 @@ _POLICY_LOSS_KEYS = (
     "ppo_kl_coef",
     "dro_beta",
     *_VESPO_KEYS,
+    *_DGPO_KEYS,
 )
 # verl's policy_loss.rollout_correction keys (read by bypass_mode), with our field names.
 _ROLLOUT_CORRECTION_KEYS = {
@@ -94,7 +101,8 @@ class CEGPPOPolicyLossConfig(VerlPolicyLossConfig):
     """verl's ``PolicyLossConfig`` plus CE-GPPO's gradient weights, selectable from the command line.
 
     ``beta1`` weights the left boundary (δ < 1-ε_low, A < 0), ``beta2`` the right one (δ > 1+ε_high, A > 0);
-    defaults are the paper's 1.5B recipe (β1 = 0.5, β2 = 1; its 7B recipe uses β1 = 0.75).
+    defaults are the paper's 1.5B recipe (β1 = 0.5, β2 = 1; its 7B recipe uses β1 = 0.75). ``dgpo_n``/``dgpo_m``
+    are DGPO's decay exponents (the authors' defaults 1 and 2).
     """
 
     beta1: float = _DEFAULTS.beta1
@@ -103,10 +111,14 @@ class CEGPPOPolicyLossConfig(VerlPolicyLossConfig):
     vespo_lambda_pos: float = _DEFAULTS.vespo_lambda_pos
     vespo_k_neg: float = _DEFAULTS.vespo_k_neg
     vespo_lambda_neg: float = _DEFAULTS.vespo_lambda_neg
+    dgpo_n: float = _DEFAULTS.dgpo_n
+    dgpo_m: float = _DEFAULTS.dgpo_m
 
     def __post_init__(self) -> None:
         # Fail when verl builds the actor config (on the driver, before any GPU work), not at the first update.
-        PolicyLossConfig(**{name: getattr(self, name) for name in ("beta1", "beta2", *_VESPO_KEYS)})
+        PolicyLossConfig(
+            **{name: getattr(self, name) for name in ("beta1", "beta2", *_VESPO_KEYS, *_DGPO_KEYS)}
+        )
 
 
 def _count(value: Any, key: str) -> int | None:
@@ -127,9 +139,9 @@ def policy_loss_config_from_verl(config: Any) -> PolicyLossConfig:
 
     ``clip_ratio_low``/``clip_ratio_high`` fall back to ``clip_ratio`` when unset, as in verl; ``clip_ratio_c``,
     ``loss_scale_factor``, ``tau_pos``, ``tau_neg``, ``policy_loss.{clip_cov_ratio, clip_cov_lb, clip_cov_ub,
-    kl_cov_ratio, ppo_kl_coef, dro_beta, beta1, beta2, vespo_*}``, ``policy_loss.rollout_correction`` (for
-    ``bypass_mode``; its ``loss_type`` is our ``bypass_loss_type``) and ``global_batch_info`` are carried over; keys
-    verl does not have keep cegppo's defaults.
+    kl_cov_ratio, ppo_kl_coef, dro_beta, beta1, beta2, vespo_*, dgpo_n, dgpo_m}``, ``policy_loss.rollout_correction``
+    (for ``bypass_mode``; its ``loss_type`` is our ``bypass_loss_type``) and ``global_batch_info`` are carried over;
+    keys verl does not have keep cegppo's defaults.
     """
     if not isinstance(config, Mapping):
         raise TypeError(
@@ -197,9 +209,11 @@ def as_verl_policy_loss(fn: PolicyLossFn) -> PolicyLossFn:
 
 
 def register_with_verl() -> dict[str, str]:
-    """Register every cegppo loss in verl's registry (idempotent); returns {cegppo name: verl name}."""
+    """Register every cegppo loss verl can call in verl's registry (idempotent); returns {cegppo name: verl name}."""
     names = {}
     for name, fn in sorted(POLICY_LOSS_REGISTRY.items()):
+        if policy_loss_needs_entropy(name):
+            continue  # verl's call passes no entropy
         verl_name = verl_loss_name(name)
         existing = core_algos.POLICY_LOSS_REGISTRY.get(verl_name)
         if existing is not None and getattr(existing, "__wrapped__", None) is not fn:

@@ -7,16 +7,20 @@
 
 Registered: ``ce_gppo``, ``gppo``, ``vanilla`` (PPO-clip; GRPO and DAPO are configurations),
 ``cispo``, ``gspo``, ``luspo``, ``geo_mean``, ``sapo``, ``dppo_tv``, ``dppo_kl``, ``vespo``, ``dro``,
-``clip_cov``, ``kl_cov``, ``gpg``, ``bypass_mode``. ``docs/losses.md`` explains each; the rollout correction
-(importance weights and rejection against the sampler) is :mod:`cegppo.losses.rollout_correction`.
+``clip_cov``, ``kl_cov``, ``gpg``, ``bypass_mode``, ``dgpo``, and the entropy-ratio-clipped ``grpo_erc``,
+``gppo_erc``, ``ce_gppo_erc`` (these also take ``entropy=`` and ``old_entropy=``:
+:func:`policy_loss_needs_entropy`). ``docs/losses.md`` explains each; the rollout correction (importance weights
+and rejection against the sampler) is :mod:`cegppo.losses.rollout_correction`.
 """
 
 from cegppo.losses import (  # noqa: F401  (register the losses)
     bypass,
     cispo,
     covariance,
+    dgpo,
     dppo,
     dro,
+    erc,
     gmpo,
     gpg,
     gppo,
@@ -35,9 +39,11 @@ from cegppo.losses.registry import (
     get_policy_loss_fn,
     get_token_selector,
     list_policy_losses,
+    policy_loss_needs_entropy,
     register_policy_loss,
     register_token_selector,
 )
+from cegppo.losses.selection import high_entropy_threshold, select_high_entropy
 
 __all__ = [
     "KL_ESTIMATORS",
@@ -49,9 +55,12 @@ __all__ = [
     "agg_loss",
     "get_policy_loss_fn",
     "get_token_selector",
+    "high_entropy_threshold",
     "kl_penalty",
     "list_policy_losses",
     "masked_mean",
+    "policy_loss_needs_entropy",
     "register_policy_loss",
     "register_token_selector",
+    "select_high_entropy",
 ]

@@ -40,6 +40,9 @@ class PolicyLossConfig:
     ``rollout_is``, ``rollout_is_threshold``, ``rollout_is_batch_normalize``, ``rollout_rs``,
     ``rollout_rs_threshold`` are verl's rollout-correction settings (see
     :mod:`cegppo.losses.rollout_correction`); ``bypass_loss_type`` is verl's ``rollout_correction.loss_type``.
+    ``entropy_clip_ratio_low``/``entropy_clip_ratio_high`` bound ERC's entropy ratio H/H_old to the open band
+    (1-low, 1+high); 0.05 is what the ERC authors' released recipes use (arXiv 2512.05591). ``dgpo_n``/``dgpo_m``
+    set how fast DGPO's probability-gradient weight decays past the left/right boundary (arXiv 2603.14389).
 
     The batch-size fields are set per mini-batch by a trainer that splits a batch into micro-batches
     (or data-parallel ranks), so that every micro-batch loss is normalised by the *global* token or
@@ -70,6 +73,10 @@ class PolicyLossConfig:
     rollout_rs: str | None = None
     rollout_rs_threshold: float | str | None = None
     bypass_loss_type: str = "ppo_clip"
+    entropy_clip_ratio_low: float = 0.05
+    entropy_clip_ratio_high: float = 0.05
+    dgpo_n: float = 1.0
+    dgpo_m: float = 2.0
     dp_size: int = 1
     batch_num_tokens: int | None = None
     global_batch_size: int | None = None
@@ -79,7 +86,14 @@ class PolicyLossConfig:
     token_selection: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        for name in ("beta1", "beta2", "ppo_kl_coef"):
+        for name in (
+            "beta1",
+            "beta2",
+            "ppo_kl_coef",
+            "entropy_clip_ratio_low",
+            "entropy_clip_ratio_high",
+            "dgpo_n",
+        ):
             value = getattr(self, name)
             _require(_is_real(value) and value >= 0, name, value, "must be a finite number >= 0")
         low, high = self.clip_ratio_low, self.clip_ratio_high
@@ -129,6 +143,9 @@ class PolicyLossConfig:
         )
         self.is_bounds  # noqa: B018  (parse to validate)
         self.rs_bounds  # noqa: B018
+        _require(
+            _is_real(self.dgpo_m) and self.dgpo_m > 0, "dgpo_m", self.dgpo_m, "must be a finite number > 0"
+        )
         for name in ("clip_cov_ratio", "kl_cov_ratio"):
             value = getattr(self, name)
             _require(_is_real(value) and 0 < value <= 1, name, value, "must be a fraction in (0, 1]")

@@ -14,7 +14,10 @@ class PolicyLossFn(Protocol):
     """``fn(old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights)``.
 
     Tensors are [batch, response_len]; returns the scalar loss to minimise (= -objective) and a
-    ``dict[str, float]`` of metrics with verl's ``actor/`` prefix.
+    ``dict[str, float]`` of metrics with verl's ``actor/`` prefix. A loss registered with
+    ``needs_entropy=True`` also takes the keyword arguments ``entropy`` (the current policy's per-token
+    entropy) and ``old_entropy`` (π_old's), both [batch, response_len]; the others never receive them, so
+    every loss written to verl's signature keeps working.
     """
 
     def __call__(
@@ -50,13 +53,22 @@ class TokenSelector(Protocol):
 
 POLICY_LOSS_REGISTRY: dict[str, PolicyLossFn] = {}
 TOKEN_SELECTORS: dict[str, TokenSelector] = {}
+# Names of the losses that take entropy= and old_entropy= (the trainer computes them only for these).
+_NEEDS_ENTROPY: set[str] = set()
 
 
-def register_policy_loss(name: str) -> Callable[[PolicyLossFn], PolicyLossFn]:
-    """Decorator registering a policy loss under ``name`` (re-registering a name replaces it)."""
+def register_policy_loss(name: str, *, needs_entropy: bool = False) -> Callable[[PolicyLossFn], PolicyLossFn]:
+    """Decorator registering a policy loss under ``name`` (re-registering a name replaces it).
+
+    ``needs_entropy=True`` declares that the loss takes ``entropy=`` and ``old_entropy=`` keyword arguments.
+    """
 
     def decorator(fn: PolicyLossFn) -> PolicyLossFn:
         POLICY_LOSS_REGISTRY[name] = fn
+        if needs_entropy:
+            _NEEDS_ENTROPY.add(name)
+        else:
+            _NEEDS_ENTROPY.discard(name)
         return fn
 
     return decorator
@@ -85,6 +97,12 @@ def get_policy_loss_fn(name: str) -> PolicyLossFn:
         raise ValueError(
             f"unknown policy loss {name!r}: registered losses are {list_policy_losses()}"
         ) from None
+
+
+def policy_loss_needs_entropy(name: str) -> bool:
+    """Whether the loss ``name`` takes the per-token ``entropy`` and ``old_entropy`` of the policy."""
+    get_policy_loss_fn(name)  # unknown names fail as everywhere else
+    return name in _NEEDS_ENTROPY
 
 
 def list_policy_losses() -> list[str]:

@@ -10,15 +10,26 @@ import math
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel, get_constant_schedule_with_warmup
 
 from cegppo.config import Config
 from cegppo.dynamics import QuadrantTotals, quadrant_totals
-from cegppo.losses import PolicyLossConfig, agg_loss, get_policy_loss_fn, get_token_selector, kl_penalty
+from cegppo.losses import (
+    PolicyLossConfig,
+    agg_loss,
+    get_policy_loss_fn,
+    get_token_selector,
+    high_entropy_threshold,
+    kl_penalty,
+    policy_loss_needs_entropy,
+    select_high_entropy,
+)
 from cegppo.losses.rollout_correction import correction_enabled, rollout_correction
 from cegppo.ops import causal_lm_logprobs_and_entropy
+from cegppo.trainer.steering import AdaptiveEntropyCoefficient
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +38,8 @@ log = logging.getLogger(__name__)
 class Experience:
     """What the update needs about each sampled response, one row per response.
 
-    ``advantages`` is per response ([N]); ``old_log_prob`` is filled by :meth:`Actor.compute_old_log_probs`.
+    ``advantages`` is per response ([N]); ``old_log_prob`` and ``old_entropy`` are filled by
+    :meth:`Actor.compute_old_log_probs`.
     """
 
     input_ids: torch.Tensor  # [N, P+R], prompt left-padded, response right-padded
@@ -37,6 +49,7 @@ class Experience:
     correct: torch.Tensor  # [N], bool
     sampler_log_prob: torch.Tensor | None = None  # [N, R], from the rollout engine
     old_log_prob: torch.Tensor | None = None  # [N, R]
+    old_entropy: torch.Tensor | None = None  # [N, R], π_old's entropy at each response position
     ref_log_prob: torch.Tensor | None = None  # [N, R]
     rollout_is_weights: torch.Tensor | None = None  # [N, R], set by Actor.correct_for_sampler
     token_selection: torch.Tensor | None = None  # [N, R] bool, Clip-Cov/KL-Cov's tokens of the mini-batch
@@ -84,6 +97,8 @@ class Actor:
         )
         self.loss_fn = get_policy_loss_fn(actor.policy_loss)
         self.token_selector = get_token_selector(actor.policy_loss)
+        self.loss_needs_entropy = policy_loss_needs_entropy(actor.policy_loss)
+        self.entropy_coefficient = AdaptiveEntropyCoefficient(actor)
         self.loss_config = config.policy_loss_config()
         # bypass_mode: the sampler's log-probs are π_old (verl's two-policy mode).
         self.bypass = actor.policy_loss == "bypass_mode"
@@ -114,7 +129,8 @@ class Actor:
 
     @torch.no_grad()
     def compute_old_log_probs(self, batch: Experience) -> torch.Tensor:
-        """Fill ``batch.old_log_prob`` (and ``ref_log_prob``) with the current weights; return the entropy.
+        """Fill ``batch.old_log_prob``, ``old_entropy`` (and ``ref_log_prob``) with the current weights; return the
+        entropy.
 
         The sampler's own log-probs differ numerically from a training forward pass (other kernels,
         KV cache, autocast), so the ratio is taken against this recomputation: on-policy it is exactly 1.
@@ -131,9 +147,10 @@ class Actor:
                 )
         self.model.train()
         batch.old_log_prob = torch.cat(log_probs)
+        batch.old_entropy = torch.cat(entropies)
         if self.ref_model is not None:
             batch.ref_log_prob = torch.cat(ref_log_probs)
-        return torch.cat(entropies)
+        return batch.old_entropy
 
     def rollout_is_weights(self, batch: Experience) -> torch.Tensor | None:
         """Truncated importance weights min(π_old/π_sampler, cap) per token, or None when not configured."""
@@ -182,6 +199,8 @@ class Actor:
         result = {key: totals[key] / weights[key] for key in totals} | correction_metrics
         if quadrants is not None:
             result.update(quadrants.metrics())
+        if self.config.actor.use_adaptive_entropy:
+            result["actor/adaptive_entropy_coeff"] = self.entropy_coefficient.coeff  # for the next step
         result["actor/lr"] = self.scheduler.get_last_lr()[0]
         result["actor/num_updates"] = float(updates)
         result["actor/skipped_updates"] = float(self.skipped_updates)
@@ -204,6 +223,8 @@ class Actor:
         else:
             self.skipped_updates += 1
             log.warning("skipping an update: non-finite loss or gradient norm (%s)", grad_norm)
+        if finite and "actor/entropy" in metrics:  # the adaptive coefficient follows every measured update
+            self.entropy_coefficient.observe_entropy(metrics["actor/entropy"])
         self.optimizer.zero_grad(set_to_none=True)
         metrics["actor/grad_norm"] = grad_norm
         return metrics, quadrants
@@ -224,7 +245,14 @@ class Actor:
         )
         agg = loss_config.global_batch_info
         num_positive_tokens = int((mini.response_mask * mini.correct.unsqueeze(1)).sum().item())
-        want_entropy = actor.entropy_coeff > 0
+        bonus = self.entropy_coefficient
+        entropy_coeff = bonus.applied()
+        want_entropy = bonus.enabled or self.loss_needs_entropy
+        select = actor.top_entropy_quantile < 1
+        if (select or self.loss_needs_entropy) and mini.old_entropy is None:
+            raise ValueError("compute_old_log_probs must run before update: old_entropy is missing")
+        threshold, trained_agg, selection_metrics = self._high_entropy_selection(mini, loss_config)
+        entropy_sum = 0.0
         if self.token_selector is not None:
             mini = self._select_tokens(mini, loss_config)
             if mini.token_selection is None:
@@ -237,6 +265,15 @@ class Actor:
             log_prob, entropy = self.token_log_probs(self.model, micro, with_entropy=want_entropy)
             if not torch.isfinite(log_prob).all():
                 return dict(metrics), quadrants, False
+            trained_mask, weights = micro.response_mask, self.rollout_is_weights(micro)
+            if select:
+                trained_mask = select_high_entropy(micro.old_entropy, micro.response_mask, threshold).float()
+                # TRL multiplies the per-token loss by the selection and normalises as without it: a token weight.
+                # The entropy bonus below acts on the same tokens, as in TRL.
+                weights = trained_mask if weights is None else weights * trained_mask
+            entropy_inputs = (
+                {"entropy": entropy, "old_entropy": micro.old_entropy} if self.loss_needs_entropy else {}
+            )
             pg_loss, pg_metrics = self.loss_fn(
                 old_log_prob=micro.sampler_log_prob if self.bypass else micro.old_log_prob,
                 log_prob=log_prob,
@@ -244,7 +281,8 @@ class Actor:
                 response_mask=micro.response_mask,
                 loss_agg_mode=actor.loss_agg_mode,
                 config=dataclasses.replace(loss_config, token_selection=micro.token_selection),
-                rollout_is_weights=self.rollout_is_weights(micro),
+                rollout_is_weights=weights,
+                **entropy_inputs,
             )
             # ∂pg_loss/∂log π per token is the loss's own gradient weight (−F·A/N): it places each token's
             # share of the update in the entropy quadrants, through the loss ops only, not the model.
@@ -263,8 +301,10 @@ class Actor:
             loss = pg_loss
             metrics["actor/pg_loss"] += pg_loss.item()
             if want_entropy:
-                entropy_term = agg_loss(entropy, micro.response_mask, actor.loss_agg_mode, **agg)
-                loss = loss - actor.entropy_coeff * entropy_term
+                entropy_sum += (entropy.detach().float() * trained_mask).sum().item()
+            if bonus.enabled:
+                entropy_term = agg_loss(entropy, trained_mask, actor.loss_agg_mode, **trained_agg)
+                loss = loss - entropy_coeff * entropy_term
                 metrics["actor/entropy_loss"] += entropy_term.item()
             if micro.ref_log_prob is not None:
                 kl = kl_penalty(log_prob.float(), micro.ref_log_prob, actor.kl_loss_type)
@@ -283,6 +323,13 @@ class Actor:
             loss.backward()
             for key, value in pg_metrics.items():
                 metrics[key] += value * share
+        if (
+            want_entropy
+        ):  # the current policy's mean entropy over the tokens trained on (the controller's input)
+            metrics["actor/entropy"] = entropy_sum / max(trained_agg["batch_num_tokens"], 1)
+        if bonus.enabled:
+            metrics["actor/entropy_coeff"] = entropy_coeff
+        metrics.update(selection_metrics)
         return dict(metrics), quadrants, True
 
     @torch.no_grad()
@@ -307,6 +354,30 @@ class Actor:
             config=loss_config,
         )
         return dataclasses.replace(mini, token_selection=selection)
+
+    def _high_entropy_selection(
+        self, mini: Experience, loss_config: PolicyLossConfig
+    ) -> tuple[torch.Tensor | None, dict[str, Any], dict[str, float]]:
+        """The 80/20 rule's entropy threshold, the aggregation counts of the tokens trained on, and its metrics.
+
+        π_old's entropy over the whole mini-batch sets the threshold, so which tokens are trained does not depend
+        on ``micro_batch_size``. Without the selection every token is trained on.
+        """
+        quantile = self.config.actor.top_entropy_quantile
+        if quantile >= 1:
+            return None, loss_config.global_batch_info, {}
+        threshold = high_entropy_threshold(mini.old_entropy, mini.response_mask, quantile)
+        trained = select_high_entropy(mini.old_entropy, mini.response_mask, threshold)
+        counts = loss_config.with_batch_info(
+            batch_num_tokens=int(trained.sum().item()),
+            global_batch_size=int((trained.sum(-1) > 0).sum().item()),
+        ).global_batch_info
+        metrics = {
+            "actor/top_entropy_kept_frac": trained.sum().item() / max(mini.response_mask.sum().item(), 1)
+        }
+        if threshold is not None:
+            metrics["actor/top_entropy_threshold"] = threshold.item()
+        return threshold, counts, metrics
 
     def _micro_batches(self, batch: Experience) -> Iterator[Experience]:
         size = self.config.actor.micro_batch_size

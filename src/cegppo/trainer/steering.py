@@ -1,8 +1,10 @@
-"""Steering CE-GPPO's β1/β2 during a run: schedules and an entropy-target controller."""
+"""Steering during a run: CE-GPPO's β1/β2 (schedules, an entropy-band controller) and the entropy bonus's
+coefficient (Skywork-OR1's adaptive controller)."""
 
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Any
 
 from cegppo.config import ActorConfig, ScheduleConfig
@@ -75,3 +77,47 @@ class BetaSteering:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.controlled = {"beta1": state["beta1"], "beta2": state["beta2"]}
         self.previous_entropy = state.get("previous_entropy")  # absent in checkpoints before trend_weight
+
+
+class AdaptiveEntropyCoefficient:
+    """The entropy bonus's coefficient: ``actor.entropy_coeff``, or Skywork-OR1's adaptive controller.
+
+    Skywork-OR1 (He et al. 2025, arXiv 2505.22312), with TRL's rule (``use_adaptive_entropy``): the bonus
+    coefficient c starts at ``entropy_coeff``; after each optimiser update, with H the mean entropy of the
+    tokens that update trained on, c += Δ if H <= target, else c -= Δ, kept within [min, max]. An update applies
+    c only while the last measured H is <= target (none has been measured before the first update: 0).
+    """
+
+    def __init__(self, actor: ActorConfig) -> None:
+        self.actor = actor
+        self.coeff = actor.entropy_coeff
+        self.last_entropy = math.inf
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the update computes the entropy term at all (a controller may raise a zero coefficient)."""
+        return self.actor.use_adaptive_entropy or self.actor.entropy_coeff > 0
+
+    def applied(self) -> float:
+        """The coefficient the next update applies."""
+        if not self.actor.use_adaptive_entropy:
+            return self.actor.entropy_coeff
+        return self.coeff if self.last_entropy <= self.actor.entropy_target else 0.0
+
+    def observe_entropy(self, entropy: float) -> None:
+        """After an update: move the coefficient one step towards keeping entropy above the target."""
+        actor = self.actor
+        if not actor.use_adaptive_entropy:
+            return
+        if entropy <= actor.entropy_target:
+            self.coeff = min(self.coeff + actor.entropy_coeff_delta, actor.entropy_coeff_max)
+        else:
+            self.coeff = max(self.coeff - actor.entropy_coeff_delta, actor.entropy_coeff_min)
+        self.last_entropy = entropy
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"coeff": self.coeff, "last_entropy": self.last_entropy}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.coeff = state["coeff"]
+        self.last_entropy = state["last_entropy"]

@@ -145,6 +145,8 @@ class Trainer:
             self.train_data.load_state_dict(saved["trainer"]["data"])
             self.actor.skipped_updates = saved["trainer"]["skipped_updates"]
             self.steering.load_state_dict(saved["trainer"]["steering"])
+            if "entropy_coeff" in saved["trainer"]:  # absent in checkpoints before the adaptive coefficient
+                self.actor.entropy_coefficient.load_state_dict(saved["trainer"]["entropy_coeff"])
             self.state = saved["trainer"]["state"]
             self.step_count = saved["step"]
             set_rng_state(saved["rng"])
@@ -411,6 +413,7 @@ class Trainer:
                 "data": self.train_data.state_dict(),
                 "skipped_updates": self.actor.skipped_updates,
                 "steering": self.steering.state_dict(),
+                "entropy_coeff": self.actor.entropy_coefficient.state_dict(),
                 "state": self.state,
             },
         )
