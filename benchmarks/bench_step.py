@@ -1,9 +1,14 @@
-"""Seconds per RL step on the demo config, split into gen/score/old_logprob/update, and tokens/s.
+"""Seconds per RL step on the demo config with ``actor.share_prompt`` on and off, interleaved in one process.
 
 Runs the embedded default (SmolLM2-135M-Instruct, 8 prompts x 8 samples, 32 new tokens, two updates a step)
-for a few steps without the held-out evaluation, and prints one JSON object per step and one summary.
+without the held-out evaluation. Each variant is its own trainer (own model, own RNG stream, same seed), and
+the variants take turns step by step (ABBA order), so load from other processes falls on both alike. Prints
+one JSON object per step (gen/score/old_logprob/update/step seconds, wall and this process's CPU time,
+tokens/s, the step's peak RSS above the RSS before it) and a summary with per-variant medians (steps after the
+first) and the ratios on/off. On a machine shared with other jobs, run with ``trainer.num_threads=1`` and read
+the CPU-time ratios: they count the work done, which the other jobs' load does not change.
 
-    python benchmarks/bench_step.py [--steps 3] [key.sub=value ...]
+    python benchmarks/bench_step.py [--steps 3] [--variants on,off] [key.sub=value ...]
 """
 
 from __future__ import annotations
@@ -14,61 +19,119 @@ import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+import cegppo.trainer.trainer as trainer_module
 from cegppo.config import load_config
 from cegppo.trainer import Trainer
 
 PHASES = ("gen", "score", "old_logprob", "update", "step")
+VARIANTS = {"on": ["actor.share_prompt=true"], "off": ["actor.share_prompt=false"]}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as out:
+@contextmanager
+def timed_wall_and_cpu(timings: dict[str, float], name: str) -> Iterator[None]:
+    """The trainer's phase timer, also recording this process's CPU time as ``<name>_cpu``."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    yield
+    timings[name] = time.perf_counter() - wall
+    timings[f"{name}_cpu"] = time.process_time() - cpu
+
+
+def rss_mib(field: str) -> float:
+    """``VmRSS`` or ``VmHWM`` (peak since the last reset) of this process, MiB (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak_rss() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+
+
+class Variant:
+    """One trainer and its own RNG stream, so interleaving does not change what either samples."""
+
+    def __init__(self, name: str, out: str, overrides: list[str]) -> None:
+        self.name = name
         config = load_config(
             None,
             [
                 "data.heldout=null",
                 f"trainer.output_dir={out}",
-                "trainer.name=bench",
+                f"trainer.name=bench-{name}",
                 "trainer.quiet=true",
                 "trainer.tensorboard=false",
-                *args.overrides,
+                *overrides,
+                *VARIANTS[name],
             ],
         )
         started = time.perf_counter()
-        trainer = Trainer(config, Path(out) / "bench")
-        setup_s = time.perf_counter() - started
-        steps = []
-        for _ in range(args.steps):
-            metrics = trainer.step()
-            record = {f"{phase}_s": round(metrics[f"timing/{phase}_s"], 2) for phase in PHASES}
-            record["tokens_per_s"] = round(metrics["perf/tokens_per_s"], 1)
-            record["response_length_mean"] = round(metrics["response_length/mean"], 1)
-            print(json.dumps({"case": "rl_step", "step": trainer.step_count, **record}), flush=True)
-            steps.append(record)
-        trainer.close()
-    # The first step includes one-off warm-up (allocator, kernels); report the median of the rest too.
-    later = steps[1:] or steps
-    summary = {f"median_{key}": statistics.median(s[key] for s in later) for key in steps[0]}
-    print(
-        json.dumps(
-            {
-                "case": "rl_step_summary",
-                "steps": args.steps,
-                "setup_s": round(setup_s, 1),
-                **summary,
-                "torch_threads": torch.get_num_threads(),
-                "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-                "overrides": args.overrides,
-            }
-        )
-    )
+        self.trainer = Trainer(config, Path(out) / f"bench-{name}")
+        self.setup_s = time.perf_counter() - started
+        self.rng = torch.get_rng_state()
+        self.records: list[dict] = []
+
+    def step(self) -> dict:
+        torch.set_rng_state(self.rng)
+        before = rss_mib("VmRSS")
+        reset_peak_rss()
+        cpu = time.process_time()
+        metrics = self.trainer.step()
+        metrics["timing/step_cpu_s"] = time.process_time() - cpu
+        peak = rss_mib("VmHWM") - before
+        self.rng = torch.get_rng_state()
+        record = {f"{phase}_s": round(metrics[f"timing/{phase}_s"], 2) for phase in PHASES}
+        record.update({f"{phase}_cpu_s": round(metrics[f"timing/{phase}_cpu_s"], 2) for phase in PHASES})
+        record["tokens_per_s"] = round(metrics["perf/tokens_per_s"], 1)
+        record["response_length_mean"] = round(metrics["response_length/mean"], 1)
+        record["peak_rss_above_start_mib"] = round(peak)
+        self.records.append(record)
+        return record
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--variants", default="on,off", help="comma-separated subset of on,off")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    names = args.variants.split(",")
+    trainer_module._timed = timed_wall_and_cpu
+    with tempfile.TemporaryDirectory() as out:
+        variants = [Variant(name, out, args.overrides) for name in names]
+        for step in range(args.steps):
+            for variant in variants if step % 2 == 0 else variants[::-1]:
+                record = variant.step()
+                print(
+                    json.dumps({"case": "rl_step", "variant": variant.name, "step": step + 1, **record}),
+                    flush=True,
+                )
+        for variant in variants:
+            variant.trainer.close()
+    summary: dict = {"case": "rl_step_summary", "steps": args.steps}
+    for variant in variants:
+        later = variant.records[1:] or variant.records  # the first step includes one-off warm-up
+        summary[variant.name] = {
+            "setup_s": round(variant.setup_s, 1),
+            **{f"median_{key}": statistics.median(r[key] for r in later) for key in variant.records[0]},
+        }
+    if {"on", "off"} <= set(names):
+        on, off = summary["on"], summary["off"]
+        summary["ratio_on_over_off"] = {
+            key.removeprefix("median_"): round(on[key] / off[key], 3)
+            for key in on
+            if key.startswith("median_") and off[key]
+        }
+    summary["torch_threads"] = torch.get_num_threads()
+    summary["machine"] = f"{platform.machine()} {platform.processor() or ''}".strip()
+    summary["overrides"] = args.overrides
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

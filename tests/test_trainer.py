@@ -229,8 +229,8 @@ def test_micro_batch_splitting_never_changes_the_gradient(loss, agg):
         if loss in ("clip_cov", "kl_cov"):
             assert metrics[f"actor/{loss}_frac"] > 0
     assert clipped[0] > 0
-    for other in grads[1:]:
-        torch.testing.assert_close(other, grads[0], rtol=1e-4, atol=1e-7)
+    for other in grads[1:]:  # float32; with actor.share_prompt the prompt runs apart from its responses
+        torch.testing.assert_close(other, grads[0], rtol=1e-4, atol=1e-6)
     assert clipped[1] == pytest.approx(clipped[0]) and clipped[2] == pytest.approx(clipped[0])
 
 
@@ -447,7 +447,9 @@ def test_dynamic_sampling_refills_the_batch_with_groups_that_have_signal(
     trainer = Trainer(config, run_dir_of(config))
     old_log_prob_rows = []
     compute = trainer.actor.compute_old_log_probs
-    trainer.actor.compute_old_log_probs = lambda batch: old_log_prob_rows.append(len(batch)) or compute(batch)
+    trainer.actor.compute_old_log_probs = lambda batch, **kw: (
+        old_log_prob_rows.append(len(batch)) or compute(batch, **kw)
+    )
     trainer.fit()
     (record,) = read_metrics(run_dir_of(config))
     if max_rounds == 1:  # no re-sampling: nothing had signal, nothing is trained, no old-log-prob pass

@@ -173,6 +173,9 @@ class ActorConfig:
     ppo_epochs: int = 1
     ppo_mini_batch_size: int = 4  # prompts per optimiser update
     micro_batch_size: int = 8  # sequences per forward/backward (memory only: never changes the gradient)
+    # Run each prompt once per group (and micro-batch) in the update, the log-prob passes and hf generation,
+    # with its KV cache repeated to the n responses: the same numbers, ~1/n of the prompt work (rollout.n > 1).
+    share_prompt: bool = True
     lr: float = 5e-6
     weight_decay: float = 0.0
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -444,6 +447,12 @@ def validate(config: Config) -> None:
         "analysis.prob_threshold",
         config.analysis.prob_threshold,
         "must be in (0, 1)",
+    )
+    check(
+        not (a.share_prompt and config.model.gradient_checkpointing),
+        "actor.share_prompt",
+        a.share_prompt,
+        "set it to false with model.gradient_checkpointing=true (checkpointed layers drop the KV cache)",
     )
     _validate_beta_steering(config.actor)
     e = config.eval

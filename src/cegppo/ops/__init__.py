@@ -8,9 +8,10 @@
 ``docs/performance.md`` has the measured time and memory.
 """
 
-from cegppo.ops.causal_lm import causal_lm_logprobs_and_entropy, sampler_position_ids
+from cegppo.ops.causal_lm import causal_lm_logprobs_and_entropy
 from cegppo.ops.fused_linear import linear_logprobs_and_entropy
 from cegppo.ops.logprobs import logprobs_and_entropy
+from cegppo.ops.shared_prompt import sampler_position_ids
 
 __all__ = [
     "causal_lm_logprobs_and_entropy",

@@ -8,16 +8,17 @@ from torch import nn
 from cegppo.ops._validation import check_settings
 from cegppo.ops.fused_linear import linear_logprobs_and_entropy
 from cegppo.ops.logprobs import logprobs_and_entropy
+from cegppo.ops.shared_prompt import (
+    check_cache_usable,
+    continue_from_cache,
+    distinct_prompts,
+    prefill,
+    sampler_position_ids,
+)
 
 # Config fields of models whose LM head does more than hidden @ W.T + b, with the value that makes it a no-op.
 # The fused path only sees the head's weight and bias, so it would silently drop these transforms.
 _LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": 1.0, "logits_scaling": 1.0}
-
-
-def sampler_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids as ``generate`` derives them for a left-padded batch: cumsum(mask) - 1, padding at 1."""
-    positions = attention_mask.long().cumsum(-1) - 1
-    return positions.masked_fill_(attention_mask == 0, 1)
 
 
 def causal_lm_logprobs_and_entropy(
@@ -30,6 +31,7 @@ def causal_lm_logprobs_and_entropy(
     fused: bool = True,
     chunk_size: int = 1024,
     with_entropy: bool = True,
+    share_prompt: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log p and entropy [B, R] of the last ``response_len`` tokens of each row under ``model``.
 
@@ -44,13 +46,17 @@ def causal_lm_logprobs_and_entropy(
             :func:`logprobs_and_entropy`.
         chunk_size: tokens per chunk in the log-prob kernel.
         with_entropy: return the entropy (else ``None``; it then costs nothing in backward).
+        share_prompt: run each distinct prompt of the batch once and the responses against its KV cache
+            (see :mod:`cegppo.ops.shared_prompt`): the same values and gradients as the plain pass, for
+            about one prompt's cost per group instead of one per row. Response positions past the batch's
+            longest response are 0 rather than computed.
 
     Position ids follow the attention mask as in ``generate``, so left-padded rows see the positions the
     sampler used. Gradients reach every parameter, including a tied embedding through both of its uses.
 
     Raises:
-        ValueError: on mismatched shapes, a response length outside [1, P + R), or (fused only) a model whose
-            head rescales or soft-caps its logits.
+        ValueError: on mismatched shapes, a response length outside [1, P + R), (fused only) a model whose
+            head rescales or soft-caps its logits, or (shared only) gradient checkpointing under autograd.
     """
     check_settings(temperature, chunk_size)
     if input_ids.dim() != 2 or input_ids.is_floating_point():
@@ -66,22 +72,15 @@ def causal_lm_logprobs_and_entropy(
         raise ValueError(
             f"response_len must be an int in [1, {seq_len}) for sequences of {seq_len}, got {response_len!r}"
         )
-
-    inputs = {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "position_ids": sampler_position_ids(attention_mask),
-        "use_cache": False,
-    }
-    first = seq_len - response_len
-    labels = input_ids[:, first:]
     if fused:
         _reject_logit_transforms(model)
-        backbone = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-        hidden = backbone(**inputs).last_hidden_state[:, first - 1 : seq_len - 1]
+    features, labels = (_shared_prompt_features if share_prompt else _features)(
+        model, input_ids, attention_mask, seq_len - response_len, fused
+    )
+    if fused:
         head = model.get_output_embeddings()
         logp, entropy = linear_logprobs_and_entropy(
-            hidden,
+            features,
             head.weight,
             labels,
             bias=getattr(head, "bias", None),
@@ -89,10 +88,62 @@ def causal_lm_logprobs_and_entropy(
             chunk_size=chunk_size,
         )
     else:
-        positions = torch.arange(first - 1, seq_len - 1, device=input_ids.device)
-        logits = model(**inputs, logits_to_keep=positions).logits
-        logp, entropy = logprobs_and_entropy(logits, labels, temperature=temperature, chunk_size=chunk_size)
+        logp, entropy = logprobs_and_entropy(features, labels, temperature=temperature, chunk_size=chunk_size)
+    if labels.shape[1] < response_len:  # the shared pass stops at the longest response
+        logp, entropy = (nn.functional.pad(x, (0, response_len - labels.shape[1])) for x in (logp, entropy))
     return logp, entropy if with_entropy else None
+
+
+def _features(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, first: int, fused: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What scores each response token (last hidden state if ``fused``, else logits) and the tokens."""
+    inputs = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": sampler_position_ids(attention_mask),
+        "use_cache": False,
+    }
+    seq_len = input_ids.shape[1]
+    if fused:
+        features = _backbone(model)(**inputs).last_hidden_state[:, first - 1 : seq_len - 1]
+    else:
+        positions = torch.arange(first - 1, seq_len - 1, device=input_ids.device)
+        features = model(**inputs, logits_to_keep=positions).logits
+    return features, input_ids[:, first:]
+
+
+def _shared_prompt_features(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, first: int, fused: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_features` with each distinct prompt run once: the first response token is scored from the
+    prompt's last position, the others from the responses' own pass over the row-gathered prompt cache."""
+    check_cache_usable(model)
+    prompts = distinct_prompts(input_ids[:, :first], attention_mask[:, :first])
+    response_mask = attention_mask[:, first:]
+    used = response_mask.any(dim=0).nonzero()
+    width = int(used[-1]) + 1 if len(used) else 1
+    labels = input_ids[:, first : first + width]
+    module = _backbone(model) if fused else model
+
+    def features(outputs: object) -> torch.Tensor:
+        return outputs.last_hidden_state if fused else outputs.logits
+
+    extra = {} if fused else {"logits_to_keep": 1}
+    cache, outputs = prefill(module, prompts.input_ids, prompts.attention_mask, **extra)
+    scored = [features(outputs)[:, -1:][prompts.inverse]]
+    if width > 1:
+        cache.batch_select_indices(prompts.inverse)
+        extra = {} if fused else {"logits_to_keep": 0}
+        outputs = continue_from_cache(
+            module, cache, prompts, labels[:, :-1], response_mask[:, : width - 1], **extra
+        )
+        scored.append(features(outputs))
+    return torch.cat(scored, dim=1), labels
+
+
+def _backbone(model: nn.Module) -> nn.Module:
+    return model.get_decoder() if hasattr(model, "get_decoder") else model.model
 
 
 def _reject_logit_transforms(model: nn.Module) -> None:

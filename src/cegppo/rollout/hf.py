@@ -16,6 +16,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
+from cegppo.ops.shared_prompt import cache_keyword, distinct_prompts, prefill
 from cegppo.rollout.base import (
     RolloutBatch,
     SamplingParams,
@@ -78,6 +79,8 @@ class HFRolloutEngine:
     rows at once. ``autocast_dtype`` (e.g. ``torch.bfloat16``) runs generation under ``torch.autocast``.
     The model's own ``generation_config`` is ignored while sampling (only ``SamplingParams`` decide the
     distribution, so checkpoint defaults such as a repetition penalty cannot skew the recorded log-probs).
+    ``share_prompt`` prefills each distinct prompt of a ``generate`` call once and hands its KV cache to the
+    ``n`` samples; sampling is unchanged (the same draws from the same seed, up to float rounding).
     """
 
     def __init__(
@@ -87,6 +90,7 @@ class HFRolloutEngine:
         *,
         batch_size: int | None = None,
         autocast_dtype: torch.dtype | None = None,
+        share_prompt: bool = True,
     ) -> None:
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"HFRolloutEngine batch_size must be >= 1 or None, got {batch_size}")
@@ -98,6 +102,7 @@ class HFRolloutEngine:
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.autocast_dtype = autocast_dtype
+        self.share_prompt = share_prompt
         self.eos_token_ids = eos_token_ids(model, tokenizer)
 
     def sync_weights(self, model: torch.nn.Module) -> None:
@@ -154,11 +159,13 @@ class HFRolloutEngine:
                     ids = prompt_ids[start : start + chunk, first:].to(device)
                     mask = mask[:, first:].to(device)
                     recorder = _SampledTokenLogprobs(params)
+                    shared = self._shared_prefill(ids, mask) if self.share_prompt and params.n > 1 else {}
                     sequences = model.generate(
                         input_ids=ids,
                         attention_mask=mask,
                         generation_config=config,
                         logits_processor=LogitsProcessorList([recorder]),
+                        **shared,
                     )
                     new_tokens = sequences[:, ids.shape[1] :]
                     pieces.append((new_tokens.cpu(), recorder.finish(new_tokens).cpu()))
@@ -166,6 +173,22 @@ class HFRolloutEngine:
             model.generation_config = saved_config
             model.train(was_training)
         return self._assemble(prompt_ids, prompt_mask, pieces, params)
+
+    def _shared_prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, object]:
+        """The KV cache of all prompt tokens but the last, each distinct prompt run once, gathered to the rows.
+
+        ``generate`` then runs only the last prompt token of each row, which gives the first sampling step
+        its logits. Nothing to share for one-token prompts: ``{}``.
+        """
+        if ids.shape[1] < 2:
+            return {}
+        prompts = distinct_prompts(ids[:, :-1], mask[:, :-1])
+        if len(prompts.input_ids) == len(ids):
+            return {}
+        # ``ids`` has no all-padding column (generate trims them), so the prefix keeps its full width.
+        cache, _ = prefill(self.model.get_decoder(), prompts.input_ids, prompts.attention_mask)
+        cache.batch_select_indices(prompts.inverse)
+        return {cache_keyword(self.model): cache}
 
     def _assemble(
         self,

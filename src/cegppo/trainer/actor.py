@@ -1,4 +1,11 @@
-"""The policy update: recompute old log-probs, then PPO epochs over mini-batches of micro-batches."""
+"""The policy update: recompute old log-probs, then PPO epochs over mini-batches of micro-batches.
+
+With ``actor.share_prompt`` every forward pass runs each distinct prompt of a micro-batch once and its
+responses against the prompt's KV cache (:func:`cegppo.ops.causal_lm_logprobs_and_entropy`), with the same
+values and gradients as one row per sample. Micro-batches are ``micro_batch_size`` rows, as without sharing:
+a group split between two micro-batches has its prompt run in each (still exact), so a ``micro_batch_size``
+that is a multiple of ``rollout.n`` runs every prompt once.
+"""
 
 from __future__ import annotations
 
@@ -39,7 +46,7 @@ class Experience:
     """What the update needs about each sampled response, one row per response.
 
     ``advantages`` is per response ([N]); ``old_log_prob`` and ``old_entropy`` are filled by
-    :meth:`Actor.compute_old_log_probs`.
+    :meth:`Actor.compute_old_log_probs`, or on-policy by :meth:`Actor.update` from its own forward pass.
     """
 
     input_ids: torch.Tensor  # [N, P+R], prompt left-padded, response right-padded
@@ -107,6 +114,7 @@ class Actor:
         if actor.use_kl_loss:
             self.ref_model = (ref_model or copy.deepcopy(model)).eval().requires_grad_(False)
         self.skipped_updates = 0
+        self.share_prompt = actor.share_prompt and config.rollout.n > 1
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.actor.bf16_autocast)
@@ -125,29 +133,55 @@ class Actor:
                 fused=self.config.model.fused_logprobs,
                 chunk_size=self.config.model.logprob_chunk_size,
                 with_entropy=with_entropy,
+                share_prompt=self.share_prompt,
             )
 
+    def on_policy(self, num_rows: int, group_size: int) -> bool:
+        """Whether the update of ``num_rows`` rows is one optimiser step (one epoch, one mini-batch).
+
+        π_old is then the policy itself under a stop-gradient (as in verl's actor), which the update's own
+        forward pass gives, so the separate old-log-prob pass would compute nothing new. Not with rollout
+        correction, Clip-Cov/KL-Cov's token selection, the high-entropy token selection or a loss that reads
+        π_old's entropy: they need π_old of the whole (mini-)batch before its forward pass.
+        """
+        actor = self.config.actor
+        needs_old_first = (
+            self.token_selector is not None
+            or (not self.bypass and correction_enabled(self.loss_config))
+            or actor.top_entropy_quantile < 1
+            or self.loss_needs_entropy
+        )
+        return (
+            not needs_old_first
+            and actor.ppo_epochs == 1
+            and num_rows <= actor.ppo_mini_batch_size * group_size
+        )
+
     @torch.no_grad()
-    def compute_old_log_probs(self, batch: Experience) -> torch.Tensor:
-        """Fill ``batch.old_log_prob``, ``old_entropy`` (and ``ref_log_prob``) with the current weights; return the
-        entropy.
+    def compute_old_log_probs(self, batch: Experience, *, on_policy: bool = False) -> torch.Tensor | None:
+        """Fill ``batch.old_log_prob``, ``old_entropy`` (and ``ref_log_prob``) with the current weights; return
+        the entropy.
 
         The sampler's own log-probs differ numerically from a training forward pass (other kernels,
         KV cache, autocast), so the ratio is taken against this recomputation: on-policy it is exactly 1.
+        ``on_policy``: only the reference log-probs; :meth:`update` takes π_old from its own forward.
         """
+        if on_policy and self.ref_model is None:
+            return
         self.model.eval()
         log_probs, entropies, ref_log_probs = [], [], []
         for micro in self._micro_batches(batch):
-            log_prob, entropy = self.token_log_probs(self.model, micro, with_entropy=True)
-            log_probs.append(log_prob.float())
-            entropies.append(entropy.float())
+            if not on_policy:
+                log_prob, entropy = self.token_log_probs(self.model, micro, with_entropy=True)
+                log_probs.append(log_prob.float())
+                entropies.append(entropy.float())
             if self.ref_model is not None:
                 ref_log_probs.append(
                     self.token_log_probs(self.ref_model, micro, with_entropy=False)[0].float()
                 )
         self.model.train()
-        batch.old_log_prob = torch.cat(log_probs)
-        batch.old_entropy = torch.cat(entropies)
+        if not on_policy:
+            batch.old_log_prob, batch.old_entropy = torch.cat(log_probs), torch.cat(entropies)
         if self.ref_model is not None:
             batch.ref_log_prob = torch.cat(ref_log_probs)
         return batch.old_entropy
@@ -175,9 +209,17 @@ class Actor:
         ), correction.metrics
 
     def update(self, batch: Experience, group_size: int) -> dict[str, float]:
-        """``ppo_epochs`` passes over mini-batches of ``ppo_mini_batch_size`` prompts; one optimiser step each."""
-        if batch.old_log_prob is None:
-            raise ValueError("compute_old_log_probs must run before update")
+        """``ppo_epochs`` passes over mini-batches of ``ppo_mini_batch_size`` prompts; one optimiser step each.
+
+        Without ``batch.old_log_prob`` the update must be on-policy (:meth:`on_policy`); it then fills
+        ``old_log_prob`` and ``old_entropy`` from its forward pass at the weights before its step.
+        """
+        on_policy = batch.old_log_prob is None
+        if on_policy and not self.on_policy(len(batch), group_size):
+            raise ValueError(
+                "compute_old_log_probs must run before an update of more than one optimiser step "
+                "(actor.ppo_epochs > 1 or more than one mini-batch)"
+            )
         batch, correction_metrics = self.correct_for_sampler(batch)
         actor = self.config.actor
         self.model.train()
@@ -190,12 +232,16 @@ class Actor:
             for start in range(0, len(batch), mini_rows):
                 mini = batch.select(slice(start, start + mini_rows))
                 metrics, mini_quadrants = self._update_mini_batch(mini)
+                if on_policy:
+                    batch.old_log_prob, batch.old_entropy = mini.old_log_prob, mini.old_entropy
                 if mini_quadrants is not None:
                     quadrants = mini_quadrants if quadrants is None else quadrants + mini_quadrants
                 updates += 1
                 for key, value in metrics.items():
                     totals[key] += value
                     weights[key] += 1
+        if batch.old_log_prob is None:  # the step stopped at a non-finite loss, so the weights are π_old
+            self.compute_old_log_probs(batch)
         result = {key: totals[key] / weights[key] for key in totals} | correction_metrics
         if quadrants is not None:
             result.update(quadrants.metrics())
@@ -235,7 +281,8 @@ class Actor:
         Every micro-batch loss is normalised by the *mini-batch's* token and sequence counts, so the
         accumulated gradient is the mini-batch gradient whatever ``micro_batch_size`` is. Returns the
         metrics, the token-quadrant totals, and whether everything was finite (if not, the gradients are
-        incomplete: skip the step).
+        incomplete: skip the step). Without ``mini.old_log_prob`` (on-policy), π_old is each micro-batch's
+        log-prob under a stop-gradient, and ``mini.old_log_prob``/``old_entropy`` are filled once complete.
         """
         actor = self.config.actor
         num_tokens = int(mini.response_mask.sum().item())
@@ -253,6 +300,7 @@ class Actor:
             raise ValueError("compute_old_log_probs must run before update: old_entropy is missing")
         threshold, trained_agg, selection_metrics = self._high_entropy_selection(mini, loss_config)
         entropy_sum = 0.0
+        on_policy = mini.old_log_prob is None
         if self.token_selector is not None:
             mini = self._select_tokens(mini, loss_config)
             if mini.token_selection is None:
@@ -260,11 +308,17 @@ class Actor:
 
         metrics: dict[str, float] = defaultdict(float)
         quadrants: QuadrantTotals | None = None
+        micros = []
         for micro in self._micro_batches(mini):
             share = micro.response_mask.sum().item() / max(num_tokens, 1)
-            log_prob, entropy = self.token_log_probs(self.model, micro, with_entropy=want_entropy)
+            log_prob, entropy = self.token_log_probs(
+                self.model, micro, with_entropy=want_entropy or on_policy
+            )
             if not torch.isfinite(log_prob).all():
                 return dict(metrics), quadrants, False
+            if on_policy:
+                micro.old_log_prob, micro.old_entropy = log_prob.detach().float(), entropy.detach().float()
+                micros.append(micro)
             trained_mask, weights = micro.response_mask, self.rollout_is_weights(micro)
             if select:
                 trained_mask = select_high_entropy(micro.old_entropy, micro.response_mask, threshold).float()
@@ -330,6 +384,9 @@ class Actor:
         if bonus.enabled:
             metrics["actor/entropy_coeff"] = entropy_coeff
         metrics.update(selection_metrics)
+        if on_policy:
+            mini.old_log_prob = torch.cat([micro.old_log_prob for micro in micros])
+            mini.old_entropy = torch.cat([micro.old_entropy for micro in micros])
         return dict(metrics), quadrants, True
 
     @torch.no_grad()

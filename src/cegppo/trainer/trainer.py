@@ -126,6 +126,8 @@ class Trainer:
         }
         if config.rollout.engine == "vllm":
             engine_options.update(seed=config.trainer.seed, **dataclasses.asdict(config.rollout.vllm))
+        elif config.rollout.engine == "hf":  # vLLM caches shared prefixes itself
+            engine_options["share_prompt"] = config.actor.share_prompt
         self.engine = build_rollout_engine(
             config.rollout.engine, self.model, self.tokenizer, **engine_options
         )
@@ -201,13 +203,16 @@ class Trainer:
         experience = training_batch(rounds, config.data.train_batch_size, self.tokenizer.pad_token_id)
         experience = experience.to(self.actor.device)
 
-        # 4. Update: old log-probs with the current weights, then the clipped policy-gradient epochs.
+        # 4. Update: old log-probs with the current weights, then the clipped policy-gradient epochs. One
+        #    optimiser step over every row is on-policy: the update's own forward pass then gives π_old.
         beta1, beta2 = self.steering.betas(self.step_count + 1)
         self.actor.loss_config = dataclasses.replace(self.actor.loss_config, beta1=beta1, beta2=beta2)
         update_metrics: dict[str, float] = {}
         if len(experience):
             with _timed(timings, "old_logprob"):
-                entropy = self.actor.compute_old_log_probs(experience)
+                self.actor.compute_old_log_probs(
+                    experience, on_policy=self.actor.on_policy(len(experience), n)
+                )
             with _timed(timings, "update"):
                 update_metrics = self.actor.update(experience, group_size=n)
                 self.engine.sync_weights(self.model)
@@ -223,7 +228,7 @@ class Trainer:
             "perf/tokens_per_s": sum(r.rollout.attention_mask.sum().item() for r in rounds) / timings["step"],
         }
         if len(experience):
-            mean_entropy = masked_mean(entropy, experience.response_mask).item()
+            mean_entropy = masked_mean(experience.old_entropy, experience.response_mask).item()
             self.steering.observe_entropy(mean_entropy)  # the controller, if on, sets the next step's β
             metrics.update(self._entropy_metrics(mean_entropy, experience))
             metrics.update(self._sampler_mismatch(experience))

@@ -1,0 +1,112 @@
+"""Shared prompts: run each distinct prompt of a batch once and hand its KV cache to every row that continues it.
+
+GRPO-style batches hold n responses per prompt, so most of the positions a plain forward pass computes are the
+same prompt again. Here the distinct prompts are found in the rows themselves, prefilled once into a
+``DynamicCache``, and the cache is gathered to the rows (``batch_select_indices``, an indexing op): under
+autograd the rows' gradients flow back through the gather and are summed into the one prompt computation, so
+the result is the plain batch's, not an approximation.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+
+@dataclass(frozen=True)
+class DistinctPrompts:
+    """The distinct prompts of a batch and, per row, which one it continues."""
+
+    input_ids: torch.Tensor  # [U, P'], left-padded; the padding columns no prompt needs are dropped
+    attention_mask: torch.Tensor  # [U, P']
+    inverse: torch.Tensor  # [B], row -> index into the U prompts
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """Real tokens per distinct prompt, [U]."""
+        return self.attention_mask.sum(-1)
+
+
+def distinct_prompts(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> DistinctPrompts:
+    """Group rows whose left-padded prompts are the same tokens (padding ids are ignored), in any row order."""
+    keys = torch.cat([prompt_ids.masked_fill(prompt_mask == 0, 0), prompt_mask.to(prompt_ids.dtype)], dim=1)
+    unique, inverse = torch.unique(keys, dim=0, return_inverse=True)
+    width = prompt_ids.shape[1]
+    ids, mask = unique[:, :width], unique[:, width:]
+    used = mask.any(dim=0).nonzero()
+    first = int(used[0]) if len(used) else 0
+    return DistinctPrompts(ids[:, first:].contiguous(), mask[:, first:].contiguous(), inverse)
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """The name ``model.forward`` (and ``generate``) give the KV cache: ``cache``, or ``past_key_values``.
+
+    transformers renamed the argument in 5.2x and keeps the old name as a deprecated alias until 5.40; asking
+    the signature works on both sides of the rename without a warning or a version check.
+    """
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def check_cache_usable(model: nn.Module) -> None:
+    """Reject gradient checkpointing in training mode: transformers then drops the KV cache (before 5.2x even
+    without autograd, so eval mode is the test, not ``torch.is_grad_enabled``)."""
+    checkpointed = any(getattr(module, "gradient_checkpointing", False) for module in model.modules())
+    if checkpointed and model.training:
+        raise ValueError(
+            f"{type(model).__name__} has gradient checkpointing on, under which transformers drops the KV "
+            "cache a shared prompt is read from: disable one of them (actor.share_prompt=false, or "
+            "model.gradient_checkpointing=false)"
+        )
+
+
+def prefill(
+    module: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: object
+) -> tuple[DynamicCache, object]:
+    """Run ``module`` (a causal LM or its decoder) on left-padded prompts into a fresh cache.
+
+    Positions follow the mask as in ``generate``. Returns the filled cache and the module's output.
+    """
+    cache = DynamicCache(config=module.config)
+    outputs = module(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=sampler_position_ids(attention_mask),
+        use_cache=True,
+        **{cache_keyword(module): cache},
+        **kwargs,
+    )
+    return cache, outputs
+
+
+def continue_from_cache(
+    module: nn.Module,
+    cache: DynamicCache,
+    prompts: DistinctPrompts,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    **kwargs: object,
+) -> object:
+    """Run ``module`` on tokens that follow each row's prompt, reading (and extending) the row-gathered cache.
+
+    ``input_ids``/``attention_mask`` are [B, T], right-padded; their positions continue where each row's
+    prompt ends, as the sampler saw them.
+    """
+    lengths = prompts.lengths[prompts.inverse].unsqueeze(1)
+    return module(
+        input_ids=input_ids,
+        attention_mask=torch.cat([prompts.attention_mask[prompts.inverse], attention_mask], dim=1),
+        position_ids=lengths + torch.arange(input_ids.shape[1], device=input_ids.device),
+        use_cache=True,
+        **{cache_keyword(module): cache},
+        **kwargs,
+    )
+
+
+def sampler_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids as ``generate`` derives them for a left-padded batch: cumsum(mask) - 1, padding at 1."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill_(attention_mask == 0, 1)
