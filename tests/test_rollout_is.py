@@ -55,9 +55,9 @@ def run_one_step(tmp_path, tis_cap: float | None):
     compute_old = trainer.actor.compute_old_log_probs
     loss_fn = trainer.actor.loss_fn
 
-    def capture_experience(experience):
+    def capture_experience(experience, **kwargs):
         captured.append(experience)
-        return compute_old(experience)
+        return compute_old(experience, **kwargs)
 
     def record_weights(**kwargs):
         weights = kwargs["rollout_is_weights"]
