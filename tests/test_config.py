@@ -80,6 +80,8 @@ def test_overrides_are_typed_and_round_trip_through_yaml(tmp_path):
         ("actor.lrr=1", r"key 'actor.lrr'.*Did you mean: 'lr'"),
         ("rollout.n=abc", r"rollout.n.*could not be converted to Integer"),
         ("actor.ppo_mini_batch_size=3", r"must divide data.train_batch_size=8"),
+        ("actor.ppo_mini_batch_responses=5", r"must divide data.train_batch_size × rollout.n = 64"),
+        ("data.digits=5", r"data.digits=5 is invalid: an integer in \[1, 4\]"),
         ("actor.policy_loss=ppo", r"registered losses are \[.*'ce_gppo'"),
         ("actor.beta1=-1", r"actor.beta1=-1.0 is invalid"),
         ("actor.clip_ratio_c=1", r"actor.clip_ratio_c"),

@@ -657,3 +657,43 @@ def test_each_method_logs_its_own_quantity(tiny_model_dir, tmp_path, short_rewar
     (record,) = read_metrics(run_dir_of(config))
     # The HF engine's sampler log-probs equal the recomputation here, so rejection finds nothing to reject.
     assert 0 <= record[metric] <= 2 and math.isfinite(record["actor/pg_loss"])
+
+
+def test_mini_batches_counted_in_responses_may_split_groups(monkeypatch):
+    tokenizer = tiny_tokenizer()
+    base = ["actor.bf16_autocast=false", "actor.lr=0.05", "rollout.n=4", "data.train_batch_size=2"]
+
+    def updated_weights(*overrides: str) -> tuple[torch.Tensor, list[list[int]]]:
+        model = tiny_model("llama", tokenizer, seed=1)
+        actor = Actor(model, load_config(None, [*base, *overrides]))
+        batch = _experience(model, tokenizer)
+        batch.advantages = torch.arange(8.0)  # tags each row, to see which rows each update takes
+        actor.compute_old_log_probs(batch)
+        seen: list[list[int]] = []
+        step = actor._update_mini_batch
+        monkeypatch.setattr(
+            actor,
+            "_update_mini_batch",
+            lambda mini: (seen.append(mini.advantages.int().tolist()), step(mini))[1],
+        )
+        metrics = actor.update(batch, group_size=4)
+        assert metrics["actor/num_updates"] == len(seen)
+        return torch.cat([p.detach().flatten() for p in model.parameters()]), seen
+
+    by_groups, groups = updated_weights("actor.ppo_mini_batch_size=1")
+    by_rows, rows = updated_weights("actor.ppo_mini_batch_responses=4")
+    assert groups == rows == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    torch.testing.assert_close(by_rows, by_groups, rtol=0, atol=0)
+    split, halves = updated_weights("actor.ppo_mini_batch_responses=2")
+    assert halves == [[0, 1], [2, 3], [4, 5], [6, 7]]  # four updates; each group spans two
+    assert not torch.equal(split, by_groups)
+
+
+def test_the_arithmetic_task_takes_its_digits_and_held_out_size(tiny_model_dir, tmp_path, short_reward):
+    settings = {"data.digits": 3, "data.heldout": "arithmetic", "data.heldout_size": 300}
+    config = one_step(tiny_model_dir, tmp_path, short_reward, **settings)
+    trainer = Trainer(config, run_dir_of(config))
+    train = {(ex.extra_info["a"], ex.extra_info["b"]) for ex in trainer.train_data.examples}
+    held_out = {(ex.extra_info["a"], ex.extra_info["b"]) for ex in trainer.heldout}
+    assert len(held_out) == 300 and all(100 <= a <= 999 and 100 <= b <= 999 for a, b in train | held_out)
+    assert not train & held_out

@@ -47,6 +47,7 @@ class DataConfig:
     task: str | None = "arithmetic"  # a built-in task; set to null and give train_files for your own data
     train_files: list[str] = field(default_factory=list)  # JSONL/Parquet, {problem, answer} or verl's schema
     train_size: int = 5000  # problems generated for a built-in task
+    digits: int = 2  # operand digits of the arithmetic task and of the `arithmetic` held-out set (1-4)
     heldout: str | None = "arithmetic"  # greedy accuracy before/after: a benchmark name or a prompt file
     heldout_size: int = 200
     train_batch_size: int = 8  # prompts per step
@@ -172,6 +173,9 @@ class ActorConfig:
     dgpo_m: float = _LOSS.dgpo_m  # ... and past the right boundary, π^(-1/m)
     ppo_epochs: int = 1
     ppo_mini_batch_size: int = 4  # prompts per optimiser update
+    # Responses per optimiser update instead (replaces ppo_mini_batch_size): a group may then span two updates,
+    # as with TRL's completion-counted batches; more updates per rollout batch from fewer prompts.
+    ppo_mini_batch_responses: int | None = None
     micro_batch_size: int = 8  # sequences per forward/backward (memory only: never changes the gradient)
     # Run each prompt once per group (and micro-batch) in the update, the log-prob passes and hf generation,
     # with its KV cache repeated to the n responses: the same numbers, ~1/n of the prompt work (rollout.n > 1).
@@ -340,6 +344,7 @@ def validate(config: Config) -> None:
     d, r, a, t = config.data, config.rollout, config.actor, config.trainer
     check(d.task is not None or bool(d.train_files), "data.task", d.task, "set a task or data.train_files")
     check(d.task in (None, "arithmetic"), "data.task", d.task, "built-in tasks: ['arithmetic']")
+    check(type(d.digits) is int and 1 <= d.digits <= 4, "data.digits", d.digits, "an integer in [1, 4]")
     for key, value in [
         ("data.train_batch_size", d.train_batch_size),
         ("data.train_size", d.train_size),
@@ -394,8 +399,15 @@ def validate(config: Config) -> None:
         "need 0 <= entropy_coeff_min <= entropy_coeff_max",
     )
     check(r.top_k == -1 or r.top_k > 0, "rollout.top_k", r.top_k, "must be -1 (off) or > 0")
+    positive("actor.ppo_mini_batch_responses", a.ppo_mini_batch_responses, optional=True)
     check(
-        d.train_batch_size % a.ppo_mini_batch_size == 0,
+        a.ppo_mini_batch_responses is None or (d.train_batch_size * r.n) % a.ppo_mini_batch_responses == 0,
+        "actor.ppo_mini_batch_responses",
+        a.ppo_mini_batch_responses,
+        f"must divide data.train_batch_size × rollout.n = {d.train_batch_size * r.n}",
+    )
+    check(
+        a.ppo_mini_batch_responses is not None or d.train_batch_size % a.ppo_mini_batch_size == 0,
         "actor.ppo_mini_batch_size",
         a.ppo_mini_batch_size,
         f"must divide data.train_batch_size={d.train_batch_size}",

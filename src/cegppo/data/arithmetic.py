@@ -110,6 +110,9 @@ def arithmetic_problems(
     ]
 
 
-def held_out_arithmetic(*, few_shot: bool | list[Any] = True) -> list[PromptExample]:
-    """The fixed 200-problem held-out set (the ``arithmetic`` benchmark)."""
-    return arithmetic_problems(HELD_OUT_SIZE, HELD_OUT_SEED, split="test", few_shot=few_shot)
+def held_out_arithmetic(
+    n: int = HELD_OUT_SIZE, *, digits: int = 2, few_shot: bool | list[Any] = True
+) -> list[PromptExample]:
+    """The held-out set: by default the fixed 200 2-digit problems of the ``arithmetic`` benchmark. A larger ``n``
+    extends it and never overlaps any training set of the same ``digits``."""
+    return arithmetic_problems(n, HELD_OUT_SEED, digits=digits, split="test", few_shot=few_shot)

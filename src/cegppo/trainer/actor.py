@@ -151,11 +151,12 @@ class Actor:
             or actor.top_entropy_quantile < 1
             or self.loss_needs_entropy
         )
-        return (
-            not needs_old_first
-            and actor.ppo_epochs == 1
-            and num_rows <= actor.ppo_mini_batch_size * group_size
-        )
+        return not needs_old_first and actor.ppo_epochs == 1 and num_rows <= self.mini_batch_rows(group_size)
+
+    def mini_batch_rows(self, group_size: int) -> int:
+        """Responses per optimiser update: ``ppo_mini_batch_responses``, else ``ppo_mini_batch_size`` groups."""
+        actor = self.config.actor
+        return actor.ppo_mini_batch_responses or actor.ppo_mini_batch_size * group_size
 
     @torch.no_grad()
     def compute_old_log_probs(self, batch: Experience, *, on_policy: bool = False) -> torch.Tensor | None:
@@ -209,7 +210,7 @@ class Actor:
         ), correction.metrics
 
     def update(self, batch: Experience, group_size: int) -> dict[str, float]:
-        """``ppo_epochs`` passes over mini-batches of ``ppo_mini_batch_size`` prompts; one optimiser step each.
+        """``ppo_epochs`` passes over mini-batches of :meth:`mini_batch_rows` responses; one optimiser step each.
 
         Without ``batch.old_log_prob`` the update must be on-policy (:meth:`on_policy`); it then fills
         ``old_log_prob`` and ``old_entropy`` from its forward pass at the weights before its step.
@@ -226,7 +227,7 @@ class Actor:
         totals: dict[str, float] = defaultdict(float)
         weights: dict[str, float] = defaultdict(float)
         quadrants: QuadrantTotals | None = None
-        mini_rows = actor.ppo_mini_batch_size * group_size
+        mini_rows = self.mini_batch_rows(group_size)
         updates = 0
         for _ in range(actor.ppo_epochs):
             for start in range(0, len(batch), mini_rows):

@@ -25,9 +25,11 @@ from cegppo.data import (
     PromptDataset,
     PromptExample,
     arithmetic_problems,
+    held_out_arithmetic,
     load_prompt_file,
     render_prompt,
 )
+from cegppo.data.benchmark import ARITHMETIC
 from cegppo.dynamics import entropy_covariance
 from cegppo.evaluation import evaluate_benchmark, evaluate_examples, load_problems
 from cegppo.losses import masked_mean
@@ -166,7 +168,7 @@ class Trainer:
     def _load_data(self) -> tuple[PromptDataset, list[PromptExample]]:
         data = self.config.data
         if data.task == "arithmetic":  # its train and held-out pools are disjoint by construction
-            train = arithmetic_problems(data.train_size, seed=data.seed)
+            train = arithmetic_problems(data.train_size, seed=data.seed, digits=data.digits)
         else:
             train = [
                 example
@@ -178,6 +180,9 @@ class Trainer:
         dataset = PromptDataset(train, seed=data.seed, shuffle=data.shuffle)
         if data.heldout is None:
             return dataset, []
+        # The built-in task's own held-out pool: of its digits and sized by heldout_size (the benchmark is fixed)
+        if data.heldout == ARITHMETIC:
+            return dataset, held_out_arithmetic(data.heldout_size, digits=data.digits)
         return dataset, load_problems(
             data.heldout, limit=data.heldout_size, question_template=data.question_template
         )
