@@ -14,13 +14,19 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
+from matplotlib.figure import Figure
 
 from cegppo.config import load_config, to_yaml
 from cegppo.dynamics import QUADRANTS
 from cegppo.report import Report, final_and_best, load_run, write_report
+from cegppo.report.panels import _plot_series
+from cegppo.report.runs import curves, name_runs, variant_and_seed
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -82,6 +88,23 @@ def write_synthetic_run(
         "heldout_size": 200,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary))
+    return run_dir
+
+
+def write_run(
+    run_dir: Path, metrics: dict[str, Sequence[float | None]], summary: dict[str, Any] | None = None
+) -> Path:
+    """A run written by hand: ``metrics[key][i]`` is logged at step ``i + 1`` (None logs null; a shorter list
+    stops earlier), and ``summary.json`` when given."""
+    run_dir.mkdir(parents=True)
+    steps = max(len(values) for values in metrics.values())
+    records = [
+        {"step": step, **{key: values[step - 1] for key, values in metrics.items() if step <= len(values)}}
+        for step in range(1, steps + 1)
+    ]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    if summary is not None:
+        (run_dir / "summary.json").write_text(json.dumps(summary))
     return run_dir
 
 
@@ -194,6 +217,77 @@ def test_a_controlled_run_has_its_target_band_shaded_on_the_entropy_axes(tmp_pat
 
     # the two runs differ only in whether the band is drawn
     assert entropy_png(runs["controlled"]) != entropy_png(runs["fixed"])
+
+
+def test_the_seeds_of_a_variant_are_one_curve_at_the_steps_all_of_them_logged(tmp_path):
+    paths = [
+        write_run(tmp_path / "grpo-s0", {"entropy/mean": [1.0, 0.8, 0.6]}),
+        write_run(
+            tmp_path / "grpo-s1", {"entropy/mean": [0.8, 0.6, None, 0.2]}
+        ),  # step 3 null, one step more
+        write_run(tmp_path / "grpo", {"entropy/mean": [0.5]}),  # not a seed of grpo
+        write_run(tmp_path / "ce-s3", {"entropy/mean": [0.7, 0.7]}),  # a single seed draws as a run
+    ]
+    runs = [load_run(path) for path in paths]
+    name_runs(runs)
+    grouped = curves(runs)
+    assert [line.name for line in grouped] == ["grpo (2 seeds)", "grpo", "ce-s3"]
+    steps, seeds = grouped[0].seed_values("entropy/mean")
+    assert steps.tolist() == [1, 2] and seeds.tolist() == [[1.0, 0.8], [0.8, 0.6]]
+    assert grouped[0].series("entropy/mean")[1].tolist() == pytest.approx([0.9, 0.7])
+    assert grouped[0].partial("entropy/mean") and not grouped[2].partial("entropy/mean")
+    assert not grouped[0].has("acc/mean")
+    # one color per curve, and the runs take it (the page's tables use the runs' colors)
+    assert runs[0].color == runs[1].color == grouped[0].color != grouped[1].color == runs[2].color
+    assert [line.name for line in curves(runs, per_seed=True)] == ["grpo-s0", "grpo-s1", "grpo", "ce-s3"]
+    assert len({run.color for run in runs}) == 4
+    assert variant_and_seed("ce_gppo_b0.5_1-s12") == ("ce_gppo_b0.5_1", 12)
+    assert variant_and_seed("grpo-s1 (2)") is None and variant_and_seed("grpo-seed1") is None
+
+
+@pytest.mark.parametrize("smooth", [1, 2])
+def test_a_variant_draws_its_mean_over_a_band_from_the_lowest_to_the_highest_seed(tmp_path, smooth):
+    values = {"grpo-s0": [1.0, 0.6, 0.5], "grpo-s1": [0.8, 0.8, 0.1], "grpo-s2": [0.6, 0.4, 0.3]}
+    runs = [load_run(write_run(tmp_path / name, {"entropy/mean": v})) for name, v in values.items()]
+    (line,) = curves(runs)
+    ax = Figure().subplots()
+    assert _plot_series(ax, line, "entropy/mean", smooth)
+    seeds = np.array(list(values.values()))
+    if (
+        smooth > 1
+    ):  # each seed is smoothed (the first point averages itself only), then mean and band are taken
+        seeds = np.concatenate([seeds[:, :1], (seeds[:, 1:] + seeds[:, :-1]) / 2], axis=1)
+    assert ax.lines[-1].get_ydata() == pytest.approx(seeds.mean(axis=0))
+    (band,) = ax.collections
+    edge = band.get_paths()[0].vertices
+    for step, low, high in zip([1, 2, 3], seeds.min(axis=0), seeds.max(axis=0), strict=True):
+        at_step = edge[edge[:, 0] == step, 1]
+        assert at_step.min() == pytest.approx(low) and at_step.max() == pytest.approx(high)
+    single = Figure().subplots()
+    _plot_series(single, curves(runs[:1])[0], "entropy/mean", smooth)
+    assert not single.collections  # a single run has no band
+
+
+def test_a_report_of_seeded_runs_shows_bands_unless_per_seed(tmp_path):
+    paths = [
+        write_synthetic_run(
+            tmp_path / f"grpo-s{seed}", steps=12 + seed, seed=seed, quadrants=True, entropy_floor=0.2
+        )
+        for seed in range(3)
+    ]
+    grouped = write_report(paths, tmp_path / "grouped.html", smooth=3)
+    per_seed = write_report(paths, tmp_path / "per_seed.html", smooth=3, per_seed=True)
+    assert len(grouped.figures) == len(per_seed.figures) == 7
+    for a, b in zip(grouped.figures, per_seed.figures, strict=True):
+        assert a.read_bytes() != b.read_bytes(), a.name
+    page = grouped.html.read_text()
+    assert "mean over its seeds" in page and "mean over its seeds" not in per_seed.html.read_text()
+    entropy = next(panel for panel in grouped.panels if panel.slug == "entropy")
+    assert entropy.notes == [
+        "grpo (3 seeds): its seeds logged these metrics at different steps; the mean is drawn at the steps all of "
+        "them logged (<code>--per-seed</code> draws each run)."
+    ]
+    assert not any(panel.notes for panel in per_seed.panels)
 
 
 @pytest.mark.parametrize(

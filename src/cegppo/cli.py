@@ -173,7 +173,7 @@ def _report(args: argparse.Namespace, console: Console) -> int:
     from cegppo.report import write_report
 
     try:
-        report = write_report(args.run_dirs, args.output, smooth=args.smooth)
+        report = write_report(args.run_dirs, args.output, smooth=args.smooth, per_seed=args.per_seed)
     except ValueError as error:
         console.print(f"[red]error:[/red] {error}", highlight=False)
         return 2
@@ -205,10 +205,16 @@ def _sweep(args: argparse.Namespace, console: Console) -> int:
         return 2
     table = sweep_table(run_dirs)
     (args.output_dir / "sweep.md").write_text(table)
-    report = write_report(run_dirs, args.output_dir / "report.html")
+    report = write_report(run_dirs, args.output_dir / "report.html", per_seed=args.per_seed)
     console.print(table, highlight=False, markup=False)
     console.print(f"table: {args.output_dir / 'sweep.md'}; report: {report.html}", highlight=False)
     return 0
+
+
+_PER_SEED_HELP = (
+    "draw every run on its own (default: the seeds of a variant, runs named <variant>-s<seed>, as their mean "
+    "with a min-max band)"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -290,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument(
         "--smooth", type=int, help="moving-average window in steps (default: automatic for long runs; 1: off)"
     )
+    report.add_argument("--per-seed", action="store_true", help=_PER_SEED_HELP)
     report.set_defaults(handler=_report)
 
     sweep = commands.add_parser(
@@ -308,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
         "grpo_adaptive_entropy) or registered loss names (sapo, geo_mean, dgpo, gppo_erc, ...), or all (the CE-GPPO "
         "study)",
     )
+    sweep.add_argument("--per-seed", action="store_true", help=_PER_SEED_HELP)
     sweep.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides for every run")
     sweep.set_defaults(handler=_sweep)
     return parser

@@ -1,7 +1,8 @@
 """Run reports: one self-contained HTML page comparing runs' training curves, with the PNGs beside it.
 
 Each run is a run directory (``metrics.jsonl``, ``summary.json``). Every panel overlays the runs, one color per
-run throughout. A metric that a run did not log (an older run without quadrant metrics) is left out of that run's
+run throughout; the seeds of a variant (runs named ``<variant>-s<seed>``, as ``cegppo sweep`` names them) share
+one color and are drawn as their mean with a min–max band, unless ``per_seed`` asks for each run. A metric that a run did not log (an older run without quadrant metrics) is left out of that run's
 curves, and a panel no run logged becomes a note; a report never fails for missing metrics.
 """
 

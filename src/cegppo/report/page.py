@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from cegppo.report.panels import Panel, build_panels
-from cegppo.report.runs import Run, load_run, name_runs, val_keys
+from cegppo.report.runs import Run, curves, load_run, name_runs, val_keys
 
 # Metrics where higher is better: the table shows their best value and step.
 _SCORE_PREFIXES = ("reward/mean", "acc/mean", "val/")
@@ -141,18 +141,30 @@ class Report:
     panels: list[Panel]
 
 
-def write_report(run_dirs: Sequence[str | Path], output: str | Path, *, smooth: int | None = None) -> Report:
+def write_report(
+    run_dirs: Sequence[str | Path], output: str | Path, *, smooth: int | None = None, per_seed: bool = False
+) -> Report:
     """Compare ``run_dirs`` in one self-contained HTML file ``output`` (PNGs embedded as base64) and write each
     figure as ``<output stem>_figures/<panel>.png`` beside it.
 
     ``smooth``: moving-average window in steps; None draws an average of ``len/20`` steps over the raw curve for
-    runs of 40 steps or more, 1 draws raw curves only. Raises ValueError for a path that is not a run directory.
+    runs of 40 steps or more, 1 draws raw curves only. Runs named ``<variant>-s<seed>`` are drawn as their
+    variant's mean over seeds with a min–max band where it has two or more; ``per_seed`` draws every run on its
+    own. Raises ValueError for a path that is not a run directory.
     """
     if not run_dirs:
         raise ValueError("write_report needs at least one run directory")
     runs = [load_run(path) for path in run_dirs]
     name_runs(runs)
-    panels = build_panels(runs, smooth=smooth)
+    panels = build_panels(runs, smooth=smooth, per_seed=per_seed)
+    seeds_note = (
+        "<p class='caption'>A variant run with several seeds (runs named <code>&lt;variant&gt;-s&lt;seed&gt;</code>) "
+        "is drawn as the mean over its seeds, at the steps all of them logged, with the band from the lowest to the "
+        "highest seed shaded; its seeds share its color in the tables. <code>cegppo report --per-seed</code> draws "
+        "each run on its own.</p>"
+        if any(len(line.runs) > 1 for line in curves(runs, per_seed=per_seed))
+        else ""
+    )
     output = Path(output)
     figures_dir = output.parent / f"{output.stem}_figures"
     figures_dir.mkdir(parents=True, exist_ok=True)
@@ -185,6 +197,7 @@ def write_report(run_dirs: Sequence[str | Path], output: str | Path, *, smooth: 
 validation only).</p>
 {_values_table(runs)}
 {_summary_table(runs)}
+{seeds_note}
 {"".join(sections)}
 </body></html>
 """

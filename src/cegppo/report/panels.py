@@ -1,4 +1,5 @@
-"""The report's figures: one panel per group of metrics, every run overlaid in its own color."""
+"""The report's figures: one panel per group of metrics, every curve (a run, or a variant's seeds) overlaid in
+its own color."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from cegppo.dynamics import QUADRANTS
-from cegppo.report.runs import Run, val_keys
+from cegppo.report.runs import Curve, Run, curves, val_keys
 
 CLIP_KEYS = ("actor/pg_clipfrac", "actor/pg_clipfrac_low", "actor/pg_clipfrac_high", "actor/pg_clipfrac_dual")
 QUADRANT_STATS = ("frac", "clipped_frac", "grad_share")
@@ -47,24 +48,33 @@ def _moving_average(values: np.ndarray, window: int) -> np.ndarray:
 
 def _window(points: int, smooth: int | None) -> int:
     if smooth is not None:
-        return max(1, smooth)
+        # a sparse series (validation) may have fewer points than the window
+        return max(1, min(smooth, points))
     return max(1, points // 20) if points >= _SMOOTH_FROM else 1
 
 
 def _plot_series(
-    ax: Axes, run: Run, key: str, smooth: int | None, *, transform: float = 1.0, style: str = "-"
+    ax: Axes, curve: Curve, key: str, smooth: int | None, *, transform: float = 1.0, style: str = "-"
 ) -> bool:
-    steps, values = run.series(key)
+    """Draw ``key`` of ``curve``: a run's values, or the seeds' mean over a band from the lowest to the highest
+    seed (each seed smoothed as the mean is, so the band shows the spread of the curves drawn)."""
+    steps, seeds = curve.seed_values(key)
     if not len(steps):
         return False
-    values = values * transform
+    seeds = seeds * transform
+    values = seeds.mean(axis=0)
     window = _window(len(values), smooth)
     if window > 1:
-        ax.plot(steps, values, style, color=run.color, alpha=0.25, linewidth=0.8)
-        ax.plot(steps, _moving_average(values, window), style, color=run.color, linewidth=1.8)
+        seeds = np.array([_moving_average(seed, window) for seed in seeds])
+        ax.plot(steps, values, style, color=curve.color, alpha=0.25, linewidth=0.8)
+        ax.plot(steps, seeds.mean(axis=0), style, color=curve.color, linewidth=1.8)
     else:
         marker = "o" if len(steps) <= 30 else None
-        ax.plot(steps, values, style, color=run.color, linewidth=1.6, marker=marker, markersize=3.5)
+        ax.plot(steps, values, style, color=curve.color, linewidth=1.6, marker=marker, markersize=3.5)
+    if len(seeds) > 1:
+        ax.fill_between(
+            steps, seeds.min(axis=0), seeds.max(axis=0), color=curve.color, alpha=0.18, linewidth=0
+        )
     return True
 
 
@@ -86,9 +96,9 @@ def _empty(ax: Axes, title: str, message: str = "not logged by these runs") -> N
         spine.set_color("#dddddd")
 
 
-def _run_legend(fig: Figure, runs: Sequence[Run]) -> None:
-    """The runs' colors above the axes (room for it is kept free by ``_figure``)."""
-    handles = [Line2D([], [], color=run.color, linewidth=2.5, label=run.name) for run in runs]
+def _run_legend(fig: Figure, lines: Sequence[Curve]) -> None:
+    """The curves' colors above the axes (room for it is kept free by ``_figure``)."""
+    handles = [Line2D([], [], color=line.color, linewidth=2.5, label=line.name) for line in lines]
     fig.legend(
         handles=handles,
         loc="upper center",
@@ -114,24 +124,36 @@ def _png(fig: Figure) -> bytes:
     return buffer.getvalue()
 
 
-def _missing_notes(runs: Sequence[Run], drawn: dict[str, list[bool]]) -> list[str]:
-    """One note per run that lacks some of the metrics another run logged in this figure."""
+def _codes(keys: Sequence[str]) -> str:
+    return ", ".join(f"<code>{html.escape(key)}</code>" for key in keys)
+
+
+def _missing_notes(lines: Sequence[Curve], drawn: dict[str, list[bool]]) -> list[str]:
+    """One note per curve that lacks some of the metrics another curve logged in this figure, and one per mean
+    over seeds that leaves out steps some of its seeds logged."""
     shown = [key for key, flags in drawn.items() if any(flags)]
     notes = []
-    for i, run in enumerate(runs):
+    for i, line in enumerate(lines):
+        name = html.escape(line.name)
         absent = [key for key in shown if not drawn[key][i]]
-        if not absent:
-            continue
-        if len(absent) == len(shown):
-            notes.append(f"{html.escape(run.name)} logged none of these metrics.")
-        else:
-            keys = ", ".join(f"<code>{html.escape(key)}</code>" for key in absent)
-            notes.append(f"{html.escape(run.name)} did not log {keys}.")
+        if absent and len(line.runs) > 1:
+            notes.append(f"{name}: no step at which all seeds logged {_codes(absent)}.")
+        elif absent and len(absent) == len(shown):
+            notes.append(f"{name} logged none of these metrics.")
+        elif absent:
+            notes.append(f"{name} did not log {_codes(absent)}.")
+        partial = [key for key in shown if drawn[key][i] and line.partial(key)]
+        if partial:
+            which = "these metrics" if partial == shown else _codes(partial)
+            notes.append(
+                f"{name}: its seeds logged {which} at different steps; the mean is drawn at the steps all of "
+                "them logged (<code>--per-seed</code> draws each run)."
+            )
     return notes
 
 
 def _metric_grid(
-    runs: Sequence[Run],
+    lines: Sequence[Curve],
     cells: Sequence[tuple[str, str, str]],
     *,
     columns: int,
@@ -140,15 +162,15 @@ def _metric_grid(
     share_row_y: bool = False,
     bands: dict[str, list[tuple[float, float, str]]] | None = None,
 ) -> tuple[bytes | None, list[str]]:
-    """One axes per ``(key, title, ylabel)``, runs overlaid; None when no run logged any of the keys.
+    """One axes per ``(key, title, ylabel)``, curves overlaid; None when no curve has any of the keys.
     ``bands``: per key, horizontal ``(low, high, color)`` spans shaded behind the curves."""
-    if not any(run.has(key) for run in runs for key, _, _ in cells):
+    if not any(line.has(key) for line in lines for key, _, _ in cells):
         return None, []
     rows = math.ceil(len(cells) / columns)
     fig, axes = _figure(rows, columns, row_height, sharey="row" if share_row_y else False)
     drawn: dict[str, list[bool]] = {}
     for ax, (key, title, ylabel) in zip(axes, cells, strict=False):  # the last row may have spare axes
-        drawn[key] = [_plot_series(ax, run, key, smooth) for run in runs]
+        drawn[key] = [_plot_series(ax, line, key, smooth) for line in lines]
         if any(drawn[key]):
             for low, high, color in (bands or {}).get(key, []):
                 ax.axhspan(low, high, color=color, alpha=0.12, linewidth=0, zorder=0)
@@ -161,19 +183,31 @@ def _metric_grid(
         for i, ax in enumerate(axes):
             if i % columns:
                 ax.set_ylabel("")
-    _run_legend(fig, runs)
-    return _png(fig), _missing_notes(runs, drawn)
+    _run_legend(fig, lines)
+    return _png(fig), _missing_notes(lines, drawn)
 
 
-def _entropy_dynamics(runs: Sequence[Run], smooth: int | None) -> tuple[bytes | None, list[str]]:
-    """Observed entropy change against the covariance prediction, over steps and as a scatter."""
+def _predicted_observed(run: Run, cov: str, delta: str) -> list[tuple[float, float]]:
+    """``(−Cov at step t, ΔH at step t+1)``: the update of step t shows up as the change measured at t+1."""
+    cov_steps, cov_values = run.series(cov)
+    observed_at = dict(zip(*(a.tolist() for a in run.series(delta)), strict=True))
+    return [
+        (-c, observed_at[s + 1])
+        for s, c in zip(cov_steps.tolist(), cov_values.tolist(), strict=True)
+        if s + 1 in observed_at
+    ]
+
+
+def _entropy_dynamics(lines: Sequence[Curve], smooth: int | None) -> tuple[bytes | None, list[str]]:
+    """Observed entropy change against the covariance prediction, over steps and as a scatter (a variant's
+    seeds pooled into one cloud)."""
     cov, delta = "entropy/cov_logp_pA", "entropy/delta"
-    if not any(run.has(cov) or run.has(delta) for run in runs):
+    if not any(line.has(cov) or line.has(delta) for line in lines):
         return None, []
     fig, (observed_ax, predicted_ax, scatter_ax) = _figure(1, 3, 3.6)
     drawn = {
-        delta: [_plot_series(observed_ax, run, delta, smooth) for run in runs],
-        cov: [_plot_series(predicted_ax, run, cov, smooth, transform=-1.0) for run in runs],
+        delta: [_plot_series(observed_ax, line, delta, smooth) for line in lines],
+        cov: [_plot_series(predicted_ax, line, cov, smooth, transform=-1.0) for line in lines],
     }
     for ax, key, title, ylabel in (
         (observed_ax, delta, "Observed entropy change", "ΔH (entropy/delta)"),
@@ -185,24 +219,16 @@ def _entropy_dynamics(runs: Sequence[Run], smooth: int | None) -> tuple[bytes | 
         else:
             _empty(ax, title)
     scatter_drawn = False
-    for run in runs:
-        cov_steps, cov_values = run.series(cov)
-        delta_steps, delta_values = run.series(delta)
-        # The update of step t shows up as the change measured at step t+1.
-        observed_at = dict(zip(delta_steps.tolist(), delta_values.tolist(), strict=True))
-        pairs = [
-            (-c, observed_at[s + 1])
-            for s, c in zip(cov_steps.tolist(), cov_values.tolist(), strict=True)
-            if s + 1 in observed_at
-        ]
+    for line in lines:
+        pairs = [pair for run in line.runs for pair in _predicted_observed(run, cov, delta)]
         if not pairs:
             continue
         x, y = np.array(pairs).T
-        label = run.name
+        label = line.name
         if len(pairs) >= 3 and x.std() > 0 and y.std() > 0:
             agree = np.mean(np.sign(x) == np.sign(y))
             label += f": r = {np.corrcoef(x, y)[0, 1]:+.2f}, sign agrees {agree:.0%}"
-        scatter_ax.scatter(x, y, s=12, color=run.color, alpha=0.6, label=label)
+        scatter_ax.scatter(x, y, s=12, color=line.color, alpha=0.6, label=label)
         scatter_drawn = True
     if scatter_drawn:
         _style(scatter_ax, "Observed vs predicted", "observed ΔH at step t+1")
@@ -215,12 +241,17 @@ def _entropy_dynamics(runs: Sequence[Run], smooth: int | None) -> tuple[bytes | 
         scatter_ax.legend(fontsize=8, loc="upper left", framealpha=0.9)
     else:
         _empty(scatter_ax, "Observed vs predicted", "needs both metrics")
-    _run_legend(fig, runs)
-    return _png(fig), _missing_notes(runs, drawn)
+    _run_legend(fig, lines)
+    return _png(fig), _missing_notes(lines, drawn)
 
 
-def build_panels(runs: Sequence[Run], *, smooth: int | None = None) -> list[Panel]:
-    """The report's figures, in order; a panel no run logged has ``png`` None and says so in ``notes``."""
+def build_panels(runs: Sequence[Run], *, smooth: int | None = None, per_seed: bool = False) -> list[Panel]:
+    """The report's figures, in order; a panel no run logged has ``png`` None and says so in ``notes``.
+
+    Runs named ``<variant>-s<seed>`` (``cegppo sweep``'s) are drawn per variant, as the mean over its seeds with
+    a min–max band, where a variant has two or more; ``per_seed`` draws every run on its own. Each run's
+    ``color`` is set to its curve's."""
+    lines = curves(runs, per_seed=per_seed)
     panels = [
         Panel(
             "reward",
@@ -239,7 +270,7 @@ def build_panels(runs: Sequence[Run], *, smooth: int | None = None) -> list[Pane
             "Policy entropy",
             "Mean token entropy of the sampled responses, and CE-GPPO's gradient scales β1 (NA&amp;LP) "
             "and β2 (PA&amp;LP). A run steered by the entropy controller has its target band shaded in its "
-            "color.",
+            "color (a horizontal band, behind the curves).",
         ),
         Panel(
             "clipping",
@@ -310,19 +341,19 @@ def build_panels(runs: Sequence[Run], *, smooth: int | None = None) -> list[Pane
     }
     for panel in panels:
         if panel.slug == "entropy_dynamics":
-            panel.png, panel.notes = _entropy_dynamics(runs, smooth)
+            panel.png, panel.notes = _entropy_dynamics(lines, smooth)
         else:
             cells, columns = grids[panel.slug]
             panel.png, panel.notes = (
                 _metric_grid(
-                    runs,
+                    lines,
                     cells,
                     columns=columns,
                     smooth=smooth,
                     row_height={"quadrants": 2.8, "clipping": 3.0}.get(panel.slug, 3.4),
                     share_row_y=panel.slug == "quadrants",  # quadrants are compared within a row
                     bands={
-                        "entropy/mean": [(*run.entropy_band, run.color) for run in runs if run.entropy_band]
+                        "entropy/mean": [(*band, line.color) for line in lines for band in line.entropy_bands]
                     },
                 )
                 if cells

@@ -1,9 +1,11 @@
-"""Reading run directories for a report: each run's per-step records, summary and entropy-controller band."""
+"""Reading run directories for a report: each run's per-step records, summary and entropy-controller band, and
+the curves the panels draw (one per run, or one per variant over its seeds)."""
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,10 +99,9 @@ def _entropy_band(config_path: Path) -> tuple[float, float] | None:
 
 
 def name_runs(runs: list[Run]) -> None:
-    """Colors by position; names are the directory names, with the parent added where two would clash."""
+    """Names are the directory names, with the parent added where two would clash."""
     names = [run.name for run in runs]
-    for i, run in enumerate(runs):
-        run.color = COLORS[i % len(COLORS)]
+    for run in runs:
         if names.count(run.name) > 1:
             run.name = f"{run.path.resolve().parent.name}/{run.path.resolve().name}"
     seen: dict[str, int] = {}
@@ -108,6 +109,73 @@ def name_runs(runs: list[Run]) -> None:
         seen[run.name] = seen.get(run.name, 0) + 1
         if seen[run.name] > 1:
             run.name = f"{run.name} ({seen[run.name]})"
+
+
+# ``cegppo sweep`` names its runs ``<variant>-s<seed>``.
+_SEED_RUN = re.compile(r"(?P<variant>.+)-s(?P<seed>\d+)")
+
+
+def variant_and_seed(name: str) -> tuple[str, int] | None:
+    """``("grpo", 2)`` for a run named ``grpo-s2``; None for a name that is not ``<variant>-s<int>``."""
+    match = _SEED_RUN.fullmatch(name)
+    return (match["variant"], int(match["seed"])) if match else None
+
+
+@dataclass
+class Curve:
+    """What one color of the panels draws: one run, or the seeds of one variant as their mean and min–max band."""
+
+    name: str
+    color: str
+    runs: list[Run]
+
+    def _by_step(self, key: str) -> tuple[list[float], list[dict[float, float]]]:
+        # A step logged twice (a resumed run) counts once, with its last value.
+        logged = [dict(zip(*(a.tolist() for a in run.series(key)), strict=True)) for run in self.runs]
+        return sorted(set.intersection(*(set(values) for values in logged))), logged
+
+    def seed_values(self, key: str) -> tuple[np.ndarray, np.ndarray]:
+        """The steps at which every run logged ``key``, and their values, one row per run."""
+        steps, logged = self._by_step(key)
+        rows = [[values[step] for step in steps] for values in logged]
+        return np.array(steps, dtype=float), np.array(rows, dtype=float)
+
+    def series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
+        """Steps and the mean over runs of ``key`` (the run's own values for a single run)."""
+        steps, values = self.seed_values(key)
+        return steps, values.mean(axis=0)
+
+    def has(self, key: str) -> bool:
+        return len(self._by_step(key)[0]) > 0
+
+    def partial(self, key: str) -> bool:
+        """Whether some run logged ``key`` at a step another did not (the mean leaves those steps out)."""
+        steps, logged = self._by_step(key)
+        return any(len(values) > len(steps) for values in logged)
+
+    @property
+    def entropy_bands(self) -> list[tuple[float, float]]:
+        return sorted({run.entropy_band for run in self.runs if run.entropy_band})
+
+
+def curves(runs: Sequence[Run], *, per_seed: bool = False) -> list[Curve]:
+    """One curve per variant with two or more seeds (runs named ``<variant>-s<int>``, legend ``variant (n
+    seeds)``), one per other run, in the order of the runs' first appearance; ``per_seed`` gives every run its
+    own. Colors go by curve, and each run takes its curve's color, so the page's tables match the figures."""
+    # keyed apart, so that a run named "grpo" is no seed of "grpo-s0"
+    groups: dict[tuple[str, str], list[Run]] = {}
+    for run in runs:
+        parsed = None if per_seed else variant_and_seed(run.name)
+        groups.setdefault(("run", run.name) if parsed is None else ("variant", parsed[0]), []).append(run)
+    result = [
+        Curve(f"{variant} ({len(members)} seeds)" if len(members) > 1 else members[0].name, "", members)
+        for (_, variant), members in groups.items()
+    ]
+    for i, curve in enumerate(result):
+        curve.color = COLORS[i % len(COLORS)]
+        for run in curve.runs:
+            run.color = curve.color
+    return result
 
 
 def val_keys(runs: Sequence[Run]) -> list[str]:
