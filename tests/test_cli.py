@@ -10,7 +10,7 @@ import pytest
 
 from _tiny import tiny_overrides
 from cegppo.cli import build_parser, main, parse_args, resolve_eval_model
-from test_report import write_two_runs
+from test_report import write_run, write_two_runs
 
 ALWAYS_RIGHT = """
 def compute_score(data_source, solution_str, ground_truth, extra_info=None):
@@ -195,6 +195,17 @@ def test_report_of_synthetic_runs(capsys, tmp_path):
     assert page.count("data:image/png;base64,") == 7
     assert len(list((tmp_path / "out" / "cmp_figures").glob("*.png"))) == 7
     assert "report: " in output
+
+
+def test_report_draws_a_variants_seeds_as_one_band_unless_per_seed(capsys, tmp_path):
+    runs = [
+        write_run(tmp_path / f"grpo-s{seed}", {"entropy/mean": [0.9, 0.5 + 0.1 * seed]}) for seed in (0, 1)
+    ]
+    for flags, banded in (([], True), (["--per-seed"], False)):
+        rc, output = run_cli(capsys, "report", *runs, *flags, "-o", tmp_path / "r.html")
+        assert rc == 0, output
+        assert ("mean over its seeds" in (tmp_path / "r.html").read_text()) is banded
+    assert parse_args(["sweep", "--per-seed"]).per_seed
 
 
 def test_report_of_a_real_run(capsys, trained_run, tmp_path):

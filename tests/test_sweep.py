@@ -8,6 +8,7 @@ from _tiny import tiny_overrides
 from cegppo.config import load_config
 from cegppo.sweep import METHODS, VARIANTS, run_sweep, sweep_table, variant_overrides
 from cegppo.trainer import load_run_config
+from test_report import write_run
 
 
 def test_sweep_runs_each_variant_once_and_tabulates(tiny_model_dir, tmp_path):
@@ -31,8 +32,9 @@ def test_sweep_runs_each_variant_once_and_tabulates(tiny_model_dir, tmp_path):
         == run_dirs[:1]
     )
     assert len(started) == 2  # the finished run was skipped
-    table = sweep_table(run_dirs)
-    assert table.count("\n") == 4 and "| grpo-s0 |" in table and "| ce_gppo_b0.5_1-s0 |" in table
+    per_run, _, per_variant = sweep_table(run_dirs).partition("\n\n")
+    assert per_run.count("\n") == 3 and "| grpo-s0 |" in per_run and "| ce_gppo_b0.5_1-s0 |" in per_run
+    assert "\n| grpo | 1 (0) | " in per_variant and "\n| ce_gppo_b0.5_1 | 1 (0) | " in per_variant
     for run_dir, variant in zip(run_dirs, ["grpo", "ce_gppo_b0.5_1"], strict=True):
         config = load_run_config(run_dir)
         for override in VARIANTS[variant]:  # each of the variant's settings reached its run's config.yaml
@@ -74,3 +76,42 @@ def test_method_presets_are_variants_and_run(tiny_model_dir, tmp_path):
     (run_dir,) = run_sweep(tmp_path / "sweep", overrides=base, variants=["dapo_erc"])
     assert (run_dir / "summary.json").is_file()
     assert "actor.policy_loss=grpo_erc" in variant_overrides("dapo_erc")
+
+
+def test_the_table_has_a_row_per_variant_over_its_seeds(tmp_path):
+    run_dirs = [
+        write_run(
+            tmp_path / f"grpo-s{seed}",
+            {
+                "entropy/mean": [9.0, 9.0] + [0.2 * (seed + 1)] * 10,  # late entropy: the last 10 steps
+                "actor/pg_clipfrac_low": [1.0] * 9 + [0.002] * 3,  # clip fractions: the last 3
+                "actor/pg_clipfrac_high": [0.01 * (seed + 1)] * 12,
+                "quadrant/NA&LP/grad_share": [0.1] * 12,
+                "quadrant/PA&LP/grad_share": [0.2] * 12,
+            },
+            summary={"heldout_acc_before": 0.25, "heldout_acc_after": 0.35 + 0.1 * seed},
+        )
+        for seed in range(3)
+    ]
+    run_dirs += [
+        write_run(
+            tmp_path / "ce-s0",
+            {"entropy/mean": [0.7] * 5, "actor/pg_clipfrac_low": [0.01] * 5},
+            summary={"heldout_acc_before": 0.5, "heldout_acc_after": 0.6},
+        ),
+        write_run(  # unfinished held-out evaluation, no quadrant metrics
+            tmp_path / "ce-s1", {"entropy/mean": [0.9] * 5, "actor/pg_clipfrac_low": [0.03] * 5}, summary={}
+        ),
+        write_run(tmp_path / "other", {"entropy/mean": [0.5]}, summary={}),
+    ]
+    per_run, _, per_variant = sweep_table(run_dirs).partition("\n\n")
+    assert per_run.count("\n") == 7  # the table of runs is kept
+    assert per_variant.splitlines()[2:] == [
+        "| variant | seeds | held-out before | held-out after | Δ | late entropy | clip low | clip high | "
+        "NA&LP grad share | PA&LP grad share |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        "| grpo | 3 (0, 1, 2) | 25.0 ± 0.0 | 45.0 ± 10.0 | +20.0 ± 10.0 | 0.400 ± 0.200 | 0.0020 | 0.0200 | 0.100 | "
+        "0.200 |",
+        "| ce | 2 (0, 1) | 50.0 (1 of 2) | 60.0 (1 of 2) | +10.0 (1 of 2) | 0.800 ± 0.141 | 0.0200 | - | - | - |",
+        "| other | 1 | - | - | - | 0.500 | - | - | - | - |",
+    ]

@@ -14,6 +14,8 @@ from typing import Any
 
 from cegppo.config import load_config
 from cegppo.losses import list_policy_losses
+from cegppo.report.runs import Run, by_variant, load_run, variant_and_seed
+from cegppo.report.stats import heldout_accuracy, late_mean, seed_summary
 from cegppo.runfiles import SUMMARY_FILE, read_metrics
 from cegppo.trainer import Trainer, load_run_config
 from cegppo.trainer.checkpoint import latest_checkpoint
@@ -103,7 +105,8 @@ def run_sweep(
 
 
 def sweep_table(run_dirs: Sequence[Path]) -> str:
-    """Markdown: held-out accuracy before/after, final entropy and clip fractions (mean over the last 3 steps)."""
+    """Markdown: per run, held-out accuracy before/after, final entropy and clip fractions (mean over the last 3
+    steps); then per variant, the same over its seeds (see ``variant_table``)."""
     header = (
         "| run | held-out before | held-out after | Δ | entropy first → last | clip low | clip high | "
         "clip dual | NA&LP grad share | PA&LP grad share |\n|---|---|---|---|---|---|---|---|---|---|\n"
@@ -127,7 +130,70 @@ def sweep_table(run_dirs: Sequence[Path]) -> str:
             f"{mean('actor/pg_clipfrac_dual'):.4f} | {mean('quadrant/NA&LP/grad_share'):.3f} | "
             f"{mean('quadrant/PA&LP/grad_share'):.3f} |"
         )
-    return header + "\n".join(rows) + "\n"
+    return header + "\n".join(rows) + "\n\n" + variant_table(run_dirs)
+
+
+# Each seed's late-run value: the mean of its last steps (entropy over 10, as the hypotheses compare it).
+_LATE_ENTROPY_STEPS = 10
+_TAIL_STEPS = 3
+
+
+def variant_table(run_dirs: Sequence[Path]) -> str:
+    """Markdown: one row per variant (runs named ``<variant>-s<seed>``; another run is a variant of one) over its
+    seeds: held-out accuracy before and after training and its change, in points (mean ± sd, ddof=1), late-run
+    entropy (mean ± sd of each seed's mean over its last 10 steps), and the means over seeds of each seed's last 3
+    steps' clip fractions and low-probability gradient shares. A value some seeds lack is over the others, with
+    "(k of n)"."""
+    rows = []
+    for variant, runs in by_variant([load_run(run_dir) for run_dir in run_dirs]):
+        seeds = [variant_and_seed(run.name) for run in runs]
+        seed_list = f" ({', '.join(str(parsed[1]) for parsed in seeds if parsed)})" if all(seeds) else ""
+        cells = [
+            _over_seeds(runs, lambda run: 100 * heldout_accuracy(run)[0], ".1f"),
+            _over_seeds(runs, lambda run: 100 * heldout_accuracy(run)[1], ".1f"),
+            _over_seeds(
+                runs, lambda run: 100 * (heldout_accuracy(run)[1] - heldout_accuracy(run)[0]), "+.1f"
+            ),
+            _over_seeds(runs, lambda run: late_mean(run, "entropy/mean", _LATE_ENTROPY_STEPS), ".3f"),
+            *(
+                _over_seeds(runs, lambda run, key=key: late_mean(run, key, _TAIL_STEPS), digits, spread=False)
+                for key, digits in (
+                    ("actor/pg_clipfrac_low", ".4f"),
+                    ("actor/pg_clipfrac_high", ".4f"),
+                    ("quadrant/NA&LP/grad_share", ".3f"),
+                    ("quadrant/PA&LP/grad_share", ".3f"),
+                )
+            ),
+        ]
+        rows.append(f"| {variant} | {len(runs)}{seed_list} | {' | '.join(cells)} |")
+    return (
+        "Per variant over seeds: mean ± sd; held-out accuracy and Δ in points; late entropy: each seed's mean over "
+        f"its last {_LATE_ENTROPY_STEPS} steps; clip fractions and grad shares: mean over seeds of each seed's last "
+        f"{_TAIL_STEPS} steps.\n\n"
+        "| variant | seeds | held-out before | held-out after | Δ | late entropy | clip low | clip high | "
+        "NA&LP grad share | PA&LP grad share |\n|---|---|---|---|---|---|---|---|---|---|\n"
+        + "\n".join(rows)
+        + "\n"
+    )
+
+
+def _over_seeds(
+    runs: Sequence[Run], value: Callable[[Run], float], digits: str, *, spread: bool = True
+) -> str:
+    """``mean ± sd`` of ``value`` over the runs that have it (``stats`` raises ValueError for one that does not)."""
+    values = []
+    for run in runs:
+        try:
+            values.append(value(run))
+        except ValueError:
+            continue
+    if not values:
+        return "-"
+    summary = seed_summary(values)
+    text = f"{summary.mean:{digits}}"
+    if spread and summary.n > 1:
+        text += f" ± {summary.sd:{digits.lstrip('+')}}"
+    return text + (f" ({summary.n} of {len(runs)})" if summary.n < len(runs) else "")
 
 
 def _pct(value: float | None) -> str:

@@ -158,18 +158,25 @@ class Curve:
         return sorted({run.entropy_band for run in self.runs if run.entropy_band})
 
 
+def by_variant(runs: Sequence[Run]) -> list[tuple[str, list[Run]]]:
+    """Runs named ``<variant>-s<int>`` grouped under their variant, every other run alone under its own name, in
+    the order of first appearance."""
+    # keyed apart, so that a run named "grpo" is no seed of "grpo-s0"
+    groups: dict[tuple[str, str], list[Run]] = {}
+    for run in runs:
+        parsed = variant_and_seed(run.name)
+        groups.setdefault(("run", run.name) if parsed is None else ("variant", parsed[0]), []).append(run)
+    return [(name, members) for (_, name), members in groups.items()]
+
+
 def curves(runs: Sequence[Run], *, per_seed: bool = False) -> list[Curve]:
     """One curve per variant with two or more seeds (runs named ``<variant>-s<int>``, legend ``variant (n
     seeds)``), one per other run, in the order of the runs' first appearance; ``per_seed`` gives every run its
     own. Colors go by curve, and each run takes its curve's color, so the page's tables match the figures."""
-    # keyed apart, so that a run named "grpo" is no seed of "grpo-s0"
-    groups: dict[tuple[str, str], list[Run]] = {}
-    for run in runs:
-        parsed = None if per_seed else variant_and_seed(run.name)
-        groups.setdefault(("run", run.name) if parsed is None else ("variant", parsed[0]), []).append(run)
+    groups = [(run.name, [run]) for run in runs] if per_seed else by_variant(runs)
     result = [
         Curve(f"{variant} ({len(members)} seeds)" if len(members) > 1 else members[0].name, "", members)
-        for (_, variant), members in groups.items()
+        for variant, members in groups
     ]
     for i, curve in enumerate(result):
         curve.color = COLORS[i % len(COLORS)]
