@@ -57,13 +57,18 @@ def test_any_registered_loss_is_a_variant_with_its_papers_band():
         "actor.policy_loss=geo_mean", "actor.clip_ratio_low=0.4", "actor.clip_ratio_high=0.4"
     ]  # fmt: skip
     assert variant_overrides("grpo") == VARIANTS["grpo"]
+    raising_end = load_config(None, variant_overrides("ce_gppo_b0_1.5")).policy_loss_config()
+    assert (raising_end.beta1, raising_end.beta2) == (0.0, 1.5)
+    with pytest.raises(ValueError, match="ce_gppo_b<β1>_<β2>"):
+        variant_overrides("ce_gppo_b0_")
     with pytest.raises(ValueError, match="dppo_tv"):
         variant_overrides("dppo")
 
 
 def test_method_presets_are_variants_and_run(tiny_model_dir, tmp_path):
     for name in METHODS:
-        load_config(None, variant_overrides(name))  # every preset is a valid config
+        band = ["actor.entropy_control.target_low=0.1", "actor.entropy_control.target_high=0.2"]
+        load_config(None, [*variant_overrides(name), *band])  # every preset is a valid config (with a band)
     with pytest.raises(ValueError, match=r"unknown sweep variant 'ppo'.*dapo_erc.*'gpg'"):
         run_sweep(tmp_path / "nothing", variants=["grpo", "ppo"])
     assert not (tmp_path / "nothing").exists()

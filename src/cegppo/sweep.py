@@ -8,6 +8,7 @@ set), a variant may be one of the ``METHODS`` presets or the name of any registe
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,21 @@ VARIANTS: dict[str, list[str]] = {
     "ce_gppo_b0.75_1": ["actor.policy_loss=ce_gppo", "actor.beta1=0.75", "actor.beta2=1.0"],
     "ce_gppo_b1_0.5": ["actor.policy_loss=ce_gppo", "actor.beta1=1.0", "actor.beta2=0.5"],
 }
+# CE-GPPO at any (β1, β2) by name, e.g. ce_gppo_b0_1.5 (the entropy-raising end of docs/results.md's study)
+_CE_GPPO_AT = re.compile(r"ce_gppo_b(\d+(?:\.\d+)?)_(\d+(?:\.\d+)?)")
+# The entropy-target controller from the paper's (0.5, 1), moving β1 and β2 between the study's two ends,
+# (1, 0.5) and (0, 1.5); its band comes from the command line (actor.entropy_control.target_low/high=...).
+CONTROLLER = [
+    "actor.policy_loss=ce_gppo",
+    "actor.beta1=0.5",
+    "actor.beta2=1.0",
+    "actor.entropy_control.enabled=true",
+    "actor.entropy_control.step_size=0.25",
+    "actor.entropy_control.adjust_beta2=true",
+    "actor.entropy_control.beta2_min=0.5",
+    "actor.entropy_control.beta2_max=1.5",
+]
+
 # Methods that compete with CE-GPPO in their papers' settings, beyond a loss's own name (--variants NAME,...).
 _DAPO = ["actor.clip_ratio_low=0.2", "actor.clip_ratio_high=0.28"]
 METHODS: dict[str, list[str]] = {
@@ -41,6 +57,7 @@ METHODS: dict[str, list[str]] = {
         "actor.use_adaptive_entropy=true",
         "actor.entropy_target=0.1",
     ],
+    "ce_gppo_control": CONTROLLER,
 }
 
 # Any registered loss is a variant by its name, with its paper's band where that differs from the base config's.
@@ -57,10 +74,12 @@ def variant_overrides(name: str) -> list[str]:
         return VARIANTS[name]
     if name in METHODS:
         return METHODS[name]
+    if match := _CE_GPPO_AT.fullmatch(name):
+        return ["actor.policy_loss=ce_gppo", f"actor.beta1={match[1]}", f"actor.beta2={match[2]}"]
     if name in list_policy_losses():
         return [f"actor.policy_loss={name}", *PAPER_SETTINGS.get(name, [])]
     raise ValueError(
-        f"unknown sweep variant {name!r}: known are {[*VARIANTS, *METHODS]} and the losses {list_policy_losses()}"
+        f"unknown sweep variant {name!r}: known are {[*VARIANTS, *METHODS]}, ce_gppo_b<β1>_<β2> and the losses {list_policy_losses()}"
     )
 
 
