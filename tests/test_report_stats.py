@@ -11,6 +11,7 @@ import pytest
 from cegppo.report import load_run
 from cegppo.report.stats import (
     bootstrap_ci,
+    decide,
     fraction_in_band,
     heldout_accuracy,
     late_mean,
@@ -121,3 +122,15 @@ def test_per_run_scalars_from_records_and_summary(tmp_path):
     bare = write_run(tmp_path / "bare", {"acc/mean": [0.5]}, summary={"heldout_acc_before": 0.25})
     with pytest.raises(ValueError, match=re.escape(f"{bare / 'summary.json'}: needs numbers")):
         heldout_accuracy(bare)
+
+
+def test_a_prediction_is_supported_refuted_or_left_open_by_the_seeds():
+    higher, lower = [0.5, 0.6, 0.7], [0.1, 0.2, 0.3]
+    supported = decide(higher, lower, "greater")
+    assert supported.verdict == "supported" and supported.p == pytest.approx(1 / 20)
+    assert supported.difference == pytest.approx(0.4) and supported.interval[0] > 0
+    assert decide(higher, lower, "less").verdict == "not supported"
+    assert decide([0.5, 0.2, 0.7], [0.1, 0.6, 0.3], "greater").verdict == "inconclusive"  # overlapping seeds
+    assert decide([0.9], [0.1], "greater").verdict == "inconclusive"  # one seed each: p = 1/2 at best
+    with pytest.raises(ValueError, match="predicted"):
+        decide(higher, lower, "two-sided")  # type: ignore[arg-type]

@@ -123,6 +123,37 @@ def bootstrap_ci(
     return float(low), float(high)
 
 
+class Decision(NamedTuple):
+    """A one-sided comparison of two variants' seeds, decided by a rule fixed before the runs."""
+
+    difference: float  # mean(x) - mean(y)
+    interval: tuple[float, float]  # 95% bootstrap interval of the difference
+    p: float  # one-sided permutation p-value in the predicted direction
+    p_opposite: float  # ... and in the opposite direction
+    verdict: str  # "supported", "not supported" or "inconclusive"
+
+
+def decide(
+    x: Sequence[float] | np.ndarray,
+    y: Sequence[float] | np.ndarray,
+    predicted: Literal["greater", "less"],
+    alpha: float = 0.05,
+) -> Decision:
+    """Test the prediction ``mean(x) > mean(y)`` (``"greater"``) or ``<`` (``"less"``) over seeds.
+
+    **supported** when the one-sided exact permutation test in the predicted direction has p <= ``alpha``;
+    **not supported** when the test in the opposite direction has; **inconclusive** otherwise. With 3 seeds per
+    arm p <= 0.05 needs every seed of one arm beyond every seed of the other; with fewer it cannot be reached.
+    """
+    if predicted not in ("greater", "less"):
+        raise ValueError(f"predicted must be 'greater' or 'less', got {predicted!r}")
+    opposite: Alternative = "less" if predicted == "greater" else "greater"
+    p, p_opposite = permutation_test(x, y, predicted), permutation_test(x, y, opposite)
+    verdict = "supported" if p <= alpha else "not supported" if p_opposite <= alpha else "inconclusive"
+    difference = float(np.mean(_values("x", x)) - np.mean(_values("y", y)))
+    return Decision(difference, bootstrap_ci(x, y), p, p_opposite, verdict)
+
+
 class SeedSummary(NamedTuple):
     """A variant's values over its seeds."""
 
