@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from _tiny import tiny_overrides
 from cegppo.config import load_config
 from cegppo.sweep import METHODS, VARIANTS, run_sweep, sweep_table, variant_overrides
-from cegppo.trainer import load_run_config
+from cegppo.trainer import Trainer, load_run_config
 from test_report import write_run
 
 
@@ -42,6 +44,27 @@ def test_sweep_runs_each_variant_once_and_tabulates(tiny_model_dir, tmp_path):
             section, name = key.split(".")
             assert str(getattr(getattr(config, section), name)) == value, (run_dir, override)
         assert config.trainer.seed == 0 and config.trainer.total_steps == 1  # and so did the base overrides
+
+
+def test_a_sweep_evaluates_its_starting_model_once(tiny_model_dir, tmp_path, monkeypatch):
+    evaluated = []
+    evaluate = Trainer.evaluate_heldout
+    monkeypatch.setattr(
+        Trainer, "evaluate_heldout", lambda self: (evaluated.append(self.step_count), evaluate(self))[1]
+    )
+    base = [
+        o
+        for o in tiny_overrides(tiny_model_dir, tmp_path)
+        if not o.startswith(("trainer.output_dir", "trainer.name"))
+    ]
+    base += ["trainer.total_steps=1", "data.heldout_size=2", "reward.strict_boxed=false"]
+    run_dirs = run_sweep(tmp_path / "sweep", overrides=base, variants=["grpo", "dapo"], seeds=[0, 1])
+    assert evaluated == [0, 1, 1, 1, 1]  # before training once, after training in each run
+    befores = {json.loads((d / "summary.json").read_text())["heldout_acc_before"] for d in run_dirs}
+    assert len(befores) == 1 and None not in befores
+    # another decoding budget is another measurement
+    run_sweep(tmp_path / "sweep", overrides=[*base, "rollout.max_new_tokens=5"], variants=["gppo"])
+    assert evaluated[5:] == [0, 1]
 
 
 def test_every_variant_is_a_valid_config_that_differs_from_the_others():

@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from cegppo.config import load_config
+from cegppo.config import Config, load_config
 from cegppo.losses import list_policy_losses
 from cegppo.report.runs import Run, by_variant, load_run, variant_and_seed
 from cegppo.report.stats import heldout_accuracy, late_mean, seed_summary
@@ -118,9 +119,32 @@ def run_sweep(
                         f"trainer.name={name}",
                     ],
                 )
-                trainer = Trainer(config, run_dir)
+                trainer = Trainer(config, run_dir, heldout_acc_before=_heldout_before(output_dir, config))
             trainer.fit()
     return run_dirs
+
+
+def _heldout_setting(config: Config) -> tuple[Any, ...]:
+    """What the starting model's greedy held-out accuracy depends on: never the loss, the seeds or the steps."""
+    data, rollout = config.data, config.rollout
+    return (
+        asdict(config.model),
+        (data.heldout, data.heldout_size, data.digits, data.system_prompt, data.question_template),
+        (rollout.engine, rollout.max_new_tokens, asdict(rollout.vllm)),
+        (config.reward.name, config.reward.strict_boxed, config.trainer.device, config.trainer.num_threads),
+    )
+
+
+def _heldout_before(output_dir: Path, config: Config) -> float | None:
+    """The held-out accuracy before training of a finished run in ``output_dir`` that evaluated the same model on
+    the same held-out set the same way: greedy decoding makes it the same number, so a sweep measures it once."""
+    for summary_path in sorted(output_dir.glob(f"*/{SUMMARY_FILE}")):
+        before = json.loads(summary_path.read_text()).get("heldout_acc_before")
+        if before is not None and _heldout_setting(load_run_config(summary_path.parent)) == _heldout_setting(
+            config
+        ):
+            return before
+    return None
 
 
 def sweep_table(run_dirs: Sequence[Path]) -> str:

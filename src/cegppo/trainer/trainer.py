@@ -92,7 +92,11 @@ def load_run_config(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) 
 class Trainer:
     """Single-process RLVR trainer: a policy, a rollout engine, a reward, and the actor update."""
 
-    def __init__(self, config: Config, run_dir: Path, *, resume: bool = False) -> None:
+    def __init__(
+        self, config: Config, run_dir: Path, *, resume: bool = False, heldout_acc_before: float | None = None
+    ) -> None:
+        """``heldout_acc_before``: the starting model's held-out accuracy when it is already known (a sweep's
+        earlier run of the same model and held-out set), which skips that evaluation."""
         self.config = config
         self.run_dir = run_dir
         if config.trainer.num_threads:
@@ -141,7 +145,11 @@ class Trainer:
 
         self.steering = BetaSteering(config.actor)
         self.step_count = 0
-        self.state: dict[str, Any] = {"heldout_acc_before": None, "wall_s": 0.0, "last_entropy": None}
+        self.state: dict[str, Any] = {
+            "heldout_acc_before": heldout_acc_before,
+            "wall_s": 0.0,
+            "last_entropy": None,
+        }
         if checkpoint is not None:
             saved = load_trainer_state(checkpoint)
             self.actor.optimizer.load_state_dict(saved["optimizer"])
@@ -382,6 +390,7 @@ class Trainer:
             if self.state["heldout_acc_before"] is None and self.heldout:
                 progress.note("evaluating the held-out set before training")
                 self.state["heldout_acc_before"] = self.evaluate_heldout()
+            if self.heldout and self.step_count == 0:
                 progress.note(f"held-out accuracy before: {self.state['heldout_acc_before']:.3f}")
             with self._signals_deferred():
                 while self.step_count < config.total_steps:
