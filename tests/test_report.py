@@ -353,10 +353,10 @@ if __name__ == "__main__":
         print(path)
 
 
-def test_the_report_reads_runs_without_importing_the_trainer_or_transformers():
+def test_the_report_reads_runs_without_importing_the_trainer_torch_or_transformers():
     code = (
-        "import sys, cegppo.report; "
-        "print(sorted(m for m in sys.modules if m == 'transformers' or m.startswith('cegppo.trainer')))"
+        "import sys, cegppo.report, cegppo.report.stats; "
+        "print(sorted(m for m in sys.modules if m in ('torch', 'transformers') or m.startswith('cegppo.trainer')))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-QUADRANTS = ("PA&HP", "PA&LP", "NA&HP", "NA&LP")
+from cegppo.runfiles import QUADRANTS
 
 
 @dataclass

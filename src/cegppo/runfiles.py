@@ -11,6 +11,8 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
 SUMMARY_FILE = "summary.json"
+# The paper's token quadrants (advantage sign × probability), as named in the quadrant/<name>/... metrics
+QUADRANTS = ("PA&HP", "PA&LP", "NA&HP", "NA&LP")
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

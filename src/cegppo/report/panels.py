@@ -16,8 +16,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from cegppo.dynamics import QUADRANTS
 from cegppo.report.runs import Curve, Run, curves, val_keys
+from cegppo.runfiles import QUADRANTS
 
 CLIP_KEYS = ("actor/pg_clipfrac", "actor/pg_clipfrac_low", "actor/pg_clipfrac_high", "actor/pg_clipfrac_dual")
 QUADRANT_STATS = ("frac", "clipped_frac", "grad_share")
