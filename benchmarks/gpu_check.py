@@ -11,7 +11,11 @@ still run):
 - ``trainer_step_hf``: one full RL step of ``cegppo.trainer.Trainer`` with the ``hf`` engine on CUDA
   (SmolLM2-135M size), its phase timings, peak memory and whether the metrics are finite.
 
-A new case is one more entry in ``CASES`` (e.g. the shared-prompt step once ``actor.share_prompt`` exists).
+- ``shared_prompt/<model>``: groups of responses to one long prompt through the fused pass with
+  ``share_prompt`` on and off (bfloat16 on CUDA): largest |Δ| of log-probs and entropies, the relative
+  difference of the gradients, peak memory and time, and their plain/shared ratios.
+
+A new case is one more entry in ``CASES``.
 ``--cpu`` runs the same cases on tiny models on the CPU (``make test`` does, so the script cannot rot).
 
     python benchmarks/gpu_check.py --out gpu_check.json        # on the GPU machine
@@ -50,7 +54,8 @@ class Mode:
     device: str
     dtype: torch.dtype
     models: dict[str, tuple[type[PreTrainedModel], Any]]
-    batch: int  # sequences in the fused-vs-naive case
+    batch: int  # sequences in the fused-vs-naive and shared-prompt cases
+    group: int  # responses per prompt in the shared-prompt case
     response_len: int
     prompt_len: int
     repeats: int
@@ -88,6 +93,7 @@ GPU = Mode(
         "qwen2_1p5b": (Qwen2ForCausalLM, _qwen2_1p5b()),
     },
     batch=8,
+    group=4,
     response_len=2048,
     prompt_len=256,
     repeats=3,
@@ -106,7 +112,8 @@ CPU = Mode(
         "smollm2_135m": (LlamaForCausalLM, _smollm2_135m(**TINY, **TINY_HEADS)),
         "qwen2_1p5b": (Qwen2ForCausalLM, _qwen2_1p5b(**TINY, **TINY_HEADS)),
     },
-    batch=2,
+    batch=4,
+    group=2,
     response_len=16,
     prompt_len=8,
     repeats=1,
@@ -140,11 +147,43 @@ def _peak_memory_mb(mode: Mode, run: Callable[[], Any]) -> tuple[Any, float | No
     return result, peak, seconds
 
 
+def _measure(mode: Mode, forward_backward: Callable[[bool], Any]) -> dict[bool, dict[str, Any]]:
+    """``forward_backward(flag)`` for flag True and False, each warmed up once then timed ``mode.repeats``
+    times: its last result, its peak memory and its median seconds."""
+    results: dict[bool, dict[str, Any]] = {}
+    for flag in (True, False):
+        forward_backward(flag)  # warm-up: kernels, allocator
+        peaks, times = [], []
+        for _ in range(mode.repeats):  # interleaving would reset the allocator's peak per call anyway
+            values, peak, seconds = _peak_memory_mb(mode, lambda flag=flag: forward_backward(flag))
+            peaks.append(peak)
+            times.append(seconds)
+        results[flag] = {"values": values, "peak_mb": peaks[-1], "seconds": statistics.median(times)}
+    return results
+
+
+def _ratios(results: dict[bool, dict[str, Any]], on: str, off: str) -> dict[str, Any]:
+    """Peak memory and time with the option on and off, and off/on ratios."""
+    on_peak, off_peak = results[True]["peak_mb"], results[False]["peak_mb"]
+    return {
+        f"{on}_peak_mb": on_peak,
+        f"{off}_peak_mb": off_peak,
+        f"memory_ratio_{off}_over_{on}": off_peak / on_peak if on_peak else None,
+        f"{on}_s": results[True]["seconds"],
+        f"{off}_s": results[False]["seconds"],
+        f"time_ratio_{off}_over_{on}": results[False]["seconds"] / results[True]["seconds"],
+    }
+
+
+def _random_model(mode: Mode, name: str) -> tuple[PreTrainedModel, Any]:
+    cls, config = mode.models[name]
+    torch.manual_seed(0)
+    return cls(config).to(mode.device, mode.dtype).train(), config
+
+
 def _fused_logprobs_case(name: str) -> Callable[[Mode], dict[str, Any]]:
     def case(mode: Mode) -> dict[str, Any]:
-        cls, config = mode.models[name]
-        torch.manual_seed(0)
-        model = cls(config).to(mode.device, mode.dtype).train()
+        model, config = _random_model(mode, name)
         length = mode.prompt_len + mode.response_len
         input_ids = torch.randint(0, config.vocab_size, (mode.batch, length), device=mode.device)
         attention_mask = torch.ones_like(input_ids)
@@ -158,17 +197,8 @@ def _fused_logprobs_case(name: str) -> Callable[[Mode], dict[str, Any]]:
             (logprobs.float().mean() + entropy.float().mean()).backward()
             return logprobs.detach().float(), entropy.detach().float()
 
-        results: dict[bool, dict[str, Any]] = {}
-        for fused in (True, False):
-            forward_backward(fused)  # warm-up: kernels, allocator
-            peaks, times = [], []
-            for _ in range(mode.repeats):  # interleaving would reset the allocator's peak per call anyway
-                values, peak, seconds = _peak_memory_mb(mode, lambda fused=fused: forward_backward(fused))
-                peaks.append(peak)
-                times.append(seconds)
-            results[fused] = {"values": values, "peak_mb": peaks[-1], "seconds": statistics.median(times)}
+        results = _measure(mode, forward_backward)
         (fused_lp, fused_ent), (naive_lp, naive_ent) = results[True]["values"], results[False]["values"]
-        fused_peak, naive_peak = results[True]["peak_mb"], results[False]["peak_mb"]
         return {
             "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 1),
             "batch": mode.batch,
@@ -178,12 +208,54 @@ def _fused_logprobs_case(name: str) -> Callable[[Mode], dict[str, Any]]:
             "max_abs_diff_logprob": (fused_lp - naive_lp).abs().max().item(),
             "max_abs_diff_entropy": (fused_ent - naive_ent).abs().max().item(),
             "mean_abs_diff_logprob": (fused_lp - naive_lp).abs().mean().item(),
-            "fused_peak_mb": fused_peak,
-            "naive_peak_mb": naive_peak,
-            "memory_ratio_naive_over_fused": naive_peak / fused_peak if fused_peak else None,
-            "fused_s": results[True]["seconds"],
-            "naive_s": results[False]["seconds"],
-            "time_ratio_naive_over_fused": results[False]["seconds"] / results[True]["seconds"],
+            **_ratios(results, "fused", "naive"),
+        }
+
+    return case
+
+
+def _shared_prompt_case(name: str) -> Callable[[Mode], dict[str, Any]]:
+    """Groups of ``mode.group`` responses to one long prompt (left-padded prompts of two lengths), the fused
+    pass with ``share_prompt`` on and off: the same values and gradients, and what sharing saves."""
+
+    def case(mode: Mode) -> dict[str, Any]:
+        model, config = _random_model(mode, name)
+        prompt_len, response_len = 4 * mode.prompt_len, mode.response_len // 4
+        prompts = torch.randint(
+            0, config.vocab_size, (mode.batch // mode.group, prompt_len), device=mode.device
+        )
+        prompt_ids = prompts.repeat_interleave(mode.group, dim=0)
+        responses = torch.randint(0, config.vocab_size, (mode.batch, response_len), device=mode.device)
+        input_ids = torch.cat([prompt_ids, responses], dim=1)
+        attention_mask = torch.ones_like(input_ids)
+        attention_mask[: mode.group, : prompt_len // 2] = (
+            0  # the first group's prompt is shorter (left padding)
+        )
+
+        def forward_backward(share: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            model.zero_grad(set_to_none=True)
+            logprobs, entropy = causal_lm_logprobs_and_entropy(
+                model, input_ids, attention_mask, response_len, share_prompt=share
+            )
+            (logprobs.float().mean() + entropy.float().mean()).backward()
+            grad = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None])
+            return logprobs.detach().float(), entropy.detach().float(), grad
+
+        results = _measure(mode, forward_backward)
+        (shared_lp, shared_ent, shared_grad), (plain_lp, plain_ent, plain_grad) = (
+            results[True]["values"],
+            results[False]["values"],
+        )
+        return {
+            "batch": mode.batch,
+            "group": mode.group,
+            "prompt_len": prompt_len,
+            "response_len": response_len,
+            "dtype": str(mode.dtype),
+            "max_abs_diff_logprob": (shared_lp - plain_lp).abs().max().item(),
+            "max_abs_diff_entropy": (shared_ent - plain_ent).abs().max().item(),
+            "grad_rel_diff": ((shared_grad - plain_grad).norm() / plain_grad.norm()).item(),
+            **_ratios(results, "shared", "plain"),
         }
 
     return case
@@ -232,6 +304,8 @@ def _trainer_step_hf(mode: Mode) -> dict[str, Any]:
 CASES: dict[str, Callable[[Mode], dict[str, Any]]] = {
     "fused_logprobs/smollm2_135m": _fused_logprobs_case("smollm2_135m"),
     "fused_logprobs/qwen2_1p5b": _fused_logprobs_case("qwen2_1p5b"),
+    "shared_prompt/smollm2_135m": _shared_prompt_case("smollm2_135m"),
+    "shared_prompt/qwen2_1p5b": _shared_prompt_case("qwen2_1p5b"),
     "trainer_step_hf": _trainer_step_hf,
 }
 

@@ -34,6 +34,10 @@ def test_cpu_mode_runs_every_case_and_writes_one_json(gpu_check, tmp_path):
         # bfloat16 on both paths; the fused op accumulates in float32, the naive one in bfloat16 logits.
         assert fused["max_abs_diff_logprob"] < 0.1 and fused["max_abs_diff_entropy"] < 0.1, fused
         assert fused["time_ratio_naive_over_fused"] > 0 and fused["naive_peak_mb"] is None  # no CUDA here
+        shared = report["cases"][f"shared_prompt/{model}"]
+        # the same pass in another order, both in bfloat16
+        assert shared["max_abs_diff_logprob"] < 0.1 and shared["max_abs_diff_entropy"] < 0.1, shared
+        assert shared["grad_rel_diff"] < 0.05 and shared["time_ratio_plain_over_shared"] > 0, shared
     step = report["cases"]["trainer_step_hf"]
     assert step["metrics_finite"] and step["timing/step_s"] > 0 and math.isfinite(step["actor/grad_norm"])
 
