@@ -149,3 +149,18 @@ def test_a_custom_reward_works_with_the_default_strict_boxed():
         ConfigError, match=r"reward.strict_boxed=True is invalid: applies only to the built-in .math. reward"
     ):
         load_config(None, ["reward.name=my_rewards:score", "reward.strict_boxed=true"])
+
+
+def test_text_overrides_are_taken_as_typed():
+    # YAML would read these as a bool, an int and a float
+    config = load_config(
+        None, ["trainer.name=on", "data.system_prompt=007", "model.path=1e3", "reward.name=no"]
+    )
+    assert (config.trainer.name, config.data.system_prompt, config.model.path, config.reward.name) == (
+        "on", "007", "1e3", "no"
+    )  # fmt: skip
+    assert load_config(None, ["trainer.name=null"]).trainer.name is None
+    assert load_config(None, ["rollout.n=4"]).rollout.n == 4  # other types still parse
+    # null stays null: an error for a field that needs text
+    with pytest.raises(ConfigError, match=r"trainer\.output_dir"):
+        load_config(None, ["trainer.output_dir=null"])

@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -279,14 +281,33 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     for override in overrides:
         if "=" not in override:
             raise ConfigError(f"override {override!r} must look like key.sub=value")
+        key, value = override.split("=", 1)
         try:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([override]))
+            if _is_text(key) and value not in ("null", "~"):
+                # as typed: from_dotlist reads values as YAML, so `trainer.name=007` would name the run "7"
+                for part in reversed(key.split(".")):
+                    value = {part: value}
+                merged = OmegaConf.merge(merged, OmegaConf.create(value))
+            else:
+                merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([override]))
         except OmegaConfBaseException as error:
             raise ConfigError(f"override {override!r}: {_describe(error)}") from None
     config = OmegaConf.to_object(merged)
     assert isinstance(config, Config)
     validate(config)
     return config
+
+
+def _is_text(key: str) -> bool:
+    """Whether the dotted key is a ``str`` (or ``str | None``) field of ``Config``."""
+    node: Any = Config
+    for part in key.split("."):
+        hints = typing.get_type_hints(node) if dataclasses.is_dataclass(node) else {}
+        if part not in hints:
+            return False
+        node = hints[part]
+    is_union = typing.get_origin(node) in (typing.Union, types.UnionType)
+    return node is str or (is_union and set(typing.get_args(node)) == {str, type(None)})
 
 
 def load_yaml_mapping(path: str | Path) -> DictConfig:
