@@ -353,164 +353,58 @@ def _describe(error: OmegaConfBaseException) -> str:
 
 
 def validate(config: Config) -> None:
-    """Range and consistency checks that types alone cannot express."""
-
-    def check(ok: bool, key: str, value: object, allowed: str) -> None:
-        if not ok:
-            raise ConfigError(f"{key}={value!r} is invalid: {allowed}")
-
-    def positive(key: str, value: float | int | None, *, optional: bool = False) -> None:
-        check((optional and value is None) or (value is not None and value > 0), key, value, "must be > 0")
-
-    d, r, a, t = config.data, config.rollout, config.actor, config.trainer
-    check(d.task is not None or bool(d.train_files), "data.task", d.task, "set a task or data.train_files")
-    check(d.task in (None, "arithmetic"), "data.task", d.task, "built-in tasks: ['arithmetic']")
-    check(type(d.digits) is int and 1 <= d.digits <= 4, "data.digits", d.digits, "an integer in [1, 4]")
-    for key, value in [
-        ("data.train_batch_size", d.train_batch_size),
-        ("data.train_size", d.train_size),
-        ("data.heldout_size", d.heldout_size),
-        ("rollout.n", r.n),
-        ("rollout.max_new_tokens", r.max_new_tokens),
-        ("rollout.temperature", r.temperature),
-        ("actor.ppo_epochs", a.ppo_epochs),
-        ("actor.ppo_mini_batch_size", a.ppo_mini_batch_size),
-        ("actor.micro_batch_size", a.micro_batch_size),
-        ("actor.lr", a.lr),
-        ("actor.grad_clip", a.grad_clip),
-        ("model.logprob_chunk_size", config.model.logprob_chunk_size),
-        ("trainer.total_steps", t.total_steps),
-    ]:
-        positive(key, value)
-    positive("rollout.batch_size", r.batch_size, optional=True)
-    positive("rollout.tis_cap", r.tis_cap, optional=True)
-    positive("trainer.num_threads", t.num_threads, optional=True)
-    check(
-        t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"),
-        "trainer.device",
-        t.device,
-        "allowed values are auto, cpu, cuda, cuda:N",
-    )
-    check(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "must be in (0, 1]")
-    check(
-        0 < r.vllm.gpu_memory_utilization <= 1,
-        "rollout.vllm.gpu_memory_utilization",
-        r.vllm.gpu_memory_utilization,
-        "must be in (0, 1]",
-    )
-    positive("rollout.vllm.kv_cache_gib", r.vllm.kv_cache_gib, optional=True)
-    positive("rollout.vllm.max_model_len", r.vllm.max_model_len, optional=True)
-    check(
-        r.vllm.dtype in ("bfloat16", "float16", "float32", "auto"),
-        "rollout.vllm.dtype",
-        r.vllm.dtype,
-        "one of ['bfloat16', 'float16', 'float32', 'auto']",
-    )
-    check(
-        0 <= a.top_entropy_quantile <= 1,
-        "actor.top_entropy_quantile",
-        a.top_entropy_quantile,
-        "must be in [0, 1] (1: every token)",
-    )
-    check(a.entropy_coeff_delta > 0, "actor.entropy_coeff_delta", a.entropy_coeff_delta, "must be > 0")
-    check(
-        0 <= a.entropy_coeff_min <= a.entropy_coeff_max,
-        "actor.entropy_coeff_min/entropy_coeff_max",
-        (a.entropy_coeff_min, a.entropy_coeff_max),
-        "need 0 <= entropy_coeff_min <= entropy_coeff_max",
-    )
-    check(r.top_k == -1 or r.top_k > 0, "rollout.top_k", r.top_k, "must be -1 (off) or > 0")
-    positive("actor.ppo_mini_batch_responses", a.ppo_mini_batch_responses, optional=True)
-    check(
-        a.ppo_mini_batch_responses is None or (d.train_batch_size * r.n) % a.ppo_mini_batch_responses == 0,
-        "actor.ppo_mini_batch_responses",
-        a.ppo_mini_batch_responses,
-        f"must divide data.train_batch_size × rollout.n = {d.train_batch_size * r.n}",
-    )
-    check(
-        a.ppo_mini_batch_responses is not None or d.train_batch_size % a.ppo_mini_batch_size == 0,
-        "actor.ppo_mini_batch_size",
-        a.ppo_mini_batch_size,
-        f"must divide data.train_batch_size={d.train_batch_size}",
-    )
-    check(
-        a.policy_loss in list_policy_losses(),
-        "actor.policy_loss",
-        a.policy_loss,
-        f"registered losses are {list_policy_losses()}",
-    )
-    check(
-        a.loss_agg_mode in LOSS_AGG_MODES,
-        "actor.loss_agg_mode",
-        a.loss_agg_mode,
-        f"allowed values are {list(LOSS_AGG_MODES)}",
-    )
-    check(
-        config.algorithm.adv_estimator in ADVANTAGE_REGISTRY,
-        "algorithm.adv_estimator",
-        config.algorithm.adv_estimator,
-        f"known estimators are {sorted(ADVANTAGE_REGISTRY)}",
-    )
-    check(
-        a.kl_loss_type in KL_ESTIMATORS,
-        "actor.kl_loss_type",
-        a.kl_loss_type,
-        f"allowed values are {list(KL_ESTIMATORS)}",
-    )
-    check(
-        len(a.adam_betas) == 2 and all(0 <= b < 1 for b in a.adam_betas),
-        "actor.adam_betas",
-        a.adam_betas,
-        "must be two numbers in [0, 1)",
-    )
-    for key, value in [
-        ("actor.weight_decay", a.weight_decay),
-        ("actor.warmup_steps", a.warmup_steps),
-        ("actor.entropy_coeff", a.entropy_coeff),
-        ("actor.entropy_target", a.entropy_target),
-        ("actor.kl_loss_coef", a.kl_loss_coef),
-        ("actor.positive_loss_coeff", a.positive_loss_coeff),
-        ("algorithm.max_num_gen_batches", config.algorithm.max_num_gen_batches),
-        ("trainer.save_every", t.save_every),
-        ("trainer.num_logged_samples", t.num_logged_samples),
-    ]:
-        check(math.isfinite(value) and value >= 0, key, value, "must be >= 0")
-    check(
+    """Range and consistency checks that types alone cannot express: each section's own, then the rules that
+    tie sections together, then the loss library's and the reward's. The first violation raises ConfigError
+    as ``key=value is invalid: rule``."""
+    _check_model(config.model)
+    _check_data(config.data)
+    _check_rollout(config.rollout)
+    _check_algorithm(config.algorithm)
+    _check_actor(config.actor)
+    _check_eval(config.eval)
+    _check_trainer(config.trainer)
+    _check(
         0 < config.analysis.prob_threshold < 1,
         "analysis.prob_threshold",
         config.analysis.prob_threshold,
         "must be in (0, 1)",
     )
-    check(
+    d, r, a = config.data, config.rollout, config.actor
+    _check(
+        a.ppo_mini_batch_responses is None or (d.train_batch_size * r.n) % a.ppo_mini_batch_responses == 0,
+        "actor.ppo_mini_batch_responses",
+        a.ppo_mini_batch_responses,
+        f"must divide data.train_batch_size × rollout.n = {d.train_batch_size * r.n}",
+    )
+    _check(
+        a.ppo_mini_batch_responses is not None or d.train_batch_size % a.ppo_mini_batch_size == 0,
+        "actor.ppo_mini_batch_size",
+        a.ppo_mini_batch_size,
+        f"must divide data.train_batch_size={d.train_batch_size}",
+    )
+    _check(
         not (a.share_prompt and config.model.gradient_checkpointing),
         "actor.share_prompt",
         a.share_prompt,
         "set it to false with model.gradient_checkpointing=true (checkpointed layers drop the KV cache)",
     )
-    _validate_beta_steering(config.actor)
-    e = config.eval
-    check(
-        not t.eval_every or bool(e.benchmarks),
-        "eval.benchmarks",
-        e.benchmarks,
-        "trainer.eval_every needs at least one benchmark",
-    )
-    positive("eval.n", e.n)
-    positive("eval.max_new_tokens", e.max_new_tokens, optional=True)
-    positive("eval.limit", e.limit, optional=True)
-    check(e.temperature >= 0, "eval.temperature", e.temperature, "must be >= 0 (0: greedy)")
-    check(0 < e.top_p <= 1, "eval.top_p", e.top_p, "must be in (0, 1]")
-    check(
+    _check(
         r.tis_cap is None or a.rollout_is is None,
         "actor.rollout_is",
         a.rollout_is,
         "rollout.tis_cap is token-level TIS already; set one of them (rollout_is=token, rollout_is_threshold=cap)",
     )
-    check(
-        a.policy_loss != "dro" or a.dro_beta is not None,
-        "actor.dro_beta",
-        a.dro_beta,
-        "actor.policy_loss=dro needs a penalty dro_beta > 0",
+    _check(
+        not config.trainer.eval_every or bool(config.eval.benchmarks),
+        "eval.benchmarks",
+        config.eval.benchmarks,
+        "trainer.eval_every needs at least one benchmark",
+    )
+    _check(
+        config.reward.overlong_buffer_len < r.max_new_tokens,
+        "reward.overlong_buffer_len",
+        config.reward.overlong_buffer_len,
+        f"must be below rollout.max_new_tokens={r.max_new_tokens}",
     )
     try:
         config.policy_loss_config()
@@ -520,57 +414,185 @@ def validate(config: Config) -> None:
         config.reward.validate()
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    check(
-        config.reward.overlong_buffer_len < r.max_new_tokens,
-        "reward.overlong_buffer_len",
-        config.reward.overlong_buffer_len,
-        f"must be below rollout.max_new_tokens={r.max_new_tokens}",
+
+
+def _check(ok: bool, key: str, value: object, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is invalid: {allowed}")
+
+
+def _positive(section: str, values: object, *names: str, optional: bool = False) -> None:
+    """Each of ``names`` in the section is > 0 (or None, when ``optional``)."""
+    for name in names:
+        value = getattr(values, name)
+        ok = (optional and value is None) or (value is not None and value > 0)
+        _check(ok, f"{section}.{name}", value, "must be > 0")
+
+
+def _non_negative(section: str, values: object, *names: str) -> None:
+    for name in names:
+        value = getattr(values, name)
+        _check(math.isfinite(value) and value >= 0, f"{section}.{name}", value, "must be >= 0")
+
+
+def _check_model(m: ModelConfig) -> None:
+    _positive("model", m, "logprob_chunk_size")
+
+
+def _check_data(d: DataConfig) -> None:
+    _check(d.task is not None or bool(d.train_files), "data.task", d.task, "set a task or data.train_files")
+    _check(d.task in (None, "arithmetic"), "data.task", d.task, "built-in tasks: ['arithmetic']")
+    _check(type(d.digits) is int and 1 <= d.digits <= 4, "data.digits", d.digits, "an integer in [1, 4]")
+    _positive("data", d, "train_batch_size", "train_size", "heldout_size")
+
+
+def _check_rollout(r: RolloutConfig) -> None:
+    _positive("rollout", r, "n", "max_new_tokens", "temperature")
+    _positive("rollout", r, "batch_size", "tis_cap", optional=True)
+    _check(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "must be in (0, 1]")
+    _check(r.top_k == -1 or r.top_k > 0, "rollout.top_k", r.top_k, "must be -1 (off) or > 0")
+    v = r.vllm
+    _check(
+        0 < v.gpu_memory_utilization <= 1,
+        "rollout.vllm.gpu_memory_utilization",
+        v.gpu_memory_utilization,
+        "must be in (0, 1]",
+    )
+    _positive("rollout.vllm", v, "kv_cache_gib", "max_model_len", optional=True)
+    dtypes = ["bfloat16", "float16", "float32", "auto"]
+    _check(v.dtype in dtypes, "rollout.vllm.dtype", v.dtype, f"one of {dtypes}")
+
+
+def _check_algorithm(al: AlgorithmConfig) -> None:
+    _check(
+        al.adv_estimator in ADVANTAGE_REGISTRY,
+        "algorithm.adv_estimator",
+        al.adv_estimator,
+        f"known estimators are {sorted(ADVANTAGE_REGISTRY)}",
+    )
+    _non_negative("algorithm", al, "max_num_gen_batches")
+
+
+def _check_actor(a: ActorConfig) -> None:
+    _positive("actor", a, "ppo_epochs", "ppo_mini_batch_size", "micro_batch_size", "lr", "grad_clip")
+    _positive("actor", a, "ppo_mini_batch_responses", optional=True)
+    nonnegative = ("weight_decay", "warmup_steps", "entropy_coeff", "entropy_target", "kl_loss_coef")
+    _non_negative("actor", a, *nonnegative, "positive_loss_coeff")
+    registered = list_policy_losses()
+    _check(
+        a.policy_loss in registered, "actor.policy_loss", a.policy_loss, f"registered losses are {registered}"
+    )
+    _check(
+        a.loss_agg_mode in LOSS_AGG_MODES,
+        "actor.loss_agg_mode",
+        a.loss_agg_mode,
+        f"allowed values are {list(LOSS_AGG_MODES)}",
+    )
+    _check(
+        a.kl_loss_type in KL_ESTIMATORS,
+        "actor.kl_loss_type",
+        a.kl_loss_type,
+        f"allowed values are {list(KL_ESTIMATORS)}",
+    )
+    _check(
+        len(a.adam_betas) == 2 and all(0 <= b < 1 for b in a.adam_betas),
+        "actor.adam_betas",
+        a.adam_betas,
+        "must be two numbers in [0, 1)",
+    )
+    _check(
+        0 <= a.top_entropy_quantile <= 1,
+        "actor.top_entropy_quantile",
+        a.top_entropy_quantile,
+        "must be in [0, 1] (1: every token)",
+    )
+    _check(a.entropy_coeff_delta > 0, "actor.entropy_coeff_delta", a.entropy_coeff_delta, "must be > 0")
+    _check(
+        0 <= a.entropy_coeff_min <= a.entropy_coeff_max,
+        "actor.entropy_coeff_min/entropy_coeff_max",
+        (a.entropy_coeff_min, a.entropy_coeff_max),
+        "need 0 <= entropy_coeff_min <= entropy_coeff_max",
+    )
+    _check(
+        a.policy_loss != "dro" or a.dro_beta is not None,
+        "actor.dro_beta",
+        a.dro_beta,
+        "actor.policy_loss=dro needs a penalty dro_beta > 0",
+    )
+    for name in ("beta1_schedule", "beta2_schedule"):
+        _check_schedule(f"actor.{name}", getattr(a, name))
+    if a.entropy_control.enabled:
+        _check_entropy_control(a)
+
+
+def _check_schedule(key: str, schedule: ScheduleConfig) -> None:
+    _check(
+        schedule.kind in ("constant", "step", "linear"),
+        f"{key}.kind",
+        schedule.kind,
+        "allowed are constant, step, linear",
+    )
+    points = schedule.points
+    if schedule.kind == "constant":
+        _check(not points, f"{key}.points", points, f"{key}.kind is 'constant': set kind to step or linear")
+        return
+    _check(
+        bool(points) and all(len(point) == 2 for point in points),
+        f"{key}.points",
+        points,
+        "give [[step, value], ...]",
+    )
+    steps = [point[0] for point in points]
+    _check(
+        steps == sorted(steps) and all(point[1] >= 0 for point in points),
+        f"{key}.points",
+        points,
+        "steps must increase and values be >= 0",
     )
 
 
-def _validate_beta_steering(actor: ActorConfig) -> None:
-    for name in ("beta1_schedule", "beta2_schedule"):
-        schedule = getattr(actor, name)
-        key = f"actor.{name}"
-        if schedule.kind not in ("constant", "step", "linear"):
-            raise ConfigError(f"{key}.kind={schedule.kind!r} is invalid: allowed are constant, step, linear")
-        if schedule.kind == "constant":
-            if schedule.points:
-                raise ConfigError(
-                    f"{key}.points is set but {key}.kind is 'constant': set kind to step or linear"
-                )
-            continue
-        if not schedule.points or any(len(point) != 2 for point in schedule.points):
-            raise ConfigError(f"{key}.points={schedule.points!r} is invalid: give [[step, value], ...]")
-        steps = [point[0] for point in schedule.points]
-        if steps != sorted(steps) or any(point[1] < 0 for point in schedule.points):
-            raise ConfigError(
-                f"{key}.points={schedule.points!r} is invalid: steps must increase and values be >= 0"
-            )
-    control = actor.entropy_control
-    if not control.enabled:
-        return
-    if not 0 <= control.target_low < control.target_high:
-        raise ConfigError(
-            f"actor.entropy_control.target_low/target_high=({control.target_low}, {control.target_high}) "
-            "is invalid: need 0 <= target_low < target_high"
-        )
-    if control.step_size <= 0:
-        raise ConfigError(f"actor.entropy_control.step_size={control.step_size} is invalid: must be > 0")
-    if control.trend_weight < 0:
-        raise ConfigError(
-            f"actor.entropy_control.trend_weight={control.trend_weight} is invalid: must be >= 0"
-        )
-    bounds = [("beta1", control.beta1_min, control.beta1_max, actor.beta1)]
+def _check_entropy_control(a: ActorConfig) -> None:
+    control, key = a.entropy_control, "actor.entropy_control"
+    low, high = control.target_low, control.target_high
+    _check(
+        0 <= low < high, f"{key}.target_low/target_high", (low, high), "need 0 <= target_low < target_high"
+    )
+    _check(control.step_size > 0, f"{key}.step_size", control.step_size, "must be > 0")
+    _check(control.trend_weight >= 0, f"{key}.trend_weight", control.trend_weight, "must be >= 0")
+    steered = [("beta1", control.beta1_min, control.beta1_max)]
     if control.adjust_beta2:
-        bounds.append(("beta2", control.beta2_min, control.beta2_max, actor.beta2))
-    for name, low, high, start in bounds:
-        if not 0 <= low <= start <= high:
-            raise ConfigError(
-                f"actor.entropy_control.{name}_min/{name}_max=({low}, {high}) is invalid: "
-                f"need 0 <= min <= actor.{name}={start} <= max"
-            )
-        if getattr(actor, f"{name}_schedule").kind != "constant":
-            raise ConfigError(
-                f"actor.{name}_schedule and actor.entropy_control both steer {name}: choose one"
-            )
+        steered.append(("beta2", control.beta2_min, control.beta2_max))
+    for name, lowest, highest in steered:
+        start = getattr(a, name)
+        _check(
+            0 <= lowest <= start <= highest,
+            f"{key}.{name}_min/{name}_max",
+            (lowest, highest),
+            f"need 0 <= min <= actor.{name}={start} <= max",
+        )
+        kind = getattr(a, f"{name}_schedule").kind
+        _check(
+            kind == "constant",
+            f"actor.{name}_schedule.kind",
+            kind,
+            f"{key} steers {name} already: choose one",
+        )
+
+
+def _check_eval(e: EvalConfig) -> None:
+    _positive("eval", e, "n")
+    _positive("eval", e, "max_new_tokens", "limit", optional=True)
+    _check(e.temperature >= 0, "eval.temperature", e.temperature, "must be >= 0 (0: greedy)")
+    _check(0 < e.top_p <= 1, "eval.top_p", e.top_p, "must be in (0, 1]")
+
+
+def _check_trainer(t: TrainerConfig) -> None:
+    _positive("trainer", t, "total_steps")
+    _positive("trainer", t, "num_threads", optional=True)
+    _non_negative("trainer", t, "save_every", "num_logged_samples")
+    _check(
+        t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"),
+        "trainer.device",
+        t.device,
+        "allowed values are auto, cpu, cuda, cuda:N",
+    )
