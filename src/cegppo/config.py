@@ -476,8 +476,16 @@ def _check_algorithm(al: AlgorithmConfig) -> None:
 def _check_actor(a: ActorConfig) -> None:
     _positive("actor", a, "ppo_epochs", "ppo_mini_batch_size", "micro_batch_size", "lr", "grad_clip")
     _positive("actor", a, "ppo_mini_batch_responses", optional=True)
-    nonnegative = ("weight_decay", "warmup_steps", "entropy_coeff", "entropy_target", "kl_loss_coef")
-    _non_negative("actor", a, *nonnegative, "positive_loss_coeff")
+    _non_negative(
+        "actor",
+        a,
+        "weight_decay",
+        "warmup_steps",
+        "entropy_coeff",
+        "entropy_target",
+        "kl_loss_coef",
+        "positive_loss_coeff",
+    )
     registered = list_policy_losses()
     _check(
         a.policy_loss in registered, "actor.policy_loss", a.policy_loss, f"registered losses are {registered}"
