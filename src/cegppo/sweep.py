@@ -35,7 +35,8 @@ VARIANTS: dict[str, list[str]] = {
 # CE-GPPO at any (β1, β2) by name, e.g. ce_gppo_b0_1.5 (the entropy-raising end of docs/results.md's study)
 _CE_GPPO_AT = re.compile(r"ce_gppo_b(\d+(?:\.\d+)?)_(\d+(?:\.\d+)?)")
 # The entropy-target controller from the paper's (0.5, 1), moving β1 and β2 between the study's two ends,
-# (1, 0.5) and (0, 1.5); its band comes from the command line (actor.entropy_control.target_low/high=...).
+# (1, 0.5) and (0, 1.5); its band is the base config's actor.entropy_control.target_low/high (the study's is in
+# configs/entropy_study_cpu.yaml).
 CONTROLLER = [
     "actor.policy_loss=ce_gppo",
     "actor.beta1=0.5",
@@ -138,12 +139,14 @@ def _heldout_setting(config: Config) -> tuple[Any, ...]:
 def _heldout_before(output_dir: Path, config: Config) -> float | None:
     """The held-out accuracy before training of a finished run in ``output_dir`` that evaluated the same model on
     the same held-out set the same way: greedy decoding makes it the same number, so a sweep measures it once."""
+    wanted = _heldout_setting(config)
     for summary_path in sorted(output_dir.glob(f"*/{SUMMARY_FILE}")):
         before = json.loads(summary_path.read_text()).get("heldout_acc_before")
-        if before is not None and _heldout_setting(load_run_config(summary_path.parent)) == _heldout_setting(
-            config
-        ):
-            return before
+        try:
+            if before is not None and _heldout_setting(load_run_config(summary_path.parent)) == wanted:
+                return before
+        except ValueError:  # a run of an older config schema: measure again rather than guess
+            continue
     return None
 
 
