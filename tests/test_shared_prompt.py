@@ -13,7 +13,7 @@ from cegppo.config import ConfigError, load_config
 from cegppo.ops import causal_lm_logprobs_and_entropy
 from cegppo.ops.shared_prompt import distinct_prompts
 from cegppo.rollout import HFRolloutEngine, SamplingParams
-from cegppo.trainer.actor import Actor, Experience
+from cegppo.trainer.actor import Actor, ActorSettings, Experience
 from test_ops_causal_lm import PAD, VOCAB
 from test_ops_causal_lm import tiny_model as config_model
 
@@ -184,8 +184,8 @@ def experience(groups=GROUPS, vocab=None, seed=0) -> Experience:
     )
 
 
-def actor_config(share: bool, *extra: str):
-    return load_config(
+def actor_settings(share: bool, *extra: str) -> ActorSettings:
+    config = load_config(
         None,
         [
             f"actor.share_prompt={share}",
@@ -199,6 +199,7 @@ def actor_config(share: bool, *extra: str):
             *extra,
         ],
     )
+    return ActorSettings.from_config(config)
 
 
 @pytest.mark.parametrize("micro", [9, 3, 2], ids=["whole-batch", "one-group", "split-groups"])
@@ -208,8 +209,8 @@ def test_actor_update_with_shared_prompts_matches_the_plain_update(micro):
     results = []
     for share in (False, True):
         model = copy.deepcopy(base)
-        config = actor_config(share, f"actor.micro_batch_size={micro}", "actor.use_kl_loss=true")
-        actor = Actor(model, config, ref_model=tiny_model("qwen2", tokenizer, seed=3).double())
+        settings = actor_settings(share, f"actor.micro_batch_size={micro}", "actor.use_kl_loss=true")
+        actor = Actor(model, settings, ref_model=tiny_model("qwen2", tokenizer, seed=3).double())
         assert actor.share_prompt is share
         batch = experience(vocab=len(tokenizer))
         actor.compute_old_log_probs(batch)
@@ -255,7 +256,7 @@ def test_on_policy_update_takes_old_log_probs_from_its_own_forward():
     results = []
     for skip in (False, True):
         model = copy.deepcopy(base)
-        actor = Actor(model, actor_config(True, "actor.micro_batch_size=3"))
+        actor = Actor(model, actor_settings(True, "actor.micro_batch_size=3"))
         calls = count_policy_passes(actor)
         batch = experience(vocab=len(tokenizer))
         assert actor.on_policy(len(batch), group_size=3)
@@ -284,7 +285,7 @@ def test_off_policy_update_needs_the_old_log_prob_pass():
         "actor.top_entropy_quantile=0.2",
     )
     for extra in extras:
-        actor = Actor(tiny_model("llama", tokenizer), actor_config(True, extra))
+        actor = Actor(tiny_model("llama", tokenizer), actor_settings(True, extra))
         batch = experience(vocab=len(tokenizer))
         assert not actor.on_policy(len(batch), group_size=3)
         with pytest.raises(ValueError, match="compute_old_log_probs must run"):
@@ -293,7 +294,7 @@ def test_off_policy_update_needs_the_old_log_prob_pass():
 
 def test_a_skipped_on_policy_step_still_reports_old_log_probs(monkeypatch):
     tokenizer = tiny_tokenizer()
-    actor = Actor(tiny_model("llama", tokenizer), actor_config(True))
+    actor = Actor(tiny_model("llama", tokenizer), actor_settings(True))
     batch = experience(vocab=len(tokenizer))
     monkeypatch.setattr(actor, "loss_fn", lambda **kw: (kw["log_prob"].sum() * float("nan"), {}))
     metrics = actor.update(batch, group_size=3)

@@ -18,7 +18,7 @@ from cegppo.config import load_config
 from cegppo.rewards import RewardFailure
 from cegppo.runfiles import read_metrics
 from cegppo.trainer import Interrupted, Trainer, load_run_config
-from cegppo.trainer.actor import Actor, Experience
+from cegppo.trainer.actor import Actor, ActorSettings, Experience
 
 SHORT_IS_RIGHT = """
 def compute_score(data_source, solution_str, ground_truth, extra_info=None):
@@ -168,6 +168,10 @@ def test_the_policy_learns_a_trivial_reward(tmp_path, short_reward):
     assert sum(rewards[-3:]) > sum(rewards[:3])
 
 
+def actor_settings(overrides: list[str]) -> ActorSettings:
+    return ActorSettings.from_config(load_config(None, overrides))
+
+
 def _experience(model, tokenizer, rows: int = 8, prompt_len: int = 5, response_len: int = 7) -> Experience:
     generator = torch.Generator().manual_seed(0)
     vocab = len(tokenizer)
@@ -212,14 +216,14 @@ def test_micro_batch_splitting_never_changes_the_gradient(loss, agg):
             "actor.kl_cov_ratio=0.1",
         ],
     )
-    actor = Actor(model, config)
+    actor = Actor(model, ActorSettings.from_config(config))
     batch = _experience(model, tokenizer)
     actor.compute_old_log_probs(batch)
     actor._update_mini_batch(batch)  # move the weights, so the ratios leave 1 and clipping acts
 
     grads, clipped = [], []
     for micro in (8, 3, 1):
-        actor.config.actor.micro_batch_size = micro
+        actor.settings.actor.micro_batch_size = micro
         actor.optimizer.zero_grad()
         torch.manual_seed(0)  # Clip-Cov's random draw among its candidates
         metrics, _, finite = actor.accumulate_gradients(batch)
@@ -237,7 +241,7 @@ def test_micro_batch_splitting_never_changes_the_gradient(loss, agg):
 def test_a_non_finite_loss_skips_the_update(monkeypatch):
     tokenizer = tiny_tokenizer()
     model = tiny_model("llama", tokenizer)
-    actor = Actor(model, load_config(None, ["actor.bf16_autocast=false"]))
+    actor = Actor(model, actor_settings(["actor.bf16_autocast=false"]))
     batch = _experience(model, tokenizer)
     actor.compute_old_log_probs(batch)
     before = [p.detach().clone() for p in model.parameters()]
@@ -334,7 +338,7 @@ def test_kl_entropy_and_nll_terms_match_a_hand_computation():
             "actor.micro_batch_size=3",
         ],
     )
-    actor = Actor(model, config, ref_model=reference)
+    actor = Actor(model, ActorSettings.from_config(config), ref_model=reference)
     batch = _experience(model, tokenizer)
     actor.compute_old_log_probs(batch)
     metrics, _, finite = actor.accumulate_gradients(batch)
@@ -558,7 +562,7 @@ def test_overlong_reward_shaping_reaches_the_rewards(tiny_model_dir, tmp_path, s
 def test_an_update_stopped_by_a_non_finite_value_adds_nothing_to_the_metrics():
     tokenizer = tiny_tokenizer()
     model = tiny_model("llama", tokenizer)
-    actor = Actor(model, load_config(None, ["actor.bf16_autocast=false", "actor.micro_batch_size=2"]))
+    actor = Actor(model, actor_settings(["actor.bf16_autocast=false", "actor.micro_batch_size=2"]))
     batch = _experience(
         model, tokenizer
     )  # 8 rows, group size 1: two mini-batches of 4 rows, 2 micro-batches each
@@ -586,7 +590,7 @@ def _grad(actor: Actor, batch: Experience) -> torch.Tensor:
 def _mismatched_experience(model, tokenizer) -> Experience:
     """An experience whose sampler log-probs differ from the recomputed ones, with an outlier in row 1."""
     batch = _experience(model, tokenizer)
-    Actor(model, load_config(None, ["actor.bf16_autocast=false"])).compute_old_log_probs(batch)
+    Actor(model, actor_settings(["actor.bf16_autocast=false"])).compute_old_log_probs(batch)
     noise = 0.1 * torch.randn(batch.old_log_prob.shape, generator=torch.Generator().manual_seed(3))
     batch.sampler_log_prob = batch.old_log_prob + noise
     batch.sampler_log_prob[1, 0] -= 3.0  # π_old/π_sampler = e^3 on one token
@@ -603,7 +607,7 @@ def test_rollout_correction_weights_and_rejects_before_any_loss():
         "actor.rollout_rs=seq_max_k3",
         "actor.rollout_rs_threshold=1.0",
     ]
-    actor = Actor(model, load_config(None, settings))
+    actor = Actor(model, actor_settings(settings))
     corrected, metrics = actor.correct_for_sampler(batch)
     assert torch.all(corrected.response_mask[1] == 0) and torch.equal(
         corrected.response_mask[2:], batch.response_mask[2:]
@@ -613,7 +617,7 @@ def test_rollout_correction_weights_and_rejects_before_any_loss():
     assert metrics["actor/rollout_rs_seq_masked_fraction"] == pytest.approx(1 / 8)
     grads = []
     for micro in (8, 3):
-        actor.config.actor.micro_batch_size = micro
+        actor.settings.actor.micro_batch_size = micro
         grads.append(_grad(actor, corrected)[0])
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-7)
     assert not torch.allclose(_grad(actor, batch)[0], grads[0])
@@ -623,8 +627,8 @@ def test_bypass_mode_takes_the_sampler_log_probs_as_pi_old():
     tokenizer = tiny_tokenizer()
     model = tiny_model("llama", tokenizer, seed=2)
     batch = _mismatched_experience(model, tokenizer)
-    bypass = Actor(model, load_config(None, ["actor.bf16_autocast=false", "actor.policy_loss=bypass_mode"]))
-    vanilla = Actor(model, load_config(None, ["actor.bf16_autocast=false", "actor.policy_loss=vanilla"]))
+    bypass = Actor(model, actor_settings(["actor.bf16_autocast=false", "actor.policy_loss=bypass_mode"]))
+    vanilla = Actor(model, actor_settings(["actor.bf16_autocast=false", "actor.policy_loss=vanilla"]))
     two_policies = Experience(**{**vars(batch), "old_log_prob": batch.sampler_log_prob})
     torch.testing.assert_close(_grad(bypass, batch)[0], _grad(vanilla, two_policies)[0])
     assert not torch.allclose(_grad(vanilla, batch)[0], _grad(vanilla, two_policies)[0])
@@ -665,7 +669,7 @@ def test_mini_batches_counted_in_responses_may_split_groups(monkeypatch):
 
     def updated_weights(*overrides: str) -> tuple[torch.Tensor, list[list[int]]]:
         model = tiny_model("llama", tokenizer, seed=1)
-        actor = Actor(model, load_config(None, [*base, *overrides]))
+        actor = Actor(model, actor_settings([*base, *overrides]))
         batch = _experience(model, tokenizer)
         batch.advantages = torch.arange(8.0)  # tags each row, to see which rows each update takes
         actor.compute_old_log_probs(batch)

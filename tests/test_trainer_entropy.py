@@ -13,7 +13,7 @@ from cegppo.config import ConfigError, load_config
 from cegppo.losses import high_entropy_threshold, select_high_entropy
 from cegppo.runfiles import read_metrics
 from cegppo.trainer import Trainer
-from cegppo.trainer.actor import Actor
+from cegppo.trainer.actor import Actor, ActorSettings
 from cegppo.trainer.steering import AdaptiveEntropyCoefficient
 from test_trainer import _experience, one_step, run_dir_of, short_reward  # noqa: F401  (short_reward: a fixture)
 
@@ -22,7 +22,7 @@ def make_actor(*overrides: str, seed: int = 1) -> tuple[Actor, object]:
     tokenizer = tiny_tokenizer()
     model = tiny_model("llama", tokenizer, seed=seed)
     config = load_config(None, ["actor.bf16_autocast=false", "actor.lr=0.05", *overrides])
-    return Actor(model, config), _experience(model, tokenizer)
+    return Actor(model, ActorSettings.from_config(config)), _experience(model, tokenizer)
 
 
 def test_adaptive_coefficient_follows_the_skywork_rule_as_trl_applies_it():
@@ -82,7 +82,7 @@ def test_micro_batch_splitting_never_changes_the_gradient(overrides):
 
     grads, metrics = [], []
     for micro in (8, 3, 1):
-        actor.config.actor.micro_batch_size = micro
+        actor.settings.actor.micro_batch_size = micro
         actor.optimizer.zero_grad()
         micro_metrics, _, finite = actor.accumulate_gradients(batch)
         assert finite
@@ -93,7 +93,7 @@ def test_micro_batch_splitting_never_changes_the_gradient(overrides):
     for key in ("actor/erc_clipfrac", "actor/top_entropy_kept_frac", "actor/entropy", "actor/entropy_coeff"):
         if key in metrics[0]:
             assert metrics[1][key] == pytest.approx(metrics[0][key]) == pytest.approx(metrics[2][key])
-    if "erc" in actor.config.actor.policy_loss:
+    if "erc" in actor.settings.actor.policy_loss:
         assert 0 < metrics[0]["actor/erc_clipfrac"] < 1
 
 

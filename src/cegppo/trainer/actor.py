@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, get_constant_schedule_with_warmup
 
-from cegppo.config import Config
+from cegppo.config import ActorConfig, Config
 from cegppo.dynamics import QuadrantTotals, quadrant_totals
 from cegppo.losses import (
     PolicyLossConfig,
@@ -83,16 +83,44 @@ class Experience:
         )
 
 
+@dataclass(frozen=True)
+class ActorSettings:
+    """What the update reads from a run's :class:`~cegppo.config.Config`: the ``actor`` section, its loss settings,
+    and the few values of other sections that the log-probs and metrics depend on."""
+
+    actor: ActorConfig
+    loss: PolicyLossConfig  # the actor's loss settings, validated (Config.policy_loss_config)
+    temperature: float  # rollout.temperature: log-probs are the sampler's, at its temperature
+    responses_per_prompt: int  # rollout.n: a prompt is shared only by a group of more than one response
+    tis_cap: float | None  # rollout.tis_cap
+    fused_logprobs: bool  # model.fused_logprobs
+    logprob_chunk_size: int  # model.logprob_chunk_size
+    prob_threshold: float  # analysis.prob_threshold: HP vs LP tokens in the quadrant metrics
+
+    @classmethod
+    def from_config(cls, config: Config) -> ActorSettings:
+        return cls(
+            actor=config.actor,
+            loss=config.policy_loss_config(),
+            temperature=config.rollout.temperature,
+            responses_per_prompt=config.rollout.n,
+            tis_cap=config.rollout.tis_cap,
+            fused_logprobs=config.model.fused_logprobs,
+            logprob_chunk_size=config.model.logprob_chunk_size,
+            prob_threshold=config.analysis.prob_threshold,
+        )
+
+
 class Actor:
     """Owns the policy's optimiser and scheduler and performs the clipped policy-gradient update."""
 
     def __init__(
-        self, model: PreTrainedModel, config: Config, ref_model: PreTrainedModel | None = None
+        self, model: PreTrainedModel, settings: ActorSettings, ref_model: PreTrainedModel | None = None
     ) -> None:
         self.model = model
-        self.config = config
+        self.settings = settings
         self.device = next(model.parameters()).device
-        actor = config.actor
+        actor = settings.actor
         self.optimizer = torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad],
             lr=actor.lr,
@@ -106,7 +134,8 @@ class Actor:
         self.token_selector = get_token_selector(actor.policy_loss)
         self.loss_needs_entropy = policy_loss_needs_entropy(actor.policy_loss)
         self.entropy_coefficient = AdaptiveEntropyCoefficient(actor)
-        self.loss_config = config.policy_loss_config()
+        # The loss settings in force; the trainer replaces β1/β2 here each step (schedules, entropy control).
+        self.loss_config = settings.loss
         # bypass_mode: the sampler's log-probs are π_old (verl's two-policy mode).
         self.bypass = actor.policy_loss == "bypass_mode"
         # The KL reference: the given frozen model, else the policy as training starts.
@@ -114,10 +143,12 @@ class Actor:
         if actor.use_kl_loss:
             self.ref_model = (ref_model or copy.deepcopy(model)).eval().requires_grad_(False)
         self.skipped_updates = 0
-        self.share_prompt = actor.share_prompt and config.rollout.n > 1
+        self.share_prompt = actor.share_prompt and settings.responses_per_prompt > 1
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.actor.bf16_autocast)
+        return torch.autocast(
+            self.device.type, dtype=torch.bfloat16, enabled=self.settings.actor.bf16_autocast
+        )
 
     def token_log_probs(
         self, model: PreTrainedModel, batch: Experience, *, with_entropy: bool
@@ -129,9 +160,9 @@ class Actor:
                 batch.input_ids,
                 batch.attention_mask,
                 batch.response_len,
-                temperature=self.config.rollout.temperature,
-                fused=self.config.model.fused_logprobs,
-                chunk_size=self.config.model.logprob_chunk_size,
+                temperature=self.settings.temperature,
+                fused=self.settings.fused_logprobs,
+                chunk_size=self.settings.logprob_chunk_size,
                 with_entropy=with_entropy,
                 share_prompt=self.share_prompt,
             )
@@ -144,7 +175,7 @@ class Actor:
         correction, Clip-Cov/KL-Cov's token selection, the high-entropy token selection or a loss that reads
         π_old's entropy: they need π_old of the whole (mini-)batch before its forward pass.
         """
-        actor = self.config.actor
+        actor = self.settings.actor
         needs_old_first = (
             self.token_selector is not None
             or (not self.bypass and correction_enabled(self.loss_config))
@@ -155,7 +186,7 @@ class Actor:
 
     def mini_batch_rows(self, group_size: int) -> int:
         """Responses per optimiser update: ``ppo_mini_batch_responses``, else ``ppo_mini_batch_size`` groups."""
-        actor = self.config.actor
+        actor = self.settings.actor
         return actor.ppo_mini_batch_responses or actor.ppo_mini_batch_size * group_size
 
     @torch.no_grad()
@@ -191,7 +222,7 @@ class Actor:
         """Truncated importance weights min(π_old/π_sampler, cap) per token, or None when not configured."""
         if batch.rollout_is_weights is not None:
             return batch.rollout_is_weights
-        cap = self.config.rollout.tis_cap
+        cap = self.settings.tis_cap
         if cap is None or batch.sampler_log_prob is None or batch.old_log_prob is None:
             return None
         log_ratio = (batch.old_log_prob - batch.sampler_log_prob).clamp(max=math.log(cap))
@@ -222,7 +253,7 @@ class Actor:
                 "(actor.ppo_epochs > 1 or more than one mini-batch)"
             )
         batch, correction_metrics = self.correct_for_sampler(batch)
-        actor = self.config.actor
+        actor = self.settings.actor
         self.model.train()
         totals: dict[str, float] = defaultdict(float)
         weights: dict[str, float] = defaultdict(float)
@@ -246,7 +277,7 @@ class Actor:
         result = {key: totals[key] / weights[key] for key in totals} | correction_metrics
         if quadrants is not None:
             result.update(quadrants.metrics())
-        if self.config.actor.use_adaptive_entropy:
+        if self.settings.actor.use_adaptive_entropy:
             result["actor/adaptive_entropy_coeff"] = self.entropy_coefficient.coeff  # for the next step
         result["actor/lr"] = self.scheduler.get_last_lr()[0]
         result["actor/num_updates"] = float(updates)
@@ -260,7 +291,7 @@ class Actor:
         grad_norm = float("nan")
         if finite:
             grad_norm = torch.nn.utils.clip_grad_norm_(
-                self.model.parameters(), self.config.actor.grad_clip
+                self.model.parameters(), self.settings.actor.grad_clip
             ).item()
         else:  # sums over the micro-batches before the non-finite one would skew the step's means
             metrics, quadrants = {}, None
@@ -285,7 +316,7 @@ class Actor:
         incomplete: skip the step). Without ``mini.old_log_prob`` (on-policy), π_old is each micro-batch's
         log-prob under a stop-gradient, and ``mini.old_log_prob``/``old_entropy`` are filled once complete.
         """
-        actor = self.config.actor
+        actor = self.settings.actor
         num_tokens = int(mini.response_mask.sum().item())
         num_seqs = int((mini.response_mask.sum(-1) > 0).sum().item())
         loss_config = self.loss_config.with_batch_info(
@@ -348,7 +379,7 @@ class Actor:
                 loss_grad,
                 micro.advantages.unsqueeze(1).expand_as(log_prob),
                 micro.response_mask,
-                prob_threshold=self.config.analysis.prob_threshold,
+                prob_threshold=self.settings.prob_threshold,
                 clip_ratio_low=loss_config.clip_ratio_low,
                 clip_ratio_high=loss_config.clip_ratio_high,
             )
@@ -421,7 +452,7 @@ class Actor:
         π_old's entropy over the whole mini-batch sets the threshold, so which tokens are trained does not depend
         on ``micro_batch_size``. Without the selection every token is trained on.
         """
-        quantile = self.config.actor.top_entropy_quantile
+        quantile = self.settings.actor.top_entropy_quantile
         if quantile >= 1:
             return None, loss_config.global_batch_info, {}
         threshold = high_entropy_threshold(mini.old_entropy, mini.response_mask, quantile)
@@ -438,6 +469,6 @@ class Actor:
         return threshold, counts, metrics
 
     def _micro_batches(self, batch: Experience) -> Iterator[Experience]:
-        size = self.config.actor.micro_batch_size
+        size = self.settings.actor.micro_batch_size
         for start in range(0, len(batch), size):
             yield batch.select(slice(start, start + size))

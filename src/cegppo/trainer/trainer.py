@@ -37,7 +37,7 @@ from cegppo.models import disable_dropout, load_model_and_tokenizer
 from cegppo.rewards import RewardErrorGuard, RewardFailure, RewardResult, RewardScorer, overlong_penalty
 from cegppo.rollout import SamplingParams, build_rollout_engine
 from cegppo.runfiles import CONFIG_FILE, SUMMARY_FILE
-from cegppo.trainer.actor import Actor, Experience
+from cegppo.trainer.actor import Actor, ActorSettings, Experience
 from cegppo.trainer.checkpoint import (
     MODEL_DIR,
     latest_checkpoint,
@@ -125,7 +125,7 @@ class Trainer:
         ref_model = None
         if config.actor.use_kl_loss and checkpoint is not None:  # the reference is the starting policy
             ref_model = disable_dropout(load_model_and_tokenizer(config.model.path)[0]).to(device)
-        self.actor = Actor(self.model, config, ref_model=ref_model)
+        self.actor = Actor(self.model, ActorSettings.from_config(config), ref_model=ref_model)
         engine_options: dict[str, Any] = {
             "batch_size": config.rollout.batch_size,
             "autocast_dtype": torch.bfloat16 if config.actor.bf16_autocast else None,
