@@ -4,6 +4,7 @@ prompt copy per row, with each prompt run once. The plain path is the reference 
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -234,7 +235,7 @@ def test_actor_update_with_shared_prompts_matches_the_plain_update(micro):
         assert (s - p).norm() <= 1e-5 * (p - b).norm() + 1e-12
 
 
-# -- on-policy: no separate old-log-prob pass -----------------------------------------------------------
+# -- on-policy and bypass_mode: no separate old-log-prob pass -----------------------------------------------------------
 
 
 def count_policy_passes(actor: Actor) -> list[bool]:
@@ -259,8 +260,8 @@ def test_on_policy_update_takes_old_log_probs_from_its_own_forward():
         actor = Actor(model, actor_settings(True, "actor.micro_batch_size=3"))
         calls = count_policy_passes(actor)
         batch = experience(vocab=len(tokenizer))
-        assert actor.on_policy(len(batch), group_size=3)
-        actor.compute_old_log_probs(batch, on_policy=skip)
+        assert actor.old_from_update(len(batch), group_size=3)
+        actor.compute_old_log_probs(batch, reference_only=skip)
         assert (batch.old_log_prob is None) is skip
         metrics = actor.update(batch, group_size=3)
         assert calls == [False] * 3 * (not skip) + [True] * 3  # 3 micro-batches of one group
@@ -277,17 +278,19 @@ def test_on_policy_update_takes_old_log_probs_from_its_own_forward():
 def test_off_policy_update_needs_the_old_log_prob_pass():
     tokenizer = tiny_tokenizer()
     # Clip-Cov selection and rollout correction read π_old of the whole (mini-)batch before the forward pass
+    # (bypass_mode too, when the high-entropy selection needs π_old's entropies of the whole mini-batch)
     extras = (
-        "actor.ppo_epochs=2",
-        "actor.ppo_mini_batch_size=1",
-        "actor.policy_loss=clip_cov",
-        "actor.rollout_is=token",
-        "actor.top_entropy_quantile=0.2",
+        ["actor.ppo_epochs=2"],
+        ["actor.ppo_mini_batch_size=1"],
+        ["actor.policy_loss=clip_cov"],
+        ["actor.rollout_is=token"],
+        ["actor.top_entropy_quantile=0.2"],
+        ["actor.policy_loss=bypass_mode", "actor.top_entropy_quantile=0.2"],
     )
     for extra in extras:
-        actor = Actor(tiny_model("llama", tokenizer), actor_settings(True, extra))
+        actor = Actor(tiny_model("llama", tokenizer), actor_settings(True, *extra))
         batch = experience(vocab=len(tokenizer))
-        assert not actor.on_policy(len(batch), group_size=3)
+        assert not actor.old_from_update(len(batch), group_size=3)
         with pytest.raises(ValueError, match="compute_old_log_probs must run"):
             actor.update(batch, group_size=3)
 
@@ -300,6 +303,67 @@ def test_a_skipped_on_policy_step_still_reports_old_log_probs(monkeypatch):
     metrics = actor.update(batch, group_size=3)
     assert metrics["actor/skipped_updates"] == 1
     assert batch.old_log_prob is not None and batch.old_entropy is not None
+
+
+def with_sampler_log_probs(batch: Experience, actor: Actor) -> Experience:
+    """``batch`` with sampler log-probs a little off the policy's, as another engine's would be."""
+    with torch.no_grad():
+        log_prob = actor.token_log_probs(actor.model, batch, with_entropy=False)[0]
+    noise = 0.05 * torch.randn(log_prob.shape, generator=torch.Generator().manual_seed(7))
+    batch.sampler_log_prob = (log_prob + noise).detach()
+    return batch
+
+
+@pytest.mark.parametrize("kl", [False, True], ids=["no-kl", "kl"])
+def test_bypass_mode_takes_old_log_probs_from_the_update_over_several_steps(kl):
+    """bypass_mode's π_old is the sampler's: with three mini-batches and two epochs the update runs no
+    no-grad policy pass, takes the same steps, logs the same metrics, and reports each mini-batch's log-probs
+    and entropies at the weights it was first trained with."""
+    tokenizer = tiny_tokenizer()
+    base = tiny_model("llama", tokenizer, seed=4)
+    reference = tiny_model("llama", tokenizer, seed=5)
+    extra = ["actor.policy_loss=bypass_mode", "actor.micro_batch_size=3", "actor.ppo_mini_batch_size=1"]
+    extra += ["actor.ppo_epochs=2", "actor.lr=0.02", f"actor.use_kl_loss={kl}"]
+    results = []
+    for skip in (False, True):
+        model = copy.deepcopy(base)
+        actor = Actor(model, actor_settings(True, *extra), ref_model=reference)
+        batch = with_sampler_log_probs(experience(vocab=len(tokenizer)), actor)
+        log_probs, step = actor.token_log_probs, actor._update_mini_batch
+        calls = count_policy_passes(actor)
+        at_first_visit: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def recording(mini, step=step, log_probs=log_probs, model=model, seen=at_first_visit):
+            if len(seen) < 3:  # the first epoch: each mini-batch at the weights the update reaches it with
+                with torch.no_grad():
+                    seen.append(log_probs(model, mini, with_entropy=True))
+            return step(mini)
+
+        actor._update_mini_batch = recording
+        assert actor.old_from_update(len(batch), group_size=3)
+        actor.compute_old_log_probs(batch, reference_only=skip)
+        assert (batch.ref_log_prob is not None) is kl
+        metrics = actor.update(batch, group_size=3)
+        passes = calls[: calls.index(True)]  # before the update's first forward with gradients
+        assert passes == [False] * 3 * (not skip)  # 3 micro-batches of one group each
+        assert calls.count(True) == 6  # 3 mini-batches x 2 epochs, one micro-batch each
+        results.append((batch, metrics, [p.detach() for p in model.parameters()], at_first_visit))
+    (passed, passed_metrics, passed_weights, _), (skipped, skipped_metrics, skipped_weights, seen) = results
+    for s, p in zip(skipped_weights, passed_weights, strict=True):
+        torch.testing.assert_close(s, p, rtol=1e-6, atol=1e-7)
+    assert skipped_metrics.keys() == passed_metrics.keys()
+    for key, value in passed_metrics.items():
+        assert skipped_metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+    assert skipped_metrics["quadrant/PA&LP/frac"] > 0 and passed_metrics["actor/num_updates"] == 6
+    real = passed.response_mask.bool()
+    expected_log_prob = torch.cat([log_prob for log_prob, _ in seen])
+    expected_entropy = torch.cat([entropy for _, entropy in seen])
+    torch.testing.assert_close(skipped.old_log_prob[real], expected_log_prob[real], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(skipped.old_entropy[real], expected_entropy[real], rtol=1e-6, atol=1e-6)
+    first = real[:3]  # the first mini-batch is trained at π_old itself: the pass's values
+    torch.testing.assert_close(skipped.old_log_prob[:3][first], passed.old_log_prob[:3][first])
+    torch.testing.assert_close(skipped.old_entropy[:3][first], passed.old_entropy[:3][first])
+    assert not torch.allclose(skipped.old_log_prob[3:][real[3:]], passed.old_log_prob[3:][real[3:]])
 
 
 # -- generation -----------------------------------------------------------------------------------------
@@ -386,3 +450,20 @@ def test_a_trainer_step_is_the_same_with_and_without_sharing(tiny_model_dir, tmp
     for key, value in plain.items():
         if not key.startswith(("timing/", "perf/")):
             assert shared[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+
+
+def test_a_bypass_mode_trainer_step_runs_no_old_log_prob_pass(tiny_model_dir, tmp_path):
+    from cegppo.trainer import Trainer
+
+    overrides = tiny_overrides(
+        tiny_model_dir, tmp_path, **{"data.heldout": "null", "actor.policy_loss": "bypass_mode"}
+    )  # two mini-batches of two groups
+    trainer = Trainer(load_config(None, overrides), tmp_path / "run")
+    calls = count_policy_passes(trainer.actor)
+    metrics = trainer.step()
+    trainer.close()
+    assert calls == [True] * 4  # 16 rows in micro-batches of 4, each trained once
+    assert metrics["actor/num_updates"] == 2
+    # from the update's forward passes: the entropies and the trainer/sampler gap (the HF engine's is ~0)
+    assert 0 < metrics["entropy/mean"] < math.log(trainer.model.config.vocab_size)
+    assert 0 <= metrics["rollout/logprob_diff"] < 0.1

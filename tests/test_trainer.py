@@ -634,6 +634,23 @@ def test_bypass_mode_takes_the_sampler_log_probs_as_pi_old():
     assert not torch.allclose(_grad(vanilla, batch)[0], _grad(vanilla, two_policies)[0])
 
 
+def test_bypass_mode_quadrants_clip_against_the_sampler_as_its_loss_does():
+    tokenizer = tiny_tokenizer()
+    model = tiny_model("llama", tokenizer, seed=2)
+    batch = _mismatched_experience(model, tokenizer)  # π_old recomputed, and sampler log-probs ~0.1 off it
+    clip = ["actor.clip_ratio_low=0.05", "actor.clip_ratio_high=0.05"]
+    actor = Actor(
+        model, actor_settings(["actor.bf16_autocast=false", "actor.policy_loss=bypass_mode", *clip])
+    )
+    _, metrics = _grad(actor, batch)
+    _, quadrants, _ = actor.accumulate_gradients(batch)
+    clipped = quadrants.clipped.sum().item() / quadrants.total_tokens
+    assert metrics["actor/pg_clipfrac_low"] + metrics["actor/pg_clipfrac_high"] > 0.2
+    assert clipped == pytest.approx(metrics["actor/pg_clipfrac_low"] + metrics["actor/pg_clipfrac_high"])
+    high_prob = (batch.sampler_log_prob.exp() >= 0.5) & (batch.response_mask > 0)
+    assert quadrants.tokens[[0, 2]].sum().item() == high_prob.sum().item()  # HP by the sampler's π_old
+
+
 @pytest.mark.parametrize(
     ("settings", "metric"),
     [

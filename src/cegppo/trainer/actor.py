@@ -46,7 +46,8 @@ class Experience:
     """What the update needs about each sampled response, one row per response.
 
     ``advantages`` is per response ([N]); ``old_log_prob`` and ``old_entropy`` are filled by
-    :meth:`Actor.compute_old_log_probs`, or on-policy by :meth:`Actor.update` from its own forward pass.
+    :meth:`Actor.compute_old_log_probs`, or by :meth:`Actor.update` from its own forward passes
+    (on-policy and in ``bypass_mode``: :meth:`Actor.old_from_update`).
     """
 
     input_ids: torch.Tensor  # [N, P+R], prompt left-padded, response right-padded
@@ -167,13 +168,20 @@ class Actor:
                 share_prompt=self.share_prompt,
             )
 
-    def on_policy(self, num_rows: int, group_size: int) -> bool:
-        """Whether the update of ``num_rows`` rows is one optimiser step (one epoch, one mini-batch).
+    def old_from_update(self, num_rows: int, group_size: int) -> bool:
+        """Whether the update of ``num_rows`` rows takes π_old's log-probs and entropies from its own forward
+        passes, so that :meth:`compute_old_log_probs` has only the reference's to compute.
 
-        π_old is then the policy itself under a stop-gradient (as in verl's actor), which the update's own
-        forward pass gives, so the separate old-log-prob pass would compute nothing new. Not with rollout
-        correction, Clip-Cov/KL-Cov's token selection, the high-entropy token selection or a loss that reads
-        π_old's entropy: they need π_old of the whole (mini-)batch before its forward pass.
+        - On-policy, one optimiser step (one epoch, one mini-batch): π_old is the policy itself under a
+          stop-gradient (as in verl's actor), so the separate pass would compute nothing new.
+        - ``bypass_mode``, any number of steps: its π_old is the sampler's (verl runs no recomputation pass in
+          this mode either). ``old_log_prob``/``old_entropy`` then feed only metrics (the quadrants take the
+          sampler's, as the loss does): each mini-batch's come from its first forward pass, at the weights the
+          update reaches it with, which are π_old's for the first mini-batch and a step or more on after it.
+
+        Not with rollout correction outside ``bypass_mode``, Clip-Cov/KL-Cov's token selection, the
+        high-entropy token selection or a loss that reads π_old's entropy: they need π_old of the whole
+        (mini-)batch before its forward pass.
         """
         actor = self.settings.actor
         needs_old_first = (
@@ -182,7 +190,8 @@ class Actor:
             or actor.top_entropy_quantile < 1
             or self.loss_needs_entropy
         )
-        return not needs_old_first and actor.ppo_epochs == 1 and num_rows <= self.mini_batch_rows(group_size)
+        one_step = actor.ppo_epochs == 1 and num_rows <= self.mini_batch_rows(group_size)
+        return not needs_old_first and (self.bypass or one_step)
 
     def mini_batch_rows(self, group_size: int) -> int:
         """Responses per optimiser update: ``ppo_mini_batch_responses``, else ``ppo_mini_batch_size`` groups."""
@@ -190,20 +199,23 @@ class Actor:
         return actor.ppo_mini_batch_responses or actor.ppo_mini_batch_size * group_size
 
     @torch.no_grad()
-    def compute_old_log_probs(self, batch: Experience, *, on_policy: bool = False) -> torch.Tensor | None:
+    def compute_old_log_probs(
+        self, batch: Experience, *, reference_only: bool = False
+    ) -> torch.Tensor | None:
         """Fill ``batch.old_log_prob``, ``old_entropy`` (and ``ref_log_prob``) with the current weights; return
         the entropy.
 
         The sampler's own log-probs differ numerically from a training forward pass (other kernels,
         KV cache, autocast), so the ratio is taken against this recomputation: on-policy it is exactly 1.
-        ``on_policy``: only the reference log-probs; :meth:`update` takes π_old from its own forward.
+        ``reference_only``: only the reference log-probs; :meth:`update` takes π_old from its own forward
+        passes (:meth:`old_from_update`).
         """
-        if on_policy and self.ref_model is None:
+        if reference_only and self.ref_model is None:
             return
         self.model.eval()
         log_probs, entropies, ref_log_probs = [], [], []
         for micro in self._micro_batches(batch):
-            if not on_policy:
+            if not reference_only:
                 log_prob, entropy = self.token_log_probs(self.model, micro, with_entropy=True)
                 log_probs.append(log_prob.float())
                 entropies.append(entropy.float())
@@ -212,7 +224,7 @@ class Actor:
                     self.token_log_probs(self.ref_model, micro, with_entropy=False)[0].float()
                 )
         self.model.train()
-        if not on_policy:
+        if not reference_only:
             batch.old_log_prob, batch.old_entropy = torch.cat(log_probs), torch.cat(entropies)
         if self.ref_model is not None:
             batch.ref_log_prob = torch.cat(ref_log_probs)
@@ -243,14 +255,14 @@ class Actor:
     def update(self, batch: Experience, group_size: int) -> dict[str, float]:
         """``ppo_epochs`` passes over mini-batches of :meth:`mini_batch_rows` responses; one optimiser step each.
 
-        Without ``batch.old_log_prob`` the update must be on-policy (:meth:`on_policy`); it then fills
-        ``old_log_prob`` and ``old_entropy`` from its forward pass at the weights before its step.
+        Without ``batch.old_log_prob`` the update must take π_old from its own forward passes
+        (:meth:`old_from_update`); it then fills ``old_log_prob`` and ``old_entropy`` from each mini-batch's
+        first forward pass.
         """
-        on_policy = batch.old_log_prob is None
-        if on_policy and not self.on_policy(len(batch), group_size):
+        if batch.old_log_prob is None and not self.old_from_update(len(batch), group_size):
             raise ValueError(
-                "compute_old_log_probs must run before an update of more than one optimiser step "
-                "(actor.ppo_epochs > 1 or more than one mini-batch)"
+                "compute_old_log_probs must run before this update: it reads π_old before its forward passes "
+                "or takes more than one optimiser step (actor.ppo_epochs > 1 or more than one mini-batch)"
             )
         batch, correction_metrics = self.correct_for_sampler(batch)
         actor = self.settings.actor
@@ -261,19 +273,19 @@ class Actor:
         mini_rows = self.mini_batch_rows(group_size)
         updates = 0
         for _ in range(actor.ppo_epochs):
+            minis = []
             for start in range(0, len(batch), mini_rows):
                 mini = batch.select(slice(start, start + mini_rows))
                 metrics, mini_quadrants = self._update_mini_batch(mini)
-                if on_policy:
-                    batch.old_log_prob, batch.old_entropy = mini.old_log_prob, mini.old_entropy
+                minis.append(mini)
                 if mini_quadrants is not None:
                     quadrants = mini_quadrants if quadrants is None else quadrants + mini_quadrants
                 updates += 1
                 for key, value in metrics.items():
                     totals[key] += value
                     weights[key] += 1
-        if batch.old_log_prob is None:  # the step stopped at a non-finite loss, so the weights are π_old
-            self.compute_old_log_probs(batch)
+            if batch.old_log_prob is None:  # the first epoch's forward passes were π_old's
+                self._take_old_log_probs(batch, minis)
         result = {key: totals[key] / weights[key] for key in totals} | correction_metrics
         if quadrants is not None:
             result.update(quadrants.metrics())
@@ -283,6 +295,15 @@ class Actor:
         result["actor/num_updates"] = float(updates)
         result["actor/skipped_updates"] = float(self.skipped_updates)
         return result
+
+    def _take_old_log_probs(self, batch: Experience, minis: list[Experience]) -> None:
+        """Fill ``batch``'s π_old from its mini-batches' forward passes; a mini-batch whose step a non-finite
+        value stopped has none, and gets a pass at the weights that step left unchanged."""
+        for mini in minis:
+            if mini.old_log_prob is None:
+                self.compute_old_log_probs(mini)
+        batch.old_log_prob = torch.cat([mini.old_log_prob for mini in minis])
+        batch.old_entropy = torch.cat([mini.old_entropy for mini in minis])
 
     def _update_mini_batch(self, mini: Experience) -> tuple[dict[str, float], QuadrantTotals | None]:
         """Accumulate the mini-batch gradient, clip it, and take one optimiser step (skipped if non-finite)."""
@@ -313,8 +334,9 @@ class Actor:
         Every micro-batch loss is normalised by the *mini-batch's* token and sequence counts, so the
         accumulated gradient is the mini-batch gradient whatever ``micro_batch_size`` is. Returns the
         metrics, the token-quadrant totals, and whether everything was finite (if not, the gradients are
-        incomplete: skip the step). Without ``mini.old_log_prob`` (on-policy), π_old is each micro-batch's
-        log-prob under a stop-gradient, and ``mini.old_log_prob``/``old_entropy`` are filled once complete.
+        incomplete: skip the step). Without ``mini.old_log_prob`` (:meth:`old_from_update`), π_old is each
+        micro-batch's log-prob under a stop-gradient, and ``mini.old_log_prob``/``old_entropy`` are filled once
+        complete.
         """
         actor = self.settings.actor
         num_tokens = int(mini.response_mask.sum().item())
@@ -332,7 +354,7 @@ class Actor:
             raise ValueError("compute_old_log_probs must run before update: old_entropy is missing")
         threshold, trained_agg, selection_metrics = self._high_entropy_selection(mini, loss_config)
         entropy_sum = 0.0
-        on_policy = mini.old_log_prob is None
+        fill_old = mini.old_log_prob is None
         if self.token_selector is not None:
             mini = self._select_tokens(mini, loss_config)
             if mini.token_selection is None:
@@ -343,14 +365,14 @@ class Actor:
         micros = []
         for micro in self._micro_batches(mini):
             share = micro.response_mask.sum().item() / max(num_tokens, 1)
-            log_prob, entropy = self.token_log_probs(
-                self.model, micro, with_entropy=want_entropy or on_policy
-            )
+            log_prob, entropy = self.token_log_probs(self.model, micro, with_entropy=want_entropy or fill_old)
             if not torch.isfinite(log_prob).all():
                 return dict(metrics), quadrants, False
-            if on_policy:
+            if fill_old:
                 micro.old_log_prob, micro.old_entropy = log_prob.detach().float(), entropy.detach().float()
                 micros.append(micro)
+            # The π_old the loss's ratio is taken against, and so the quadrants' clip boundaries.
+            pi_old = micro.sampler_log_prob if self.bypass else micro.old_log_prob
             trained_mask, weights = micro.response_mask, self.rollout_is_weights(micro)
             if select:
                 trained_mask = select_high_entropy(micro.old_entropy, micro.response_mask, threshold).float()
@@ -361,7 +383,7 @@ class Actor:
                 {"entropy": entropy, "old_entropy": micro.old_entropy} if self.loss_needs_entropy else {}
             )
             pg_loss, pg_metrics = self.loss_fn(
-                old_log_prob=micro.sampler_log_prob if self.bypass else micro.old_log_prob,
+                old_log_prob=pi_old,
                 log_prob=log_prob,
                 advantages=micro.advantages.unsqueeze(1).expand_as(log_prob),
                 response_mask=micro.response_mask,
@@ -374,7 +396,7 @@ class Actor:
             # share of the update in the entropy quadrants, through the loss ops only, not the model.
             (loss_grad,) = torch.autograd.grad(pg_loss, log_prob, retain_graph=True)
             micro_quadrants = quadrant_totals(
-                micro.old_log_prob,
+                pi_old,
                 log_prob,
                 loss_grad,
                 micro.advantages.unsqueeze(1).expand_as(log_prob),
@@ -416,7 +438,7 @@ class Actor:
         if bonus.enabled:
             metrics["actor/entropy_coeff"] = entropy_coeff
         metrics.update(selection_metrics)
-        if on_policy:
+        if fill_old:
             mini.old_log_prob = torch.cat([micro.old_log_prob for micro in micros])
             mini.old_entropy = torch.cat([micro.old_entropy for micro in micros])
         return dict(metrics), quadrants, True

@@ -217,14 +217,15 @@ class Trainer:
         experience = experience.to(self.actor.device)
 
         # 4. Update: old log-probs with the current weights, then the clipped policy-gradient epochs. One
-        #    optimiser step over every row is on-policy: the update's own forward pass then gives π_old.
+        #    optimiser step over every row is on-policy, and bypass_mode's π_old is the sampler's: the update's
+        #    own forward passes then give the old log-probs the metrics read.
         beta1, beta2 = self.steering.betas(self.step_count + 1)
         self.actor.loss_config = dataclasses.replace(self.actor.loss_config, beta1=beta1, beta2=beta2)
         update_metrics: dict[str, float] = {}
         if len(experience):
             with _timed(timings, "old_logprob"):
                 self.actor.compute_old_log_probs(
-                    experience, on_policy=self.actor.on_policy(len(experience), n)
+                    experience, reference_only=self.actor.old_from_update(len(experience), n)
                 )
             with _timed(timings, "update"):
                 update_metrics = self.actor.update(experience, group_size=n)
