@@ -366,6 +366,32 @@ def test_bypass_mode_takes_old_log_probs_from_the_update_over_several_steps(kl):
     assert not torch.allclose(skipped.old_log_prob[3:][real[3:]], passed.old_log_prob[3:][real[3:]])
 
 
+def test_a_bypass_update_with_a_skipped_step_reports_the_log_probs_each_step_met(monkeypatch):
+    tokenizer = tiny_tokenizer()
+    extra = ("actor.policy_loss=bypass_mode", "actor.ppo_mini_batch_size=1", "actor.lr=0.02")
+    actor = Actor(tiny_model("llama", tokenizer, seed=4), actor_settings(True, *extra))
+    batch = with_sampler_log_probs(experience(vocab=len(tokenizer)), actor)
+    step, loss_fn, met, losses = actor._update_mini_batch, actor.loss_fn, [], []
+
+    def recording(mini):
+        with torch.no_grad():
+            met.append(actor.token_log_probs(actor.model, mini, with_entropy=False)[0])
+        return step(mini)
+
+    def nan_in_the_second_mini_batch(**kwargs):  # one micro-batch per mini-batch
+        loss, metrics = loss_fn(**kwargs)
+        losses.append(loss)
+        return (loss * float("nan"), metrics) if len(losses) == 2 else (loss, metrics)
+
+    monkeypatch.setattr(actor, "_update_mini_batch", recording)
+    monkeypatch.setattr(actor, "loss_fn", nan_in_the_second_mini_batch)
+    metrics = actor.update(batch, group_size=3)
+    assert metrics["actor/skipped_updates"] == 1 and metrics["actor/num_updates"] == 3
+    real = batch.response_mask.bool()
+    torch.testing.assert_close(batch.old_log_prob[real], torch.cat(met)[real], rtol=1e-6, atol=1e-6)
+    assert batch.old_entropy is not None
+
+
 # -- generation -----------------------------------------------------------------------------------------
 
 QUESTIONS = ["What is 1 + 2?", "What is 12 + 30? Think step by step, then answer.", "Hi", "What is 7 + 8?"]

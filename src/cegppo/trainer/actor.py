@@ -277,6 +277,8 @@ class Actor:
             for start in range(0, len(batch), mini_rows):
                 mini = batch.select(slice(start, start + mini_rows))
                 metrics, mini_quadrants = self._update_mini_batch(mini)
+                if mini.old_log_prob is None:  # a non-finite value stopped the step: the weights it met
+                    self.compute_old_log_probs(mini)
                 minis.append(mini)
                 if mini_quadrants is not None:
                     quadrants = mini_quadrants if quadrants is None else quadrants + mini_quadrants
@@ -284,8 +286,9 @@ class Actor:
                 for key, value in metrics.items():
                     totals[key] += value
                     weights[key] += 1
-            if batch.old_log_prob is None:  # the first epoch's forward passes were π_old's
-                self._take_old_log_probs(batch, minis)
+            if batch.old_log_prob is None:  # from the first epoch's forward passes (old_from_update)
+                batch.old_log_prob = torch.cat([mini.old_log_prob for mini in minis])
+                batch.old_entropy = torch.cat([mini.old_entropy for mini in minis])
         result = {key: totals[key] / weights[key] for key in totals} | correction_metrics
         if quadrants is not None:
             result.update(quadrants.metrics())
@@ -295,15 +298,6 @@ class Actor:
         result["actor/num_updates"] = float(updates)
         result["actor/skipped_updates"] = float(self.skipped_updates)
         return result
-
-    def _take_old_log_probs(self, batch: Experience, minis: list[Experience]) -> None:
-        """Fill ``batch``'s π_old from its mini-batches' forward passes; a mini-batch whose step a non-finite
-        value stopped has none, and gets a pass at the weights that step left unchanged."""
-        for mini in minis:
-            if mini.old_log_prob is None:
-                self.compute_old_log_probs(mini)
-        batch.old_log_prob = torch.cat([mini.old_log_prob for mini in minis])
-        batch.old_entropy = torch.cat([mini.old_entropy for mini in minis])
 
     def _update_mini_batch(self, mini: Experience) -> tuple[dict[str, float], QuadrantTotals | None]:
         """Accumulate the mini-batch gradient, clip it, and take one optimiser step (skipped if non-finite)."""
