@@ -1,14 +1,16 @@
-"""Seconds per RL step on the demo config with ``actor.share_prompt`` on and off, interleaved in one process.
+"""Seconds per RL step on the demo config, two variants interleaved in one process: ``actor.share_prompt`` on
+and off, or ``bypass_mode`` without and with the old-log-prob pass over the policy.
 
 Runs the embedded default (SmolLM2-135M-Instruct, 8 prompts x 8 samples, 32 new tokens, two updates a step)
 without the held-out evaluation. Each variant is its own trainer (own model, own RNG stream, same seed), and
 the variants take turns step by step (ABBA order), so load from other processes falls on both alike. Prints
 one JSON object per step (gen/score/old_logprob/update/step seconds, wall and this process's CPU time,
 tokens/s, the step's peak RSS above the RSS before it) and a summary with per-variant medians (steps after the
-first) and the ratios on/off. On a machine shared with other jobs, run with ``trainer.num_threads=1`` and read
+first) and the ratios on/off and bypass/bypass_pass. ``bypass_pass`` is ``bypass_mode`` as it ran before it
+took its metrics' old log-probs from the update: the recomputation pass forced on. On a machine shared with other jobs, run with ``trainer.num_threads=1`` and read
 the CPU-time ratios: they count the work done, which the other jobs' load does not change.
 
-    python benchmarks/bench_step.py [--steps 3] [--variants on,off] [key.sub=value ...]
+    python benchmarks/bench_step.py [--steps 3] [--variants on,off|bypass,bypass_pass] [key.sub=value ...]
 """
 
 from __future__ import annotations
@@ -30,7 +32,14 @@ from cegppo.config import load_config
 from cegppo.trainer import Trainer
 
 PHASES = ("gen", "score", "old_logprob", "update", "step")
-VARIANTS = {"on": ["actor.share_prompt=true"], "off": ["actor.share_prompt=false"]}
+VARIANTS = {
+    "on": ["actor.share_prompt=true"],
+    "off": ["actor.share_prompt=false"],
+    "bypass": ["actor.policy_loss=bypass_mode"],
+    "bypass_pass": ["actor.policy_loss=bypass_mode"],
+}
+FORCED_OLD_LOG_PROB_PASS = {"bypass_pass"}
+RATIOS = (("on", "off"), ("bypass", "bypass_pass"))
 
 
 @contextmanager
@@ -73,6 +82,8 @@ class Variant:
         )
         started = time.perf_counter()
         self.trainer = Trainer(config, Path(out) / f"bench-{name}")
+        if name in FORCED_OLD_LOG_PROB_PASS:
+            self.trainer.actor.old_from_update = lambda num_rows, group_size: False
         self.setup_s = time.perf_counter() - started
         self.rng = torch.get_rng_state()
         self.records: list[dict] = []
@@ -98,7 +109,7 @@ class Variant:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--variants", default="on,off", help="comma-separated subset of on,off")
+    parser.add_argument("--variants", default="on,off", help=f"comma-separated, of {','.join(VARIANTS)}")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     names = args.variants.split(",")
@@ -121,13 +132,14 @@ def main() -> None:
             "setup_s": round(variant.setup_s, 1),
             **{f"median_{key}": statistics.median(r[key] for r in later) for key in variant.records[0]},
         }
-    if {"on", "off"} <= set(names):
-        on, off = summary["on"], summary["off"]
-        summary["ratio_on_over_off"] = {
-            key.removeprefix("median_"): round(on[key] / off[key], 3)
-            for key in on
-            if key.startswith("median_") and off[key]
-        }
+    for top, bottom in RATIOS:
+        if {top, bottom} <= set(names):
+            a, b = summary[top], summary[bottom]
+            summary[f"ratio_{top}_over_{bottom}"] = {
+                key.removeprefix("median_"): round(a[key] / b[key], 3)
+                for key in a
+                if key.startswith("median_") and b[key]
+            }
     summary["torch_threads"] = torch.get_num_threads()
     summary["machine"] = f"{platform.machine()} {platform.processor() or ''}".strip()
     summary["overrides"] = args.overrides
