@@ -107,6 +107,15 @@ def test_bad_overrides_name_the_key(override, message):
         load_config(None, [override])
 
 
+@pytest.mark.parametrize("override", ["rollout.tis_cap=2", "actor.top_entropy_quantile=0.2"])
+def test_bypass_mode_rejects_the_token_weights_its_loss_would_ignore(override):
+    load_config(None, [override])
+    with pytest.raises(
+        ConfigError, match=rf"{override.split('=')[0]}=.* has no effect with actor.policy_loss=bypass_mode"
+    ):
+        load_config(None, [override, "actor.policy_loss=bypass_mode"])
+
+
 def test_a_bad_yaml_file_error_names_the_file(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("actor:\n  beta3: 1.0\n")

@@ -310,7 +310,9 @@ def test_timeout_in_worker_spares_the_rest_of_the_batch(reward_dir: Path) -> Non
         assert result.num_timeouts == 1 and result.num_errors == 1
         assert result.errors[1] == "timed out after 0.5 s"
         assert result.metrics()["reward/timeouts"] == 1.0
-        assert 0.5 <= elapsed < 10.0  # the sleeping worker was killed, not waited for (it sleeps 30 s)
+        assert (
+            0.5 <= elapsed < 25.0
+        )  # the sleeping worker was killed, not waited for (it sleeps 30 s; a loaded machine restarts it slowly)
         assert scorer.score(["ok", "ok"], ["", ""]).scores == [1.0, 1.0]
 
 

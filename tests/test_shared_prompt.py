@@ -278,14 +278,12 @@ def test_on_policy_update_takes_old_log_probs_from_its_own_forward():
 def test_off_policy_update_needs_the_old_log_prob_pass():
     tokenizer = tiny_tokenizer()
     # Clip-Cov selection and rollout correction read π_old of the whole (mini-)batch before the forward pass
-    # (bypass_mode too, when the high-entropy selection needs π_old's entropies of the whole mini-batch)
     extras = (
         ["actor.ppo_epochs=2"],
         ["actor.ppo_mini_batch_size=1"],
         ["actor.policy_loss=clip_cov"],
         ["actor.rollout_is=token"],
         ["actor.top_entropy_quantile=0.2"],
-        ["actor.policy_loss=bypass_mode", "actor.top_entropy_quantile=0.2"],
     )
     for extra in extras:
         actor = Actor(tiny_model("llama", tokenizer), actor_settings(True, *extra))

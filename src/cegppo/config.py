@@ -394,6 +394,18 @@ def validate(config: Config) -> None:
         a.rollout_is,
         "rollout.tis_cap is token-level TIS already; set one of them (rollout_is=token, rollout_is_threshold=cap)",
     )
+    # bypass_mode's loss corrects for the sampler itself and ignores the weights other features reach it by.
+    for ignored, key, value in (
+        (r.tis_cap is not None, "rollout.tis_cap", r.tis_cap),
+        (a.top_entropy_quantile < 1, "actor.top_entropy_quantile", a.top_entropy_quantile),
+    ):
+        _check(
+            not (ignored and a.policy_loss == "bypass_mode"),
+            key,
+            value,
+            "has no effect with actor.policy_loss=bypass_mode (its loss ignores token weights; use "
+            "actor.rollout_is / rollout_rs for the sampler correction)",
+        )
     _check(
         not config.trainer.eval_every or bool(config.eval.benchmarks),
         "eval.benchmarks",
