@@ -47,6 +47,8 @@ def test_the_verdicts_follow_the_protocols_rules(study, tmp_path, capsys):
         "[0.350, 0.650]" in out and "**supported**" in rows[next(k for k in rows if k.startswith("in band"))]
     )
     assert "| `dapo` | to run | to run | to run |" in out and "| `gppo` | done | done | done |" in out
+    # the exploratory H1 reads steps 6-15, where gppo and (0.5, 1) are alike here
+    assert "**inconclusive**" in rows["larger β1 ⇒ lower entropy while it falls"]
 
 
 def test_a_controller_in_band_more_often_than_fixed_beta_but_not_on_most_steps_is_not_supported(
@@ -62,3 +64,17 @@ def test_a_controller_in_band_more_often_than_fixed_beta_but_not_on_most_steps_i
     assert "| `ce_gppo_control-s0` | 0.40 |" in out and "| `ce_gppo_b0.5_1-s0` | 0.00 |" in out
     h4 = next(line for line in out.splitlines() if line.startswith("| H4"))
     assert "0.05 / 1.00" in h4 and "**not supported**" in h4
+
+
+def test_the_per_run_table_averages_each_columns_steps(study, tmp_path, capsys):
+    entropy = [1.0] * 5 + [0.4] * 10 + [0.3] * 5 + [0.2] * 10  # steps 1-5, 6-15, 16-20, 21-30
+    write_run(
+        tmp_path / "gppo-s0",
+        {"entropy/mean": entropy, "acc/mean": [0.0] * 20 + [0.5] * 10},
+        summary={"heldout_acc_before": 0.1, "heldout_acc_after": 0.25},
+    )
+    study.main(tmp_path)
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| `gppo-s0` |"))
+    assert row.split(" | ")[1:5] == ["25.0", "0.400", "0.200", "0.50"]
+    assert row.endswith("| nan | nan | nan |")  # no quadrant metrics logged

@@ -37,6 +37,17 @@ def late_entropy(run: Run) -> float:
     return late_mean(run, ENTROPY, last=10)
 
 
+def steps_mean(run: Run, key: str, first: int, last: int) -> float:
+    """Mean of ``key`` over steps ``first``-``last`` (nan if none logged it)."""
+    steps, values = run.series(key)
+    window = values[(steps >= first) & (steps <= last)]
+    return float(window.mean()) if len(window) else float("nan")
+
+
+def falling_entropy(run: Run) -> float:
+    return steps_mean(run, ENTROPY, 6, 15)
+
+
 def accuracy_after(run: Run) -> float:
     return 100 * heldout_accuracy(run)[1]
 
@@ -95,16 +106,44 @@ def _cell(decision: Decision | None, nx: int, ny: int) -> str:
     )
 
 
-def hypotheses_table(runs: dict[str, list[Run]], entropy_band: tuple[float, float] | None) -> str:
+Contrast = tuple[str, str, Callable[[Run], float], str, str, str]
+
+
+def _contrast_table(runs: dict[str, list[Run]], rows: list[Contrast]) -> list[str]:
     lines = [
         "| | prediction | x vs y | seeds | mean(x) − mean(y) | 95% bootstrap | p / p opposite | verdict |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for name, text, quantity, x, predicted, y in HYPOTHESES:
+    for name, text, quantity, x, predicted, y in rows:
         xs, ys = [quantity(r) for r in runs.get(x, [])], [quantity(r) for r in runs.get(y, [])]
         decision = decide(xs, ys, predicted) if xs and ys else None  # type: ignore[arg-type]
         sign = ">" if predicted == "greater" else "<"
         lines.append(f"| {name} | {text} | `{x}` {sign} `{y}` | {_cell(decision, len(xs), len(ys))} |")
+    return lines
+
+
+# Not in the protocol: chosen after seed 0 showed β1's effect while entropy falls (steps 6-15), not late. The
+# same contrasts and test as H1/H2 on that window; read as exploration, not as a verdict.
+EXPLORATORY = [
+    (
+        f"{name} (steps 6-15)",
+        text.replace("late entropy", "entropy while it falls"),
+        falling_entropy,
+        x,
+        how,
+        y,
+    )
+    for name, text, _, x, how, y in HYPOTHESES
+    if name.startswith(("H1", "H2"))
+]
+
+
+def exploratory_table(runs: dict[str, list[Run]]) -> str:
+    return "\n".join(_contrast_table(runs, EXPLORATORY))
+
+
+def hypotheses_table(runs: dict[str, list[Run]], entropy_band: tuple[float, float] | None) -> str:
+    lines = _contrast_table(runs, HYPOTHESES)
     if entropy_band is None:
         lines.append(
             "| H4 | the controller holds the band | - | band not set yet | - | - | - | not run yet |"
@@ -127,6 +166,40 @@ def hypotheses_table(runs: dict[str, list[Run]], entropy_band: tuple[float, floa
     return "\n".join(lines)
 
 
+# Descriptive, not tested (the protocol fixed none of these): where each run's entropy fell, what it sampled late,
+# and how much of the update the low-probability quadrants carried after the first steps.
+PER_RUN_COLUMNS: list[tuple[str, Callable[[Run], float], str]] = [
+    ("held-out after", accuracy_after, "{:.1f}"),
+    ("entropy, steps 6-15", falling_entropy, "{:.3f}"),
+    ("late entropy (21-30)", late_entropy, "{:.3f}"),
+    ("sampled accuracy (21-30)", lambda run: steps_mean(run, "acc/mean", 21, 30), "{:.2f}"),
+    ("NA&LP grad share (6-30)", lambda run: steps_mean(run, "quadrant/NA&LP/grad_share", 6, 30), "{:.3f}"),
+    ("PA&LP grad share (6-30)", lambda run: steps_mean(run, "quadrant/PA&LP/grad_share", 6, 30), "{:.3f}"),
+    ("NA&LP clipped (6-30)", lambda run: steps_mean(run, "quadrant/NA&LP/clipped_frac", 6, 30), "{:.2f}"),
+]
+
+
+def per_run_table(runs: dict[str, list[Run]]) -> str:
+    lines = [
+        "| run | " + " | ".join(name for name, _, _ in PER_RUN_COLUMNS) + " |",
+        "|---" * (len(PER_RUN_COLUMNS) + 1) + "|",
+    ]
+    for variant in VARIANTS:
+        for run in runs.get(variant, []):
+            cells = [fmt.format(quantity(run)) for _, quantity, fmt in PER_RUN_COLUMNS]
+            lines.append(f"| `{run.name}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def band_table(runs: dict[str, list[Run]], entropy_band: tuple[float, float]) -> str:
+    rows = [
+        f"| `{run.name}` | {fraction_in_band(run, ENTROPY, *entropy_band, after_step=WARM_UP):.2f} |"
+        for variant in (FIXED, "ce_gppo_control")
+        for run in runs.get(variant, [])
+    ]
+    return "| run | share of steps 11-30 in band |\n|---|---|\n" + "\n".join(rows)
+
+
 def main(root: Path) -> None:
     runs = finished(root)
     print("### Runs\n")
@@ -135,19 +208,18 @@ def main(root: Path) -> None:
     if ordered:
         print("\n### Per variant, over seeds\n")
         print(variant_table(ordered))
+        print("\n### Per run (descriptive, not tested)\n")
+        print(per_run_table(runs))
     entropy_band = band(runs)
     if entropy_band is not None:
         print(
             f"\nController band: [{entropy_band[0]:.3f}, {entropy_band[1]:.3f}] (0.7 m, 1.3 m of `{FIXED}-s0`)"
         )
-        rows = [
-            f"| `{run.name}` | {fraction_in_band(run, ENTROPY, *entropy_band, after_step=WARM_UP):.2f} |"
-            for variant in (FIXED, "ce_gppo_control")
-            for run in runs.get(variant, [])
-        ]
-        print("\n| run | share of steps 11-30 in band |\n|---|---|\n" + "\n".join(rows))
+        print("\n" + band_table(runs, entropy_band))
     print("\n### Hypotheses\n")
     print(hypotheses_table(runs, entropy_band))
+    print("\n### Exploratory (not in the protocol): H1 and H2 on steps 6-15\n")
+    print(exploratory_table(runs))
 
 
 if __name__ == "__main__":
