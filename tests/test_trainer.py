@@ -19,6 +19,7 @@ from cegppo.rewards import RewardFailure
 from cegppo.runfiles import read_metrics
 from cegppo.trainer import Interrupted, Trainer, load_run_config
 from cegppo.trainer.actor import Actor, ActorSettings, Experience
+from cegppo.trainer.checkpoint import STATE_FILE, prune_checkpoints
 
 SHORT_IS_RIGHT = """
 def compute_score(data_source, solution_str, ground_truth, extra_info=None):
@@ -260,10 +261,15 @@ def test_a_resumed_run_continues_exactly(tiny_model_dir, tmp_path, short_reward)
     straight = load_config(
         None,
         tiny_overrides(
-            tiny_model_dir, tmp_path / "a", **common, **{"trainer.total_steps": 4, "trainer.save_every": 2}
+            tiny_model_dir,
+            tmp_path / "a",
+            **common,
+            **{"trainer.total_steps": 4, "trainer.save_every": 2, "trainer.keep_checkpoints": 1},
         ),
     )
     Trainer(straight, run_dir_of(straight)).fit()
+    # step_2 went when step_4 was saved
+    assert [p.name for p in (run_dir_of(straight) / "checkpoints").iterdir()] == ["step_4"]
 
     first = load_config(
         None, tiny_overrides(tiny_model_dir, tmp_path / "b", **common, **{"trainer.total_steps": 2})
@@ -718,3 +724,13 @@ def test_the_arithmetic_task_takes_its_digits_and_held_out_size(tiny_model_dir, 
     held_out = {(ex.extra_info["a"], ex.extra_info["b"]) for ex in trainer.heldout}
     assert len(held_out) == 300 and all(100 <= a <= 999 and 100 <= b <= 999 for a, b in train | held_out)
     assert not train & held_out
+
+
+def test_pruning_keeps_the_newest_complete_checkpoints_and_nothing_else_is_touched(tmp_path):
+    for name in ("step_5", "step_20", "step_10", "step_30", ".step_40.tmp-1"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / STATE_FILE).write_text("")
+    (tmp_path / "step_35").mkdir()  # incomplete: no state file, so not a checkpoint to count or delete
+    assert prune_checkpoints(tmp_path, 0) == []
+    assert [p.name for p in prune_checkpoints(tmp_path, 2)] == ["step_5", "step_10"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".step_40.tmp-1", "step_20", "step_30", "step_35"]

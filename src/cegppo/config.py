@@ -230,6 +230,9 @@ class TrainerConfig:
     output_dir: str = "runs"
     name: str | None = None  # run directory name; default: a timestamp
     save_every: int = 0  # checkpoint every N steps; 0: only at the end (and on SIGINT/SIGTERM)
+    # Keep only the newest N checkpoints, deleting older ones after each save (HF's save_total_limit, verl's
+    # max_actor_ckpt_to_keep): a 135M model's checkpoint with its AdamW state is 1.5 GB. 0: keep all.
+    keep_checkpoints: int = 0
     eval_every: int = 0  # evaluate eval.benchmarks every N steps (and at the end); 0: never
     num_logged_samples: int = 4
     tensorboard: bool = True
@@ -609,7 +612,7 @@ def _check_eval(e: EvalConfig) -> None:
 def _check_trainer(t: TrainerConfig) -> None:
     _positive("trainer", t, "total_steps")
     _positive("trainer", t, "num_threads", optional=True)
-    _non_negative("trainer", t, "save_every", "num_logged_samples")
+    _non_negative("trainer", t, "save_every", "keep_checkpoints", "num_logged_samples")
     _check(
         t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"),
         "trainer.device",

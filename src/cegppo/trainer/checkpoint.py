@@ -79,16 +79,33 @@ def save_checkpoint(
     return final
 
 
-def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
-    """The complete checkpoint with the highest step, or None."""
+def complete_checkpoints(checkpoints_dir: Path) -> list[Path]:
+    """The complete checkpoints under ``checkpoints_dir``, oldest step first."""
     if not checkpoints_dir.is_dir():
-        return None
+        return []
     steps = [
         (int(match.group(1)), path)
         for path in checkpoints_dir.iterdir()
         if (match := _STEP_DIR.match(path.name)) and (path / STATE_FILE).is_file()
     ]
-    return max(steps)[1] if steps else None
+    return [path for _, path in sorted(steps)]
+
+
+def latest_checkpoint(checkpoints_dir: Path) -> Path | None:
+    """The complete checkpoint with the highest step, or None."""
+    checkpoints = complete_checkpoints(checkpoints_dir)
+    return checkpoints[-1] if checkpoints else None
+
+
+def prune_checkpoints(checkpoints_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` complete checkpoints (``keep`` 0: none deleted); return those deleted.
+
+    Only after a save has completed, so a crash in between leaves one checkpoint more, never one fewer.
+    """
+    old = complete_checkpoints(checkpoints_dir)[:-keep] if keep else []
+    for path in old:
+        shutil.rmtree(path)
+    return old
 
 
 def load_trainer_state(checkpoint: Path) -> dict[str, Any]:

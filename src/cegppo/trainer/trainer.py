@@ -42,6 +42,7 @@ from cegppo.trainer.checkpoint import (
     MODEL_DIR,
     latest_checkpoint,
     load_trainer_state,
+    prune_checkpoints,
     save_checkpoint,
     set_rng_state,
 )
@@ -422,7 +423,7 @@ class Trainer:
         return summary
 
     def save(self) -> Path:
-        return save_checkpoint(
+        checkpoint = save_checkpoint(
             self.run_dir / "checkpoints",
             self.step_count,
             model=self.model,
@@ -437,6 +438,8 @@ class Trainer:
                 "state": self.state,
             },
         )
+        prune_checkpoints(self.run_dir / "checkpoints", self.config.trainer.keep_checkpoints)
+        return checkpoint
 
     def close(self) -> None:
         self.tracker.close()
