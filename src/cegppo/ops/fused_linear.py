@@ -51,26 +51,36 @@ class _Workspace:
         """(start, stop, tempered logits in the compute dtype) for each elementwise row block of ``block``.
 
         Full precision yields views into ``block`` (so in-place results land there). Half precision upcasts
-        into ``work`` and applies 1/T in the same pass: the head rounds first, then the sampler scales.
+        into ``work`` and applies 1/T in float32 in the same pass: the head rounds first, then the sampler
+        scales.
         """
         for start in range(0, block.shape[0], self.rows):
             stop = min(start + self.rows, block.shape[0])
             if self.half:
-                yield (
-                    start,
-                    stop,
-                    torch.mul(block[start:stop], inv_temperature, out=self.work[: stop - start]),
-                )
+                # A [1]-shaped float32 factor, unlike a Python scalar, promotes the product to float32: one pass
+                # that upcasts and scales. With ``torch.mul(half, 1 / T, out=float32)`` each tempered logit
+                # would be rounded to half precision (0.025 nats of log-prob error at T = 1.2).
+                scale = torch.full((1,), inv_temperature, dtype=self.dtype, device=block.device)
+                yield start, stop, torch.mul(block[start:stop], scale, out=self.work[: stop - start])
             else:
                 yield start, stop, block[start:stop]
 
 
 class _LinearLogprobsEntropy(torch.autograd.Function):
-    """hidden [N, H], weight [V, H], bias [V] | None, labels [N] -> (log p_y, H), each [N]."""
+    """hidden [N, H], weight [V, H], bias [V] | None, labels [N] -> (log p_y, H), each [N].
+
+    ``weight`` and ``bias`` arrive in their own dtype and are cast to ``hidden``'s here, so that their
+    gradients, summed in float32, go back in that dtype: a float32 LM head under bf16 autocast gets a float32
+    gradient, not one rounded to bf16 by an autograd cast.
+    """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, inv_temperature, chunk_size):
         ctx.set_materialize_grads(False)
+        ctx.weight_dtype = weight.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        weight = weight.to(hidden.dtype)
+        bias = None if bias is None else bias.to(hidden.dtype)
         tokens = hidden.shape[0]
         space = _Workspace(hidden, weight, chunk_size)
         logp = hidden.new_empty(tokens, dtype=space.dtype)
@@ -136,8 +146,8 @@ class _LinearLogprobsEntropy(torch.autograd.Function):
                     _accumulate_weight_grad(grad_weight, block, chunk)
         return (
             grad_hidden,
-            None if grad_weight is None else grad_weight.to(weight.dtype),
-            None if grad_bias is None else grad_bias.to(bias.dtype),
+            None if grad_weight is None else grad_weight.to(ctx.weight_dtype),
+            None if grad_bias is None else grad_bias.to(ctx.bias_dtype),
             None,
             None,
             None,
@@ -177,7 +187,12 @@ def linear_logprobs_and_entropy(
 
     The [N, V] logits are never held: forward and backward walk ``chunk_size`` tokens at a time, and backward
     recomputes each chunk's logits from ``hidden`` and ``weight``. Gradients from both outputs flow to
-    ``hidden``, ``weight`` and ``bias``; the weight and bias gradients are summed in float32 for half inputs.
+    ``hidden``, ``weight`` and ``bias``; the weight and bias gradients are summed in float32 for half inputs
+    and returned in the parameters' own dtype (float32 for a float32 head under autocast).
+
+    Precision: the head's matmul runs in the input (or autocast) dtype, exactly as ``nn.Linear`` would; the
+    scaling by 1/T and everything after it (softmax, log-probs, entropy, the logit gradient) run in float32
+    for half-precision inputs, so the result is the sampler's ``softmax(logits.float() / T)`` at any T.
 
     Args:
         hidden: [N, H] or [B, T, H] (any leading dims) hidden states feeding the LM head.
@@ -218,9 +233,8 @@ def linear_logprobs_and_entropy(
 
     device_type = hidden.device.type
     if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-        cast = torch.get_autocast_dtype(device_type)
-        hidden, weight = hidden.to(cast), weight.to(cast)
-        bias = None if bias is None else bias.to(cast)
+        # The head runs in the autocast dtype, as ``nn.Linear`` would; weight and bias are cast inside.
+        hidden = hidden.to(torch.get_autocast_dtype(device_type))
     else:
         dtypes = {"hidden": hidden.dtype, "weight": weight.dtype}
         if bias is not None:
