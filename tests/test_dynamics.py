@@ -40,6 +40,8 @@ def test_quadrants_place_tokens_and_gradient_weight(beta1):
     assert metrics["quadrant/PA&LP/clipped_frac"] == pytest.approx(0.5)
     assert metrics["quadrant/NA&LP/clipped_frac"] == pytest.approx(1.0)
     assert metrics["quadrant/PA&HP/clipped_frac"] == 0.0
+    clipped = {q: metrics[f"quadrant/{q}/clipped"] for q in QUADRANTS}
+    assert clipped == {"PA&HP": 0.0, "PA&LP": 1.0, "NA&HP": 0.0, "NA&LP": 1.0}
     # |F·A| per token: PA&HP 1·1, PA&LP 1.2·1 + 1.1·2, NA&HP 0.9·1, NA&LP β1·0.8·1
     weights = {"PA&HP": 1.0, "PA&LP": 1.2 + 2.2, "NA&HP": 0.9, "NA&LP": beta1 * 0.8}
     total = sum(weights.values())

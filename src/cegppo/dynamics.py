@@ -37,13 +37,15 @@ class QuadrantTotals:
         )
 
     def metrics(self) -> dict[str, float]:
-        """``quadrant/<Q>/frac`` (share of all tokens), ``clipped_frac`` (share of the quadrant's tokens
-        beyond its clip boundary) and ``grad_share`` (share of the total gradient weight)."""
+        """``quadrant/<Q>/frac`` (share of all tokens), ``clipped`` (count of the quadrant's tokens beyond its
+        clip boundary: β acts on a handful per update, which a share hides), ``clipped_frac`` (that count as
+        a share of the quadrant's tokens) and ``grad_share`` (share of the total gradient weight)."""
         grad_total = self.grad_weight.sum().item()
         out = {}
         for i, name in enumerate(QUADRANTS):
             tokens = self.tokens[i].item()
             out[f"quadrant/{name}/frac"] = tokens / self.total_tokens if self.total_tokens else 0.0
+            out[f"quadrant/{name}/clipped"] = self.clipped[i].item()
             out[f"quadrant/{name}/clipped_frac"] = self.clipped[i].item() / tokens if tokens else 0.0
             out[f"quadrant/{name}/grad_share"] = (
                 self.grad_weight[i].item() / grad_total if grad_total else 0.0
