@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -206,9 +208,26 @@ class ActorConfig:
     positive_loss_coeff: float = 0.0  # NLL on correct responses (the CE-GPPO release used 0.1)
 
 
+# The probe's name for the run's own update (always probed); analysis.probe_variants may list it explicitly.
+PROBE_TRAJECTORY = "trajectory"
+
+
 @dataclass
 class AnalysisConfig:
     prob_threshold: float = 0.5  # HP vs LP tokens in the quadrant metrics: π_old(token) >= threshold
+    # The paired probe (docs/entropy.md): every probe_every steps, apply each variant's update to a copy of the
+    # step's batch from the same state, measure it on a fixed probe set, restore, then take the run's own update.
+    probe_every: int = 0  # 0: off
+    probe_variants: list[str] = field(
+        default_factory=list
+    )  # loss settings: "ce_gppo(beta1=0,beta2=1)", "cispo"
+    probe_prompts: int = 16  # probe-set prompts, drawn once from the held-out pool (never trained on)
+    probe_samples: int = (
+        4  # responses per probe prompt, sampled afresh at each probe step with the probe's seed
+    )
+    probe_epochs: int | None = (
+        None  # passes over the batch a probed update makes (a row after each); None: ppo_epochs
+    )
 
 
 @dataclass
@@ -366,12 +385,7 @@ def validate(config: Config) -> None:
     _check_actor(config.actor)
     _check_eval(config.eval)
     _check_trainer(config.trainer)
-    _check(
-        0 < config.analysis.prob_threshold < 1,
-        "analysis.prob_threshold",
-        config.analysis.prob_threshold,
-        "must be in (0, 1)",
-    )
+    _check_analysis(config)
     d, r, a = config.data, config.rollout, config.actor
     _check(
         a.ppo_mini_batch_responses is None or (d.train_batch_size * r.n) % a.ppo_mini_batch_responses == 0,
@@ -429,6 +443,79 @@ def validate(config: Config) -> None:
         config.reward.validate()
     except ValueError as error:
         raise ConfigError(str(error)) from None
+
+
+def _check_analysis(config: Config) -> None:
+    an = config.analysis
+    _check(0 < an.prob_threshold < 1, "analysis.prob_threshold", an.prob_threshold, "must be in (0, 1)")
+    _non_negative("analysis", an, "probe_every")
+    _positive("analysis", an, "probe_prompts", "probe_samples")
+    _positive("analysis", an, "probe_epochs", optional=True)
+    if not an.probe_every:
+        return
+    _check(
+        config.data.heldout is not None,
+        "analysis.probe_every",
+        an.probe_every,
+        "needs data.heldout: the probe set's prompts are drawn from the held-out pool, never trained on",
+    )
+    for spec in an.probe_variants:
+        if spec != PROBE_TRAJECTORY:
+            variant_config(config, spec)
+
+
+_LOSS_SPEC = re.compile(r"([A-Za-z_]\w*)\s*(?:\((.*)\))?", re.DOTALL)
+# Settings are separated by the commas that precede "key=", so a value may be a list: adam_betas=[0.9, 0.99].
+_SETTING_SEPARATOR = re.compile(r",\s*(?=[A-Za-z_]\w*\s*=)")
+
+
+def parse_loss_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``name`` or ``name(key=value, ...)``: a registered loss and its ``actor.*`` settings, values read as
+    YAML (``0`` an int, ``0.28`` a float, ``null``, ``true``)."""
+    match = _LOSS_SPEC.fullmatch(spec.strip())
+    if match is None:
+        raise ConfigError(f"loss setting {spec!r} must look like name or name(key=value, ...)")
+    name, body = match.group(1), match.group(2)
+    settings: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in _SETTING_SEPARATOR.split(body or ""))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise ConfigError(f"loss setting {spec!r}: {item!r} must look like key=value")
+        settings[key.strip()] = _yaml_value(value.strip())
+    return name, settings
+
+
+def _yaml_value(text: str) -> Any:
+    value = yaml.safe_load(text) if text else None
+    if isinstance(value, str):  # YAML 1.1 reads 1e-6 (no dot) as text; a setting means the number
+        with contextlib.suppress(ValueError):
+            return float(value)
+    return value
+
+
+def variant_config(config: Config, spec: str) -> Config:
+    """``config`` with the loss setting ``spec`` (:func:`parse_loss_spec`) in place of its own, validated.
+
+    Settings the spec does not name keep the run's values, as a ``cegppo train`` override would; the variant
+    has no probe of its own.
+    """
+    name, settings = parse_loss_spec(spec)
+    if name not in list_policy_losses():
+        raise ConfigError(f"loss setting {spec!r}: unknown loss {name!r}; registered: {list_policy_losses()}")
+    values = OmegaConf.to_container(OmegaConf.structured(config))
+    assert isinstance(values, dict)
+    values["actor"]["policy_loss"] = name
+    for key, value in settings.items():
+        if key not in values["actor"]:
+            close = difflib.get_close_matches(key, values["actor"], n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(f"loss setting {spec!r}: actor has no key {key!r}{hint}")
+        values["actor"][key] = value
+    values["analysis"].update(probe_every=0, probe_variants=[])
+    try:
+        return config_from_dict(values)
+    except ConfigError as error:
+        raise ConfigError(f"loss setting {spec!r}: {error}") from None
 
 
 def _check(ok: bool, key: str, value: object, allowed: str) -> None:

@@ -11,13 +11,23 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
 SUMMARY_FILE = "summary.json"
+PROBE_FILE = "probe.jsonl"  # the paired probe's rows: one per (step, seed, variant, epoch)
 # The paper's token quadrants (advantage sign × probability), as named in the quadrant/<name>/... metrics
 QUADRANTS = ("PA&HP", "PA&LP", "NA&HP", "NA&LP")
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     """The per-step metric records of a run, in order."""
-    path = run_dir / METRICS_FILE
+    return read_jsonl(run_dir / METRICS_FILE)
+
+
+def read_probe(run_dir: Path) -> list[dict[str, Any]]:
+    """The paired probe's rows of a run (or of ``cegppo probe``), in order; [] when it was not probed."""
+    return read_jsonl(run_dir / PROBE_FILE)
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """One record per non-blank line; a line that is not JSON is an error naming the file and line."""
     if not path.is_file():
         return []
     records = []

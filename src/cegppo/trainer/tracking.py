@@ -1,4 +1,4 @@
-"""Where a run's numbers go: ``metrics.jsonl``, ``samples.jsonl`` and TensorBoard event files."""
+"""Where a run's numbers go: ``metrics.jsonl``, ``samples.jsonl``, ``probe.jsonl`` and TensorBoard event files."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from cegppo.runfiles import METRICS_FILE, SAMPLES_FILE
+from cegppo.runfiles import METRICS_FILE, PROBE_FILE, SAMPLES_FILE
 
 
 class RunTracker:
@@ -16,7 +16,7 @@ class RunTracker:
     def __init__(self, run_dir: Path, *, tensorboard: bool, resume_step: int = 0) -> None:
         self.run_dir = run_dir
         # A run interrupted after logging steps it had not checkpointed will redo them: drop those lines.
-        for name in (METRICS_FILE, SAMPLES_FILE):
+        for name in (METRICS_FILE, SAMPLES_FILE, PROBE_FILE):
             _truncate_after(run_dir / name, resume_step)
         self._writer = None
         if tensorboard:
@@ -36,13 +36,22 @@ class RunTracker:
             self._writer.flush()
 
     def log_samples(self, step: int, samples: list[dict[str, Any]]) -> None:
-        with open(self.run_dir / SAMPLES_FILE, "a") as handle:
-            for sample in samples:
-                handle.write(json.dumps({"step": step, **sample}) + "\n")
+        append_jsonl(self.run_dir / SAMPLES_FILE, [{"step": step, **sample} for sample in samples])
+
+    def log_probe(self, rows: list[dict[str, Any]]) -> None:
+        """The paired probe's rows of one step (:mod:`cegppo.trainer.probe`)."""
+        append_jsonl(self.run_dir / PROBE_FILE, rows)
 
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+
+
+def append_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    """One JSON line per record; NaN and infinities (which JSON lacks) as null."""
+    with open(path, "a") as handle:
+        for record in records:
+            handle.write(json.dumps({key: _json_number(value) for key, value in record.items()}) + "\n")
 
 
 def _json_number(value: object) -> object:

@@ -47,6 +47,7 @@ from cegppo.trainer.checkpoint import (
     set_rng_state,
 )
 from cegppo.trainer.dynamic_sampling import GenerationRound, needs_another_round, training_batch
+from cegppo.trainer.probe import Probe
 from cegppo.trainer.progress import Progress
 from cegppo.trainer.steering import BetaSteering
 from cegppo.trainer.tracking import RunTracker
@@ -138,6 +139,9 @@ class Trainer:
         self.engine = build_rollout_engine(
             config.rollout.engine, self.model, self.tokenizer, **engine_options
         )
+        self.probe = (
+            Probe(config, self.engine, self.heldout, self._render) if config.analysis.probe_every else None
+        )
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / CONFIG_FILE).write_text(to_yaml(config))
         random.seed(config.trainer.seed)
@@ -228,6 +232,10 @@ class Trainer:
                 self.actor.compute_old_log_probs(
                     experience, reference_only=self.actor.old_from_update(len(experience), n)
                 )
+            if self.probe is not None and self.probe.due(self.step_count + 1):
+                with _timed(timings, "probe"):  # every variant's update from here, then back to here
+                    rows = self.probe.run(self.step_count + 1, config.trainer.seed, experience, self.actor, n)
+                self.tracker.log_probe(rows)
             with _timed(timings, "update"):
                 update_metrics = self.actor.update(experience, group_size=n)
                 self.engine.sync_weights(self.model)
