@@ -33,7 +33,10 @@ with the one-sided sign-flip test in §5.1's direction (β1 lowers entropy, β2 
 paired bootstrap interval and the Wilcoxon signed-rank test (``cegppo.report.stats``), and, per boundary, the
 first-order entropy push of the clipped tokens' kept gradient at β = 1 (``push_*``: Σ η·w_s/L·F·A·D/N over
 the clipped tokens, D the change of the state's entropy along ∇log π(token) = ∂H/∂z_a − Σ_b π_b ∂H/∂z_b,
-with ∂H/∂z_a = -π_a(log π_a + H)). Its sign is the first-order sign of β's effect (for SGD).
+with ∂H/∂z_a = -π_a(log π_a + H)). Its sign is the first-order sign of β's effect (for SGD). The verdict
+(issue 20's rule): "supported" when the sign-flip p ≤ 0.025 in §5.1's direction, "not supported" when p ≤ 0.025
+against it or when the interval lies within ±2% of the (0, 0) corner's mean |ΔH| (negligible), else
+"inconclusive".
 
 The regimes were fixed before any result was seen (``REGIMES``; the step sizes by a pilot that printed only
 clip counts). Run it single-threaded:
@@ -68,6 +71,10 @@ CLIP = 0.2
 PROB_THRESHOLD = 0.5  # HP vs LP, the trainer's default analysis.prob_threshold
 CORNERS = ((0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (1.0, 1.0))
 DTYPE = torch.float64
+ALPHA = 0.025  # each one-sided test (issue 20's protocol)
+NEGLIGIBLE = (
+    0.02  # an effect is negligible when its 95% interval lies within ±2% of the (0, 0) corner's mean |ΔH|
+)
 
 
 @dataclass(frozen=True)
@@ -340,7 +347,9 @@ def effect_line(regime: Regime, name: str, per_seed: list[dict[tuple[float, floa
     effects = np.array(
         [np.mean([seed[a].delta_entropy - seed[b].delta_entropy for a, b in pairs]) for seed in per_seed]
     )
-    decision = decide_paired(effects, predicted=predicted)
+    # negligible: inside ±2% of the mean |ΔH| of plain PPO's update in this regime (fixed before the runs)
+    negligible = NEGLIGIBLE * float(np.mean([abs(seed[(0.0, 0.0)].delta_entropy) for seed in per_seed]))
+    decision = decide_paired(effects, predicted=predicted, alpha=ALPHA, negligible=negligible or None)
     wilcoxon = wilcoxon_signed_rank(effects, alternative=predicted)
     # the kept gradient's push, in the corner where β = 1 and the other β = 0
     push = np.array([seed[pairs[0][0]].push[boundary] for seed in per_seed])
@@ -358,7 +367,8 @@ def effect_line(regime: Regime, name: str, per_seed: list[dict[tuple[float, floa
         "test": f"sign-flip, {decision.method}",
         "wilcoxon_p_paper_direction": _round(wilcoxon.p),
         "wilcoxon": wilcoxon.method,
-        "verdict_alpha_0.025": decision.verdict,
+        "negligible": _round(negligible),
+        "verdict": decision.verdict,
         f"push_{boundary}_mean": _round(push.mean()),
         # share of the seeds with an effect where it has the sign of the kept gradient's push (None: no effect)
         "push_sign_agreement": _round(float(np.mean(np.sign(push[moved]) == np.sign(effects[moved]))))
