@@ -12,11 +12,15 @@ from cegppo.report import load_run
 from cegppo.report.stats import (
     bootstrap_ci,
     decide,
+    decide_paired,
     fraction_in_band,
     heldout_accuracy,
     late_mean,
+    paired_bootstrap_ci,
     permutation_test,
     seed_summary,
+    sign_flip_test,
+    wilcoxon_signed_rank,
 )
 from test_report import write_run
 
@@ -134,3 +138,112 @@ def test_a_prediction_is_supported_refuted_or_left_open_by_the_seeds():
     assert decide([0.9], [0.1], "greater").verdict == "inconclusive"  # one seed each: p = 1/2 at best
     with pytest.raises(ValueError, match="predicted"):
         decide(higher, lower, "two-sided")  # type: ignore[arg-type]
+
+
+# -- paired comparisons ---------------------------------------------------------------------------------------
+
+
+def test_sign_flip_test_enumerates_every_sign_assignment_by_hand():
+    # ±1 ±2 ±3 takes the values 6, 4, 2, 0, 0, -2, -4, -6: only the observed one reaches 6
+    test = sign_flip_test([1, 2, 3])
+    assert test.p == pytest.approx(1 / 8) and test.method == "exact" and test.relabellings == 8
+    assert test.statistic == pytest.approx(2.0) and test.n == 3
+    assert sign_flip_test([1, 2, 3], alternative="less").p == 1.0
+    assert sign_flip_test([1, 2, 3], alternative="two-sided").p == pytest.approx(2 / 8)
+    # the same pairs given as x and y: x - y = (1, 2, 3)
+    assert sign_flip_test([3, 5, 4], [2, 3, 1]) == test
+    # observed sum 0: the five sums >= 0 are 6, 4, 2, 0, 0
+    assert sign_flip_test([1, 2, -3]).p == pytest.approx(5 / 8)
+    assert sign_flip_test([1, 2, -3], alternative="two-sided").p == 1.0
+    # 0.1 + 0.2 - 0.3 is 5.6e-17 and its mirror image -5.6e-17: a tie, not a smaller sum
+    assert sign_flip_test([0.1, 0.2, -0.3]).p == pytest.approx(5 / 8)
+    # a zero difference stays in: it doubles every sum's count and changes no p-value
+    assert sign_flip_test([1, 2, 3, 0]).p == pytest.approx(2 / 16)
+    assert sign_flip_test([0.0, 0.0]).p == 1.0
+    # 6 pairs of one sign reach 1/64 < 0.025; 5 cannot (1/32)
+    assert sign_flip_test([1, 1, 2, 3, 5, 8]).p == pytest.approx(1 / 64)
+    assert sign_flip_test([1, 2, 3, 5, 8]).p == pytest.approx(1 / 32)
+
+
+def test_sign_flip_test_draws_seeded_assignments_beyond_twenty_pairs():
+    rng = np.random.default_rng(3)
+    differences = rng.normal(0.5, 1.0, 21)
+    exact = sign_flip_test(differences, max_exact=21)
+    assert exact.method == "exact" and exact.relabellings == 2**21
+    assert 0.01 < exact.p < 0.2
+    estimated = sign_flip_test(differences)  # 100,000 draws: a standard error under 0.0013
+    assert estimated.method == "monte carlo" and estimated.relabellings == 100_000
+    assert estimated.p != exact.p and estimated.p == pytest.approx(exact.p, abs=0.005)
+    assert sign_flip_test(differences) == estimated and sign_flip_test(differences, seed=1).p != estimated.p
+    # never 0, even when no drawn assignment is as extreme
+    assert sign_flip_test(np.arange(1.0, 31.0), resamples=1000).p == 1 / 1001
+
+
+def test_paired_bootstrap_resamples_pairs_together():
+    # the mean of two resampled differences from (0, 1) is 0, 0.5 or 1: the 95% interval is [0, 1]
+    assert paired_bootstrap_ci([0.0, 1.0]) == (0.0, 1.0)
+    assert paired_bootstrap_ci([5, 6, 7], [3, 4, 5]) == (2.0, 2.0)  # every pair differs by 2
+    rng = np.random.default_rng(0)
+    shared = rng.normal(0.0, 10.0, 40)  # a large per-pair effect that pairing removes
+    x, y = shared + 1.0 + rng.normal(0, 0.5, 40), shared + rng.normal(0, 0.5, 40)
+    low, high = paired_bootstrap_ci(x, y)
+    assert 0 < low < 1.0 < high < 2.0
+    unpaired = bootstrap_ci(x, y)
+    assert unpaired[1] - unpaired[0] > 10 * (high - low)
+    assert paired_bootstrap_ci(x, y) == (low, high) and paired_bootstrap_ci(x, y, seed=1) != (low, high)
+    with pytest.raises(ValueError, match="same length: x has 2, y has 1"):
+        paired_bootstrap_ci([1.0, 2.0], [1.0])
+
+
+def test_wilcoxon_signed_rank_by_hand():
+    # ranks 1, 2, 3 all positive: W+ = 6, reached by 1 of the 8 sign assignments
+    test = wilcoxon_signed_rank([1, 2, 3])
+    assert (test.p, test.statistic, test.n, test.method) == (pytest.approx(1 / 8), 6.0, 3, "exact")
+    # |d| ranks: 0.5 -> 1, 1 -> 2, 2 -> 3, 3 -> 4; W+ = 1 + 3 + 4 = 8. Of the 16 subsets of {1, 2, 3, 4},
+    # {1, 3, 4}, {2, 3, 4}, {1, 2, 3, 4} sum to >= 8; {}, {1}, {2} sum to <= 2 (as far below the mean 5)
+    differences = [0.5, -1.0, 2.0, 3.0]
+    assert wilcoxon_signed_rank(differences).p == pytest.approx(3 / 16)
+    assert wilcoxon_signed_rank(differences, alternative="less").p == pytest.approx(14 / 16)
+    assert wilcoxon_signed_rank(differences, alternative="two-sided").p == pytest.approx(6 / 16)
+    # tied |d| share rank 1.5: W+ = 3; sums of {1.5, 1.5, 3}: 0, 1.5, 1.5, 3, 3, 4.5, 4.5, 6: five are >= 3
+    tied = wilcoxon_signed_rank([1.0, 1.0, -2.0])
+    assert tied.statistic == 3.0 and tied.p == pytest.approx(5 / 8)
+    # zero differences are left out
+    assert wilcoxon_signed_rank([0.0, 1.0, 2.0, 3.0]) == test
+    assert wilcoxon_signed_rank([4, 4, 5], [4, 3, 3]).p == pytest.approx(1 / 4)  # d = (0, 1, 2)
+    nothing = wilcoxon_signed_rank([0.0, 0.0])
+    assert nothing.p == 1.0 and nothing.n == 0
+    # one large difference carries the mean but not the ranks
+    assert wilcoxon_signed_rank([100, -1, -2, -3]).p > sign_flip_test([100, -1, -2, -3]).p
+
+
+@pytest.mark.parametrize("alternative", ["greater", "less", "two-sided"])
+def test_wilcoxon_normal_approximation_is_close_to_the_exact_distribution(alternative):
+    rng = np.random.default_rng(2)
+    differences = np.round(rng.normal(0.2, 1.0, 60), 1)  # rounded: many ties
+    exact = wilcoxon_signed_rank(differences, alternative=alternative)
+    approximate = wilcoxon_signed_rank(differences, alternative=alternative, max_exact=10)
+    assert exact.method == "exact" and approximate.method == "normal approximation"
+    assert approximate.statistic == exact.statistic and approximate.n == exact.n < 60
+    assert approximate.p == pytest.approx(exact.p, abs=0.01)
+
+
+def test_a_paired_prediction_is_supported_refuted_negligible_or_left_open():
+    supported = decide_paired([0.3, 0.1, 0.2, 0.5, 0.4, 0.2], predicted="greater")
+    assert supported.verdict == "supported" and supported.p == pytest.approx(1 / 64)
+    assert supported.p_opposite == 1.0 and supported.method == "exact" and supported.n == 6
+    assert supported.difference == pytest.approx(1.7 / 6) and supported.interval[0] > 0
+    assert supported.wilcoxon_p == pytest.approx(1 / 64)
+    assert decide_paired([0.3, 0.1, 0.2, 0.5, 0.4, 0.2], predicted="less").verdict == "not supported"
+    assert decide_paired([0.3, 0.1, 0.2, 0.5, 0.4], predicted="greater").verdict == "inconclusive"  # p 1/32
+    # x, y given as pairs: the same
+    assert decide_paired([1.3, 1.1, 1.2, 1.5, 1.4, 1.2], [1] * 6, predicted="greater").verdict == "supported"
+    # a tiny effect measured precisely: inside a band of ±0.01 it is negligible
+    rng = np.random.default_rng(0)
+    tiny = rng.normal(0.0, 0.01, 200)
+    assert decide_paired(tiny, predicted="greater").verdict == "inconclusive"
+    assert decide_paired(tiny, predicted="greater", negligible=0.01).verdict == "not supported"
+    with pytest.raises(ValueError, match="negligible"):
+        decide_paired(tiny, predicted="greater", negligible=0)
+    with pytest.raises(ValueError, match="predicted"):
+        decide_paired(tiny, predicted="two-sided")  # type: ignore[arg-type]
