@@ -156,3 +156,71 @@ def test_a_bad_probe_variant_is_a_config_error(variants, message):
 def test_the_probe_needs_a_held_out_pool():
     with pytest.raises(ConfigError, match=r"analysis\.probe_every=1 is invalid: needs data\.heldout"):
         load_config(None, ["analysis.probe_every=1", "data.heldout=null"])
+
+
+def _rows(values: dict[str, list[float]], epoch: int = 1) -> list[dict]:
+    """Probe rows of one epoch: ``values[variant][i]`` is the Δlog H at probe point i (step i + 1, seed 0)."""
+    return [
+        {"step": i + 1, "seed": 0, "variant": variant, "epoch": epoch, "delta_log_entropy": value}
+        for variant, series in values.items()
+        for i, value in enumerate(series)
+    ]
+
+
+def test_paired_differences_pair_by_probe_point():
+    from cegppo.report.probe import paired, probe_table
+
+    rows = _rows({"trajectory": [0.1, 0.2, 0.3], "gppo": [0.0, 0.25, 0.1]})
+    rows.append({"step": 9, "seed": 0, "variant": "gppo", "epoch": 1, "delta_log_entropy": 5.0})  # unpaired
+    (pair,) = paired(rows)
+    assert pair.variant == "gppo" and pair.epoch == 1
+    assert pair.differences.tolist() == pytest.approx([-0.1, 0.05, -0.2])
+    assert pair.mean == pytest.approx(-0.25 / 3)
+    # All 8 sign flips of (0.1, 0.05, 0.2): |sum| >= 0.25 for (±0.1, ±0.05, ±0.2) with 0.1 and 0.2 of one sign.
+    assert pair.p_two_sided == pytest.approx(4 / 8)
+    table = probe_table(rows)
+    assert "| gppo | 1 | 4 |" in table and "| trajectory | 1 | 3 |" in table
+    with pytest.raises(ValueError, match="reference variant 'cispo' was not probed"):
+        paired(rows, "cispo")
+
+
+def test_cegppo_probe_writes_rows_and_a_table_and_the_report_draws_them(tiny_model_dir, tmp_path, capsys):
+    from cegppo.cli import main
+    from cegppo.report import write_report
+
+    reward = tmp_path / "short_reward.py"
+    reward.write_text(SHORT_IS_RIGHT)
+    overrides = tiny_overrides(
+        tiny_model_dir,
+        tmp_path / "out",
+        **{
+            "reward.name": f"{reward}:compute_score",
+            "data.heldout_size": 6,
+            "analysis.probe_prompts": 3,
+            "analysis.probe_samples": 2,
+            "trainer.name": "probe",
+        },
+    )
+    code = main(["probe", *overrides, "--variants", "gppo", "ce_gppo(beta1=0,beta2=1)", "--seeds", "0-1"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    rows = read_probe(tmp_path / "out" / "probe")
+    assert {(r["seed"], r["variant"]) for r in rows} == {
+        (seed, variant) for seed in (0, 1) for variant in ("trajectory", "gppo", "ce_gppo(beta1=0,beta2=1)")
+    }
+    assert {r["step"] for r in rows} == {0}
+    assert "| gppo | 1 | 2 |" in out and "Δlog H − trajectory" in out
+    assert (tmp_path / "out" / "probe" / "probe.md").read_text() in out
+    report = write_report([tmp_path / "out" / "probe"], tmp_path / "report.html", probe_reference="gppo")
+    (panel,) = [p for p in report.panels if p.slug == "probe"]
+    assert panel.png is not None
+    assert any("trajectory, epoch 1: Δlog H − gppo" in note for note in panel.notes)
+
+
+def test_cegppo_probe_rejects_a_bad_variant_before_creating_anything(tmp_path, capsys):
+    from cegppo.cli import main
+
+    code = main(["probe", f"trainer.output_dir={tmp_path}", "--variants", "ce_gppo(beta3=1)"])
+    assert code == 2
+    assert "loss setting 'ce_gppo(beta3=1)': actor has no key 'beta3'" in capsys.readouterr().out
+    assert not any(tmp_path.iterdir())

@@ -1,10 +1,13 @@
-"""``cegppo`` command line: ``cegppo train``, ``cegppo eval`` and ``cegppo report``."""
+"""``cegppo`` command line: ``cegppo train``, ``cegppo eval``, ``cegppo report``, ``cegppo sweep`` and
+``cegppo probe``."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
+from datetime import datetime
 from pathlib import Path
 
 from rich.console import Console
@@ -51,6 +54,66 @@ def _train(args: argparse.Namespace, console: Console) -> int:
         )
     console.print(f"{summary['steps']} steps in {summary['wall_s']:.0f} s; run directory: {run_dir}")
     return 0
+
+
+def _probe(args: argparse.Namespace, console: Console) -> int:
+    from cegppo.config import load_config, validate
+    from cegppo.report.probe import probe_table
+    from cegppo.trainer import Trainer, new_run_dir
+
+    variants, overrides = _split_variants(args.variants or [], args.overrides)
+    try:
+        seeds = _seed_list(args.seeds)
+        config = load_config(args.config, [*overrides, "analysis.probe_every=1"])
+        config.analysis.probe_variants = variants
+        validate(config)
+        config.trainer.name = config.trainer.name or f"probe-{datetime.now():%Y%m%d-%H%M%S}"
+        run_dir = new_run_dir(config)
+        if args.quiet:
+            config.trainer.quiet = True
+        trainer = Trainer(config, run_dir)
+    except (ValueError, FileNotFoundError) as error:
+        console.print(f"[red]error:[/red] {error}", highlight=False)
+        return 2
+    console.print(f"probe directory: {run_dir}", highlight=False)
+    rows = []
+    try:
+        for seed, seed_rows in zip(seeds, trainer.probe_from_here(seeds), strict=False):
+            trainer.tracker.log_probe(seed_rows)
+            rows += seed_rows
+            console.print(f"seed {seed}: {len(seed_rows)} rows", highlight=False)
+    finally:
+        trainer.close()
+    if not rows:
+        console.print("[red]error:[/red] no seed produced a batch with reward signal", highlight=False)
+        return 1
+    table = probe_table(rows, args.reference)
+    (run_dir / "probe.md").write_text(table)
+    console.print(table, markup=False, highlight=False)
+    console.print(f"rows: {run_dir / 'probe.jsonl'}; table: {run_dir / 'probe.md'}", highlight=False)
+    return 0
+
+
+def _split_variants(items: list[str], overrides: list[str]) -> tuple[list[str], list[str]]:
+    """``--variants`` takes every word up to the next option: a ``key.sub=value`` among them is an override."""
+    is_override = [re.match(r"[\w.]+=", item) is not None for item in items]
+    return (
+        [item for item, flag in zip(items, is_override, strict=True) if not flag],
+        [*overrides, *(item for item, flag in zip(items, is_override, strict=True) if flag)],
+    )
+
+
+def _seed_list(text: str) -> list[int]:
+    """``0-7`` or ``0,3,5`` (or both: ``0-3,8``)."""
+    seeds: list[int] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        first, dash, last = part.partition("-")
+        if not (first.isdigit() and (not dash or last.isdigit())):
+            raise ValueError(f"--seeds {text!r}: expected numbers and ranges such as 0-7 or 0,3,5")
+        seeds += range(int(first), int(last) + 1) if dash else [int(first)]
+    if not seeds:
+        raise ValueError(f"--seeds {text!r}: no seed given")
+    return seeds
 
 
 def resolve_eval_model(model: str) -> str:
@@ -173,7 +236,13 @@ def _report(args: argparse.Namespace, console: Console) -> int:
     from cegppo.report import write_report
 
     try:
-        report = write_report(args.run_dirs, args.output, smooth=args.smooth, per_seed=args.per_seed)
+        report = write_report(
+            args.run_dirs,
+            args.output,
+            smooth=args.smooth,
+            per_seed=args.per_seed,
+            probe_reference=args.probe_reference,
+        )
     except ValueError as error:
         console.print(f"[red]error:[/red] {error}", highlight=False)
         return 2
@@ -297,6 +366,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--smooth", type=int, help="moving-average window in steps (default: automatic for long runs; 1: off)"
     )
     report.add_argument("--per-seed", action="store_true", help=_PER_SEED_HELP)
+    report.add_argument(
+        "--probe-reference",
+        default="trajectory",
+        help="runs with a paired probe: the variant the others are paired against (default: trajectory)",
+    )
     report.set_defaults(handler=_report)
 
     sweep = commands.add_parser(
@@ -318,6 +392,31 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--per-seed", action="store_true", help=_PER_SEED_HELP)
     sweep.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides for every run")
     sweep.set_defaults(handler=_sweep)
+
+    probe = commands.add_parser(
+        "probe",
+        help="the paired probe: what each loss setting's update does to entropy, from the same state and batch",
+        description="For each seed, sample a training batch from the model (model.path: a model directory or a "
+        "checkpoint's model/), apply every variant's update to it from the same weights (AdamW starting fresh), "
+        "and measure it on a held-out probe set; writes probe.jsonl and probe.md in a new directory under "
+        "trainer.output_dir and prints the paired table (docs/entropy.md).",
+    )
+    probe.add_argument("--config", type=Path, help="YAML config (default: the demo)")
+    probe.add_argument(
+        "--variants",
+        nargs="+",
+        metavar="SPEC",
+        help="loss settings besides the config's own ('trajectory'), e.g. 'ce_gppo(beta1=0,beta2=1)' cispo",
+    )
+    probe.add_argument("--seeds", default="0", help="batches to probe, e.g. 0-7 or 0,3,5 (default: 0)")
+    probe.add_argument(
+        "--reference",
+        default="trajectory",
+        help="variant the others are paired against (default: trajectory)",
+    )
+    probe.add_argument("--quiet", action="store_true", help="no progress output")
+    probe.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    probe.set_defaults(handler=_probe)
     return parser
 
 

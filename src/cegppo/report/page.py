@@ -142,7 +142,12 @@ class Report:
 
 
 def write_report(
-    run_dirs: Sequence[str | Path], output: str | Path, *, smooth: int | None = None, per_seed: bool = False
+    run_dirs: Sequence[str | Path],
+    output: str | Path,
+    *,
+    smooth: int | None = None,
+    per_seed: bool = False,
+    probe_reference: str = "trajectory",
 ) -> Report:
     """Compare ``run_dirs`` in one self-contained HTML file ``output`` (PNGs embedded as base64) and write each
     figure as ``<output stem>_figures/<panel>.png`` beside it.
@@ -150,13 +155,14 @@ def write_report(
     ``smooth``: moving-average window in steps; None draws an average of ``len/20`` steps over the raw curve for
     runs of 40 steps or more, 1 draws raw curves only. Runs named ``<variant>-s<seed>`` are drawn as their
     variant's mean over seeds with a min–max band where it has two or more; ``per_seed`` draws every run on its
-    own. Raises ValueError for a path that is not a run directory.
+    own. Runs with a paired probe (``probe.jsonl``) get a panel of each variant against ``probe_reference``.
+    Raises ValueError for a path that is not a run directory.
     """
     if not run_dirs:
         raise ValueError("write_report needs at least one run directory")
     runs = [load_run(path) for path in run_dirs]
     name_runs(runs)
-    panels = build_panels(runs, smooth=smooth, per_seed=per_seed)
+    panels = build_panels(runs, smooth=smooth, per_seed=per_seed, probe_reference=probe_reference)
     seeds_note = (
         "<p class='caption'>A variant run with several seeds (runs named <code>&lt;variant&gt;-s&lt;seed&gt;</code>) "
         "is drawn as the mean over its seeds, at the steps all of them logged, with the band from the lowest to the "

@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
+from cegppo.report.probe import paired
 from cegppo.report.runs import Curve, Run, curves, val_keys
 from cegppo.runfiles import QUADRANTS
 
@@ -245,7 +246,64 @@ def _entropy_dynamics(lines: Sequence[Curve], smooth: int | None) -> tuple[bytes
     return _png(fig), _missing_notes(lines, drawn)
 
 
-def build_panels(runs: Sequence[Run], *, smooth: int | None = None, per_seed: bool = False) -> list[Panel]:
+def _probe_panel(rows: Sequence[dict[str, Any]], reference: str) -> tuple[bytes | None, list[str]]:
+    """Each variant's paired Δlog H and KL against ``reference``: one dot per probe point, the mean with its
+    95% paired bootstrap interval, one column per epoch; the variants in probe order (a dose-response in β reads
+    left to right when they are listed by β)."""
+    if not rows:
+        return None, []
+    try:
+        by_outcome = {
+            outcome: paired(rows, reference, outcome) for outcome in ("delta_log_entropy", "kl_from_before")
+        }
+    except ValueError as error:
+        return None, [html.escape(str(error))]
+    pairs = by_outcome["delta_log_entropy"]
+    if not pairs:
+        return None, [f"No variant shares a probe point with the reference {html.escape(reference)!s}."]
+    names = list(dict.fromkeys(pair.variant for pair in pairs))
+    epochs = sorted({pair.epoch for pair in pairs})
+    fig, axes = _figure(1, 2, 3.8)
+    colors = {epoch: f"C{i}" for i, epoch in enumerate(epochs)}
+    width = 0.6 / max(len(epochs), 1)
+    for ax, (outcome, label) in zip(
+        axes, (("delta_log_entropy", "Δlog H"), ("kl_from_before", "KL from before")), strict=True
+    ):
+        for pair in by_outcome[outcome]:
+            x = names.index(pair.variant) + (epochs.index(pair.epoch) - (len(epochs) - 1) / 2) * width
+            ax.scatter(
+                np.full(len(pair.differences), x), pair.differences, s=8, alpha=0.3, color=colors[pair.epoch]
+            )
+            ax.errorbar(
+                x,
+                pair.mean,
+                yerr=[[pair.mean - pair.ci[0]], [pair.ci[1] - pair.mean]],
+                fmt="o",
+                color=colors[pair.epoch],
+                capsize=3,
+                label=f"epoch {pair.epoch}" if pair.variant == names[0] else None,
+            )
+        ax.axhline(0.0, color="#444444", linewidth=0.8)
+        ax.set_xticks(range(len(names)), names, rotation=15, ha="right", fontsize=8)
+        _style(ax, f"{label}: variant − {reference}", f"paired difference in {label}")
+        ax.legend(fontsize=8, loc="best")
+    points = max(len(pair.differences) for pair in pairs)
+    notes = [
+        f"{html.escape(pair.variant)}, epoch {pair.epoch}: Δlog H − {html.escape(reference)} = {pair.mean:+.4f} "
+        f"[{pair.ci[0]:+.4f}, {pair.ci[1]:+.4f}], sign-flip p = {pair.p_two_sided:.3g} over "
+        f"{len(pair.differences)} probe points"
+        for pair in pairs
+    ]
+    return _png(fig), [f"Up to {points} probe points per variant.", *notes]
+
+
+def build_panels(
+    runs: Sequence[Run],
+    *,
+    smooth: int | None = None,
+    per_seed: bool = False,
+    probe_reference: str = "trajectory",
+) -> list[Panel]:
     """The report's figures, in order; a panel no run logged has ``png`` None and says so in ``notes``.
 
     Runs named ``<variant>-s<seed>`` (``cegppo sweep``'s) are drawn per variant, as the mean over its seeds with
@@ -339,7 +397,21 @@ def build_panels(runs: Sequence[Run], *, smooth: int | None = None, per_seed: bo
             2,
         ),
     }
+    probe_rows = [row for run in runs for row in run.probe]
+    if probe_rows:
+        panels.append(
+            Panel(
+                "probe",
+                "Paired probe",
+                "At each probe point every variant's update was applied to the same batch from the same state "
+                "(docs/entropy.md); shown is each variant minus the reference at the same point: the change in "
+                "log entropy of the probe set, and the KL from the pre-update policy.",
+            )
+        )
     for panel in panels:
+        if panel.slug == "probe":
+            panel.png, panel.notes = _probe_panel(probe_rows, probe_reference)
+            continue
         if panel.slug == "entropy_dynamics":
             panel.png, panel.notes = _entropy_dynamics(lines, smooth)
         else:

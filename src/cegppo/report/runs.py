@@ -7,14 +7,14 @@ import json
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
 
-from cegppo.runfiles import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_metrics
+from cegppo.runfiles import CONFIG_FILE, METRICS_FILE, PROBE_FILE, SUMMARY_FILE, read_metrics, read_probe
 
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f")
 
@@ -30,6 +30,7 @@ class Run:
     color: str = COLORS[0]
     # [target_low, target_high] of the run's entropy controller, if it had one on
     entropy_band: tuple[float, float] | None = None
+    probe: list[dict[str, Any]] = field(default_factory=list)  # the paired probe's rows (probe.jsonl)
 
     def series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
         """Steps and values of ``key`` at the steps that logged a finite value."""
@@ -56,8 +57,10 @@ def load_run(run_dir: str | Path) -> Run:
     if not path.is_dir():
         raise ValueError(f"run directory {path} does not exist")
     summary_path = path / SUMMARY_FILE
-    if not (path / METRICS_FILE).is_file() and not summary_path.is_file():
-        raise ValueError(f"{path} is not a run directory: it has neither {METRICS_FILE} nor {SUMMARY_FILE}")
+    if not any((path / name).is_file() for name in (METRICS_FILE, SUMMARY_FILE, PROBE_FILE)):
+        raise ValueError(
+            f"{path} is not a run directory: it has none of {METRICS_FILE}, {SUMMARY_FILE} and {PROBE_FILE}"
+        )
     records = read_metrics(path)
     for number, record in enumerate(records, start=1):
         if not isinstance(record, dict) or not isinstance(record.get("step"), int):
@@ -76,6 +79,7 @@ def load_run(run_dir: str | Path) -> Run:
         records=records,
         summary=summary,
         entropy_band=_entropy_band(path / CONFIG_FILE),
+        probe=read_probe(path),
     )
 
 

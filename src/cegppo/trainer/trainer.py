@@ -10,7 +10,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -212,14 +212,8 @@ class Trainer:
         step_start = time.perf_counter()
         n = config.rollout.n
 
-        # 1-3. Sample, score and take advantages; DAPO's dynamic sampling repeats this on new prompts until
-        # train_batch_size groups have reward signal (or algorithm.max_num_gen_batches rounds are done).
-        max_rounds = config.algorithm.max_num_gen_batches if config.algorithm.filter_groups else 1
-        rounds: list[GenerationRound] = []
-        while needs_another_round(rounds, config.data.train_batch_size, max_rounds):
-            rounds.append(self._generation_round(timings))
-        experience = training_batch(rounds, config.data.train_batch_size, self.tokenizer.pad_token_id)
-        experience = experience.to(self.actor.device)
+        # 1-3. Sample, score and take advantages.
+        rounds, experience = self._sample_batch(timings)
 
         # 4. Update: old log-probs with the current weights, then the clipped policy-gradient epochs. One
         #    optimiser step over every row is on-policy, and bypass_mode's π_old is the sampler's: the update's
@@ -256,6 +250,36 @@ class Trainer:
             metrics.update(self._entropy_metrics(mean_entropy, experience))
             metrics.update(self._sampler_mismatch(experience))
         return metrics
+
+    def _sample_batch(self, timings: dict[str, float]) -> tuple[list[GenerationRound], Experience]:
+        """The step's generation rounds and training batch. DAPO's dynamic sampling repeats the round on new
+        prompts until train_batch_size groups have reward signal (or algorithm.max_num_gen_batches rounds)."""
+        config = self.config
+        max_rounds = config.algorithm.max_num_gen_batches if config.algorithm.filter_groups else 1
+        rounds: list[GenerationRound] = []
+        while needs_another_round(rounds, config.data.train_batch_size, max_rounds):
+            rounds.append(self._generation_round(timings))
+        experience = training_batch(rounds, config.data.train_batch_size, self.tokenizer.pad_token_id)
+        return rounds, experience.to(self.actor.device)
+
+    def probe_from_here(self, seeds: Sequence[int]) -> Iterator[list[dict[str, Any]]]:
+        """``cegppo probe``: for each seed, a batch sampled with that seed (prompts in that seed's order) from the
+        current weights, and the probe's rows for it. Nothing is trained: every seed starts from the same state."""
+        assert self.probe is not None, "analysis.probe_every must be set to build the probe"
+        n = self.config.rollout.n
+        for seed in seeds:
+            random.seed(seed)
+            np.random.seed(seed)
+            torch.manual_seed(seed)
+            self.train_data = PromptDataset(
+                self.train_data.examples, seed=seed, shuffle=self.config.data.shuffle
+            )
+            _, experience = self._sample_batch({})
+            if not len(experience):
+                log.warning("probe seed %d: no group with reward signal, nothing to probe", seed)
+                continue
+            self.actor.compute_old_log_probs(experience)
+            yield self.probe.run(self.step_count, seed, experience, self.actor, n)
 
     def _generation_round(self, timings: dict[str, float]) -> GenerationRound:
         """Sample, score and take advantages for ``data.train_batch_size`` new prompts."""
