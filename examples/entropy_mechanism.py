@@ -27,6 +27,9 @@ how many of them sat below e^-H of their state, and two predictions summed over 
   is off.
 - ``predicted_first_order``: ∇H·Δz for the step actually taken, any optimiser. It adds the term Eq. 7 leaves
   out (mass moving between prefixes of different entropy); the observed change minus it is the curvature.
+- ``within_states``: the part of the observed ΔH at the start's visitation weights, Σ_s w_s·ΔH_s / L, the
+  quantity Eq. 7 speaks about; ΔH minus it is the visitation shift (mass moving between prefixes). Added after
+  the first full run, as a descriptive split: it changes no other number.
 
 Then one line per (regime, effect): β1's effect ½[(1,0) − (0,0) + (1,1) − (0,1)] and β2's likewise, per seed,
 with the one-sided sign-flip test in §5.1's direction (β1 lowers entropy, β2 raises it) and against it, the
@@ -196,6 +199,7 @@ class Update:
     """What one corner's update did, summed over its optimiser steps."""
 
     delta_entropy: float
+    within_states: float  # the part of ΔH at the start's visitation weights: Σ_s w_s·ΔH_s / L
     predicted_cov: float
     predicted_first_order: float
     clipped: np.ndarray  # [4] per quadrant (QUADRANTS order)
@@ -289,7 +293,12 @@ def update(
                 push["high"] += float(((1 + config.clip_ratio_high) * per_token)[high].sum())
     final = logits.detach()
     delta = float(mean_token_entropy(final) - mean_token_entropy(start))
-    return final, Update(delta, predicted_cov, predicted_first_order, clipped, clipped_below, push)
+    start_log_probs = start.log_softmax(-1)
+    entropy_change = state_entropies(final.log_softmax(-1)) - state_entropies(start_log_probs)
+    within_states = float((visitation(start_log_probs) * entropy_change).sum() / LENGTH)
+    return final, Update(
+        delta, within_states, predicted_cov, predicted_first_order, clipped, clipped_below, push
+    )
 
 
 def run_seed(regime: Regime, seed: int) -> dict[tuple[float, float], Update]:
@@ -327,6 +336,7 @@ def corner_line(regime: Regime, corner: tuple[float, float], updates: list[Updat
         "seeds": len(updates),
         "delta_entropy_mean": _round(deltas.mean()),
         "delta_entropy_ci": [_round(v) for v in paired_bootstrap_ci(deltas)],
+        "within_states_mean": _round(np.mean([u.within_states for u in updates])),
         "predicted_cov_mean": _round(predicted_cov.mean()),
         "predicted_first_order_mean": _round(first_order.mean()),
         # share of the seeds whose entropy moved where Eq. 7 has the observed sign (None: none moved)
@@ -344,9 +354,16 @@ def effect_line(regime: Regime, name: str, per_seed: list[dict[tuple[float, floa
         pairs, predicted, boundary = (((1.0, 0.0), (0.0, 0.0)), ((1.0, 1.0), (0.0, 1.0))), "less", "low"
     else:
         pairs, predicted, boundary = (((0.0, 1.0), (0.0, 0.0)), ((1.0, 1.0), (1.0, 0.0))), "greater", "high"
-    effects = np.array(
-        [np.mean([seed[a].delta_entropy - seed[b].delta_entropy for a, b in pairs]) for seed in per_seed]
-    )
+
+    def effect(part: str) -> np.ndarray:
+        return np.array(
+            [
+                np.mean([getattr(seed[a], part) - getattr(seed[b], part) for a, b in pairs])
+                for seed in per_seed
+            ]
+        )
+
+    effects = effect("delta_entropy")
     # negligible: inside ±2% of the mean |ΔH| of plain PPO's update in this regime (fixed before the runs)
     negligible = NEGLIGIBLE * float(np.mean([abs(seed[(0.0, 0.0)].delta_entropy) for seed in per_seed]))
     decision = decide_paired(effects, predicted=predicted, alpha=ALPHA, negligible=negligible or None)
@@ -369,6 +386,7 @@ def effect_line(regime: Regime, name: str, per_seed: list[dict[tuple[float, floa
         "wilcoxon": wilcoxon.method,
         "negligible": _round(negligible),
         "verdict": decision.verdict,
+        "within_states_mean": _round(effect("within_states").mean()),
         f"push_{boundary}_mean": _round(push.mean()),
         # share of the seeds with an effect where it has the sign of the kept gradient's push (None: no effect)
         "push_sign_agreement": _round(float(np.mean(np.sign(push[moved]) == np.sign(effects[moved]))))

@@ -91,7 +91,8 @@ def test_first_order_predictions_match_a_tiny_sgd_step():
     fixed_weights = (
         weights * (em.state_entropies(final_log) - em.state_entropies(start_log))
     ).sum() / em.LENGTH
-    assert result.predicted_cov == pytest.approx(fixed_weights.item(), rel=1e-3)
+    assert result.within_states == pytest.approx(fixed_weights.item(), rel=1e-12)
+    assert result.predicted_cov == pytest.approx(result.within_states, rel=1e-3)
     assert result.predicted_cov != pytest.approx(result.delta_entropy, rel=1e-3)  # the visitation term
     assert result.clipped.sum() == 0  # so the push of clipped tokens is 0
     assert result.push == {"low": 0.0, "high": 0.0}

@@ -355,7 +355,8 @@ def decide_paired(
     **supported** when the one-sided sign-flip test in the predicted direction has p <= ``alpha``; **not
     supported** when the test in the opposite direction has, or when ``negligible`` is given and the 95%
     bootstrap interval lies inside [-negligible, +negligible] (the effect, if any, is too small to matter);
-    **inconclusive** otherwise. The Wilcoxon p-value is reported beside it and does not enter the verdict.
+    **inconclusive** otherwise. The test comes first: a significant effect inside the band is "supported"
+    (report its size beside it). The Wilcoxon p-value is reported beside it and does not enter the verdict.
     """
     if predicted not in ("greater", "less"):
         raise ValueError(f"predicted must be 'greater' or 'less', got {predicted!r}")
