@@ -59,9 +59,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without trl
 
 from cegppo.losses import LOSS_AGG_MODES, PolicyLossConfig, agg_loss, get_policy_loss_fn, list_policy_losses
 
-warn_if_untested("trl", trl.__version__)
-
 _DEFAULTS = PolicyLossConfig()
+warn_if_untested("trl", trl.__version__)
 _DEFAULT_LOSS_TYPE = next(f.default for f in dataclasses.fields(GRPOConfig) if f.name == "loss_type")
 # TRL's loss_type values and the (loss_mode, loss_agg_mode) that reproduce them; None: not offered (see above).
 TRL_LOSS_TYPES: dict[str, tuple[str, str] | None] = {
