@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import site
 import subprocess
@@ -20,10 +21,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
-pytest.importorskip("build", reason="`python -m build` needs the build package (in the dev extra)")
-
-pytestmark = pytest.mark.slow  # about 20 s of CPU: a build, a venv and three fresh interpreters
 
 REPO = Path(__file__).resolve().parents[1]
 WHEEL = "cegppo-0.1.0-py3-none-any.whl"
@@ -61,6 +58,7 @@ def run(*command: str | Path, env: dict[str, str] | None = None) -> subprocess.C
 @pytest.fixture(scope="module")
 def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``python -m build`` on a copy of the checkout (the build writes egg-info next to the sources)."""
+    pytest.importorskip("build", reason="`python -m build` needs the build package (in the dev extra)")
     checkout = tmp_path_factory.mktemp("checkout") / "cegppo"
     shutil.copytree(REPO, checkout, ignore=NOT_SOURCE, symlinks=True)
     out = tmp_path_factory.mktemp("dist")
@@ -85,6 +83,7 @@ def installed(dist: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return env_dir
 
 
+@pytest.mark.slow  # with the next test: about 20 s of CPU (a build, a venv, three interpreters)
 def test_wheel_and_sdist_carry_the_package_data(dist: Path) -> None:
     with zipfile.ZipFile(dist / WHEEL) as wheel:
         assert set(PACKAGE_DATA) <= set(wheel.namelist())
@@ -99,6 +98,7 @@ def test_wheel_and_sdist_carry_the_package_data(dist: Path) -> None:
     assert {f"src/{path}" for path in PACKAGE_DATA} <= sdist
 
 
+@pytest.mark.slow
 def test_the_installed_wheel_runs(installed: Path) -> None:
     bin_dir = installed / "bin"
     assert "usage: cegppo" in run(bin_dir / "cegppo", "--help", env=VENV_ENV).stdout
@@ -122,3 +122,24 @@ def test_the_installed_wheel_runs(installed: Path) -> None:
     assert lines[1].startswith(site_packages) and lines[1].endswith("integrations/verl.py"), lines
     # The packaged config; then, where verl is installed (`make test-verl`), `import verl` loaded the plug-in.
     assert lines[2:] == ["True"] * (2 if importlib.util.find_spec("verl") else 1), lines
+
+
+# A requirement naming cegppo itself (`cegppo`, `"cegppo[trl]"`): cegppo is on no package index.
+INDEX_REQUIREMENT = re.compile(r"""(?<![\w./-])["']?cegppo(\[[\w,-]+\])?["']?(?=\s|$|`)""")
+
+
+def test_no_install_line_in_the_docs_asks_a_package_index_for_cegppo() -> None:
+    """Every `pip install` line installs cegppo from a checkout (`.`) or from its wheel, never by name."""
+    documents = [
+        REPO / "README.md",
+        *sorted((REPO / "docs").glob("*.md")),
+        *sorted((REPO / "examples").rglob("*")),
+    ]
+    offending = [
+        f"{path.relative_to(REPO)}:{number}: {line.strip()}"
+        for path in documents
+        if path.is_file()
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if "pip install" in line and INDEX_REQUIREMENT.search(line.split("pip install", 1)[1].split("#")[0])
+    ]
+    assert not offending, "\n".join(offending)
