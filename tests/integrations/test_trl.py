@@ -16,10 +16,13 @@ import torch
 
 pytest.importorskip("trl", reason="TRL is not installed")
 
+import trl
 from datasets import Dataset
+from packaging.requirements import Requirement
 from trl import GRPOConfig, GRPOTrainer
 
 from _tiny import tiny_model
+from cegppo.integrations._versions import SUPPORTED, warn_if_untested
 from cegppo.integrations.trl import CEGPPOConfig, CEGPPOTrainer
 from cegppo.losses import PolicyLossConfig, get_policy_loss_fn
 
@@ -215,6 +218,10 @@ def test_bad_config_is_rejected(tmp_path: Path) -> None:
         CEGPPOConfig(**args, importance_sampling_level="sequence")
     with pytest.raises(ValueError, match="entropy_coef"):
         CEGPPOConfig(**args, entropy_coef=0.01)
+    with pytest.raises(ValueError, match="token_truncate"):
+        CEGPPOConfig(**args, loss_mode="vespo", use_vllm=True, vllm_importance_sampling_mode="sequence_mask")
+    with pytest.raises(ValueError, match="geo_mean"):
+        CEGPPOConfig(**args, loss_mode="geo_mean", top_entropy_quantile=0.5)
     with pytest.raises(TypeError, match="CEGPPOConfig"):
         CEGPPOTrainer(model="unused", args=GRPOConfig(**args))
 
@@ -247,33 +254,35 @@ class _SingleProcess:
     def reduce(tensor: torch.Tensor, reduction: str) -> torch.Tensor:
         return tensor
 
+    @staticmethod
+    def pad_across_processes(tensor: torch.Tensor, dim: int, pad_index: float) -> torch.Tensor:
+        return tensor
 
-def trl_loss(loss_type: str, batch: dict[str, torch.Tensor], **args) -> tuple[torch.Tensor, torch.Tensor]:
-    """TRL 1.16's own ``GRPOTrainer._compute_loss`` on chosen tensors, and its gradient w.r.t. the log-probs.
 
-    The trainer is built without a model: its forward pass returns ``batch["log_prob"]``, so the loss and its
-    gradient are exactly TRL's arithmetic on our inputs (one process, one micro-batch, no accumulation).
+def loss_without_model(
+    config: GRPOConfig, batch: dict[str, torch.Tensor], **state
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_compute_loss`` of TRL's ``GRPOTrainer`` (or of ours, for a ``CEGPPOConfig``) on chosen tensors, and its
+    gradient w.r.t. the log-probs.
+
+    The trainer is built without a model: its forward pass returns ``batch["log_prob"]`` (and ``batch["entropy"]``
+    when given), so the loss and its gradient are exactly the trainer's arithmetic on our inputs (one process,
+    one micro-batch, no accumulation). ``state`` overrides trainer attributes (``use_vllm``, ...).
     """
-    settings = {
-        "epsilon": 0.2,
-        "epsilon_high": 0.28,
-        "delta": None,
-        "importance_sampling_level": "token",
-        **args,
-    }
-    config = GRPOConfig(output_dir="unused", use_cpu=True, report_to="none", loss_type=loss_type, **settings)
-    trainer = GRPOTrainer.__new__(GRPOTrainer)
+    ours = isinstance(config, CEGPPOConfig)
+    trainer = (CEGPPOTrainer if ours else GRPOTrainer).__new__(CEGPPOTrainer if ours else GRPOTrainer)
     log_prob = batch["log_prob"].detach().clone().requires_grad_(True)
+    entropy = batch.get("entropy", torch.zeros_like(log_prob))
     rows, length = log_prob.shape
-    trainer.__dict__.update(
+    attributes = dict(
         args=config,
-        loss_type=loss_type,
+        loss_type=config.loss_type,
         epsilon_low=config.epsilon,
         epsilon_high=config.epsilon_high,
         importance_sampling_level=config.importance_sampling_level,
         beta=0.0,
-        top_entropy_quantile=1.0,
-        off_policy_mask_threshold=None,
+        top_entropy_quantile=config.top_entropy_quantile,
+        off_policy_mask_threshold=config.off_policy_mask_threshold,
         use_vllm=False,
         vllm_importance_sampling_correction=False,
         aux_loss_enabled=False,
@@ -283,8 +292,13 @@ def trl_loss(loss_type: str, batch: dict[str, torch.Tensor], **args) -> tuple[to
         accelerator=_SingleProcess(),
         model=torch.nn.Module().train(),
         _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
-        _get_per_token_logps_and_entropies=lambda *a, **k: (log_prob, torch.zeros_like(log_prob), None),
+        _get_per_token_logps_and_entropies=lambda *a, **k: (log_prob, entropy, None),
     )
+    trainer.__dict__.update(attributes, **state)
+    if ours:
+        trainer.policy_loss_fn = get_policy_loss_fn(config.loss_mode)
+        trainer.policy_loss_settings = config.policy_loss_config()
+        trainer._model_input_keys = []
     mask = batch["response_mask"].long()
     inputs = {
         "prompt_ids": torch.zeros(rows, 1, dtype=torch.long),
@@ -300,6 +314,19 @@ def trl_loss(loss_type: str, batch: dict[str, torch.Tensor], **args) -> tuple[to
     loss = trainer._compute_loss(trainer.model, inputs)
     (grad,) = torch.autograd.grad(loss, log_prob)
     return loss.detach(), grad
+
+
+def trl_loss(loss_type: str, batch: dict[str, torch.Tensor], **args) -> tuple[torch.Tensor, torch.Tensor]:
+    """TRL 1.16's own ``GRPOTrainer._compute_loss`` on chosen tensors (see ``loss_without_model``)."""
+    settings = {
+        "epsilon": 0.2,
+        "epsilon_high": 0.28,
+        "delta": None,
+        "importance_sampling_level": "token",
+        **args,
+    }
+    config = GRPOConfig(output_dir="unused", use_cpu=True, report_to="none", loss_type=loss_type, **settings)
+    return loss_without_model(config, batch)
 
 
 def edge_batch(seed: int, rows: int = 6, length: int = 9) -> dict[str, torch.Tensor]:
@@ -402,3 +429,68 @@ def test_trls_delta_is_dual_clip_and_bnpo_is_a_local_token_mean(loss_type: str, 
     )
     assert_equal(our, their)
     assert (our[2]["actor/pg_clipfrac_dual"] > 0) == (delta is not None)
+
+
+VESPO = {"vespo_k_pos": 2.0, "vespo_lambda_pos": 3.0, "vespo_k_neg": 3.0, "vespo_lambda_neg": 2.0}
+
+
+@pytest.mark.parametrize("with_sampler_ratio", [False, True], ids=["no_is", "sampler_is"])
+def test_vespo_multiplies_its_loss_by_trls_masks_as_trl(with_sampler_ratio: bool) -> None:
+    """TRL's entropy mask and off-policy sequence mask multiply VESPO's token loss; only the vLLM ratio enters
+    the sequence weight w. CEGPPOTrainer with loss_mode='vespo' equals TRL's loss_type='vespo' with both masks."""
+    batch = edge_batch(6)
+    shape = batch["log_prob"].shape
+    g = torch.Generator().manual_seed(6)
+    batch["entropy"] = 2 * torch.rand(shape, generator=g, dtype=torch.float64)
+    state = {}
+    if with_sampler_ratio:
+        ratio = torch.exp(0.3 * torch.randn(shape, generator=g, dtype=torch.float64))
+        batch["importance_sampling_ratio"] = torch.where(batch["response_mask"] > 0, ratio, 1.0)
+        state = {"use_vllm": True, "vllm_importance_sampling_correction": True}
+    threshold = 0.05
+    off_policy = GRPOTrainer.get_off_policy_mask(
+        advantages=batch["advantages"][:, :1],
+        per_token_logps=batch["log_prob"],
+        sampling_per_token_logps=batch["old_log_prob"],
+        mask=batch["response_mask"],
+        off_policy_threshold=threshold,
+    )
+    assert 0 < off_policy.sum() < ROWS  # the mask drops some sequences and keeps others
+    settings = {"output_dir": "unused", "use_cpu": True, "report_to": "none", **VESPO}
+    settings.update(top_entropy_quantile=0.5, off_policy_mask_threshold=threshold)
+    their = loss_without_model(GRPOConfig(**settings, loss_type="vespo"), batch, **state)
+    our = loss_without_model(CEGPPOConfig(**settings, loss_mode="vespo"), batch, **state)
+    assert_equal(our, their)
+    unmasked = dict(settings, top_entropy_quantile=1.0, off_policy_mask_threshold=None)
+    assert not torch.allclose(
+        our[1], loss_without_model(GRPOConfig(**unmasked, loss_type="vespo"), batch, **state)[1]
+    )
+
+
+@pytest.mark.parametrize(
+    ("loss_type", "message"),
+    [
+        ("grpo", "loss_mode='vanilla', loss_agg_mode='seq-mean-token-mean'"),
+        ("dr_grpo", "loss_mode='vanilla', loss_agg_mode='seq-mean-token-sum-norm'"),
+        ("vespo", "loss_mode='vespo', loss_agg_mode='token-mean'"),
+        ("bnpo", "no replacement"),
+    ],
+)
+def test_a_trl_loss_type_is_an_error_that_names_its_replacement(
+    tmp_path: Path, loss_type: str, message: str
+) -> None:
+    args = common_args(tmp_path)
+    with pytest.raises(ValueError, match="loss_type") as error:
+        CEGPPOConfig(**args, loss_type=loss_type)
+    assert message in str(error.value)
+    assert CEGPPOConfig(**args, loss_type="dapo").loss_mode == "ce_gppo"  # TRL's default: not a choice
+
+
+def test_trl_bounds_in_pyproject_are_the_tested_ones() -> None:
+    """The trl extra declares the range the plug-in is tested with, and importing it under another warns."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert [Requirement(line).specifier for line in extras["trl"]] == [SUPPORTED["trl"]]
+    assert trl.__version__ in SUPPORTED["trl"]
+    with pytest.warns(UserWarning, match="tested with trl"):
+        warn_if_untested("trl", "1.17.0")

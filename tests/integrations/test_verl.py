@@ -655,3 +655,81 @@ def test_dgpo_exponents_reach_the_loss_through_the_target_override() -> None:
     assert not torch.allclose(via_verl[1], default[1])
     with pytest.raises(ValueError, match="dgpo_m"):
         CEGPPOPolicyLossConfig(dgpo_m=0.0)
+
+
+def test_an_unknown_loss_name_fails_when_verl_builds_the_config() -> None:
+    """verl looks the loss up only at the first update, after a rollout; with the _target_ line the name is
+    checked when verl builds the actor config (validate_config on the driver, before Ray starts)."""
+    overrides = [
+        "actor_rollout_ref.actor.policy_loss.loss_mode=ce-gppo",
+        TARGET,
+        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
+    ]
+    with pytest.raises(Exception, match="ce-gppo") as error:
+        compose_actor(overrides)
+    assert "actor_rollout_ref.model.external_lib=cegppo.integrations.verl" in str(error.value)
+    assert "'ce_gppo'" in str(error.value)
+
+
+def test_the_target_line_loads_the_plugin_where_verl_builds_the_config() -> None:
+    """With verl's plug-in discovery off and cegppo not imported, composing a config that names
+    CEGPPOPolicyLossConfig registers cegppo's losses in that process (as in each Ray worker)."""
+    code = (
+        "import os, sys\n"
+        "sys.path.insert(0, os.environ['TESTS_DIR'])\n"
+        "from verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY\n"
+        "before = 'ce_gppo' in POLICY_LOSS_REGISTRY\n"
+        "from test_verl import TARGET, compose_actor\n"
+        "actor = compose_actor(['actor_rollout_ref.actor.policy_loss.loss_mode=ce_gppo', TARGET,\n"
+        "                       'actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2'])\n"
+        "print(before, 'ce_gppo' in POLICY_LOSS_REGISTRY, type(actor.policy_loss).__name__)\n"
+    )
+    env = {
+        **os.environ,
+        "VERL_USE_EXTERNAL_PLUGINS": "none",
+        "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO / "tests")]),
+        "TESTS_DIR": str(Path(__file__).parent),
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "False True CEGPPOPolicyLossConfig"
+
+
+def test_the_releases_spellings_are_accepted() -> None:
+    """loss_func=gppo_general and gppo_loss_beta1/2 of the authors' release (a verl 0.2 fork), in verl 0.9's
+    policy_loss section; its positive_loss_coeff (an SFT term stock verl lacks) is refused, not ignored."""
+    actor = compose_actor(
+        [
+            "actor_rollout_ref.actor.policy_loss.loss_mode=gppo_general",
+            TARGET,
+            "+actor_rollout_ref.actor.policy_loss.gppo_loss_beta1=0.75",
+            "+actor_rollout_ref.actor.policy_loss.gppo_loss_beta2=1.0",
+            "actor_rollout_ref.actor.clip_ratio_c=10.0",
+            "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
+        ]
+    )
+    assert (actor.policy_loss.beta1, actor.policy_loss.beta2) == (0.75, 1.0)
+    batch = random_batch(seed=37)
+    via_verl = run(core_algos.get_policy_loss_fn(actor.policy_loss.loss_mode), batch, "token-mean", actor)
+    config = PolicyLossConfig(beta1=0.75, clip_ratio_high=actor.clip_ratio_high, clip_ratio_c=10.0)
+    direct = run(get_policy_loss_fn("ce_gppo"), batch, "token-mean", config)
+    torch.testing.assert_close(via_verl[0], direct[0])
+    torch.testing.assert_close(via_verl[1], direct[1])
+    with pytest.raises(ValueError, match="disagree"):
+        CEGPPOPolicyLossConfig(beta1=0.3, gppo_loss_beta1=0.75)
+    with pytest.raises(ValueError, match="positive_loss_coeff"):
+        CEGPPOPolicyLossConfig(positive_loss_coeff=0.1)
+
+
+def test_verl_bounds_in_pyproject_are_the_tested_ones() -> None:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    import verl
+    from packaging.requirements import Requirement
+
+    from cegppo.integrations._versions import SUPPORTED
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert [Requirement(line).specifier for line in extras["verl"]] == [SUPPORTED["verl"]]
+    assert verl.__version__ in SUPPORTED["verl"]

@@ -11,18 +11,24 @@ reference model (``beta``), logging, ``accelerate``/DeepSpeed/FSDP. Only ``GRPOT
 replaced, TRL's supported extension route. TRL's clip knobs keep their meaning: ``epsilon`` is ε_low,
 ``epsilon_high`` is ε_high and ``delta`` is the dual-clip bound c (TRL's "two-sided clipping" is exactly
 dual-clip; here it defaults to 10, the CE-GPPO recipe's value); ``sapo_temperature_{pos,neg}`` and
-``vespo_{k,lambda}_{pos,neg}`` reach ``loss_mode="sapo"``/``"vespo"``. TRL's ``loss_type`` values map to
-``loss_mode="vanilla"`` with an aggregation (``dapo``: ``token-mean``, ``grpo``: ``seq-mean-token-mean``, ``dr_grpo``:
-``seq-mean-token-sum-norm``), or to the losses ``sapo``, ``luspo``, ``vespo``, ``cispo``; ``bnpo`` (a token mean over
-each micro-batch's own tokens) is not offered because its gradient depends on how a step is split into
-micro-batches: ``token-mean`` is the split-free version. ``loss_type`` is replaced by ``loss_mode``
-(the registered loss) and ``loss_agg_mode`` (the aggregation), normalised as TRL normalises:
+``vespo_{k,lambda}_{pos,neg}`` reach ``loss_mode="sapo"``/``"vespo"``. TRL's ``loss_type`` is replaced by
+``loss_mode`` (the registered loss) and ``loss_agg_mode`` (the aggregation); setting ``loss_type`` to anything but
+TRL's default is an error whose message names the replacement (:data:`TRL_LOSS_TYPES`: ``dapo``, ``grpo`` and
+``dr_grpo`` are ``loss_mode="vanilla"`` with an aggregation; ``sapo``, ``luspo``, ``vespo``, ``cispo`` are losses of
+the same name). ``bnpo`` (a token mean over each micro-batch's own tokens) is not offered because its gradient
+depends on how a step is split into micro-batches: ``token-mean`` is the split-free version. The aggregations are
+normalised as TRL normalises:
 
 - ``token-mean``: Σ loss / tokens of the optimizer step across processes, as TRL's ``dapo``;
 - ``seq-mean-token-mean``: mean of per-sequence token means, as TRL's ``grpo``;
 - ``seq-mean-token-sum-norm``: Σ loss / (sequences · ``loss_scale_factor``, default ``max_completion_length``),
   as TRL's ``dr_grpo``;
 - ``seq-mean-token-sum``: mean of per-sequence token sums.
+
+TRL's per-token multipliers act as in TRL: the high-entropy mask (``top_entropy_quantile``) and the off-policy
+sequence mask (``off_policy_mask_threshold``) multiply the token loss; the vLLM importance-sampling ratio multiplies it
+too, except under ``vespo``, whose sequence weight takes it inside (TRL's ``vespo``, which then needs a token-level
+``vllm_importance_sampling_mode``).
 
 Clipping only acts when the policy has moved since generation: set ``num_iterations`` > 1 or
 ``steps_per_generation`` > ``gradient_accumulation_steps`` (with TRL's defaults the ratio is exactly 1).
@@ -40,15 +46,35 @@ from typing import Any
 
 import torch
 
+from cegppo.integrations._versions import SUPPORTED, warn_if_untested
+
 try:
+    import trl
     from trl import GRPOConfig, GRPOTrainer
     from trl.trainer.utils import nanmax, nanmin
 except ImportError as exc:  # pragma: no cover - exercised only without trl
-    raise ImportError("cegppo.integrations.trl needs TRL (tested with trl 1.16): `pip install trl`") from exc
+    raise ImportError(
+        f"cegppo.integrations.trl needs TRL {SUPPORTED['trl']}: `pip install '.[trl]'` in a cegppo checkout"
+    ) from exc
 
 from cegppo.losses import LOSS_AGG_MODES, PolicyLossConfig, agg_loss, get_policy_loss_fn, list_policy_losses
 
 _DEFAULTS = PolicyLossConfig()
+warn_if_untested("trl", trl.__version__)
+_DEFAULT_LOSS_TYPE = next(f.default for f in dataclasses.fields(GRPOConfig) if f.name == "loss_type")
+# TRL's loss_type values and the (loss_mode, loss_agg_mode) that reproduce them; None: not offered (see above).
+TRL_LOSS_TYPES: dict[str, tuple[str, str] | None] = {
+    "dapo": ("vanilla", "token-mean"),
+    "grpo": ("vanilla", "seq-mean-token-mean"),
+    "dr_grpo": ("vanilla", "seq-mean-token-sum-norm"),
+    "bnpo": None,
+    "cispo": ("cispo", "token-mean"),
+    "sapo": ("sapo", "seq-mean-token-mean"),
+    "luspo": ("luspo", "seq-mean-token-sum"),
+    "vespo": ("vespo", "token-mean"),
+}
+# vLLM importance-sampling modes that give one ratio per token (VESPO sums their logs into its sequence weight).
+_TOKEN_IS_MODES = ("token_truncate", "token_mask")
 
 
 def _help(text: str) -> dict[str, dict[str, str]]:
@@ -93,6 +119,8 @@ class CEGPPOConfig(GRPOConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.loss_type != _DEFAULT_LOSS_TYPE:
+            raise ValueError(_loss_type_message(self.loss_type))
         get_policy_loss_fn(self.loss_mode)
         if self.loss_mode == "bypass_mode":
             raise ValueError(
@@ -109,6 +137,22 @@ class CEGPPOConfig(GRPOConfig):
             raise ValueError(
                 "CEGPPOConfig.importance_sampling_level must be 'token': the losses take per-token ratios "
                 "(loss_mode='gspo' forms the sequence ratio itself)"
+            )
+        if (
+            self.loss_mode == "vespo"
+            and self.use_vllm
+            and self.vllm_importance_sampling_correction
+            and self.vllm_importance_sampling_mode not in _TOKEN_IS_MODES
+        ):
+            raise ValueError(
+                f"CEGPPOConfig.vllm_importance_sampling_mode={self.vllm_importance_sampling_mode!r}: "
+                f"loss_mode='vespo' folds the vLLM ratio into its sequence weight token by token, so it needs one "
+                f"of {_TOKEN_IS_MODES} (as TRL's loss_type='vespo')"
+            )
+        if self.loss_mode == "geo_mean" and self.top_entropy_quantile < 1.0:
+            raise ValueError(
+                "CEGPPOConfig.top_entropy_quantile < 1 with loss_mode='geo_mean': GMPO's token losses share one "
+                "sequence ratio, so TRL's per-token entropy mask has no token loss to multiply"
             )
         if self.entropy_coef != 0.0 or self.use_adaptive_entropy:
             raise ValueError(
@@ -140,6 +184,26 @@ class CEGPPOConfig(GRPOConfig):
             vespo_lambda_neg=self.vespo_lambda_neg,
             dro_beta=self.dro_beta,
         )
+
+
+def _loss_type_message(loss_type: str) -> str:
+    replacement = TRL_LOSS_TYPES.get(loss_type)
+    if replacement is None:
+        hint = (
+            "it has no replacement: its gradient depends on how a step is split into micro-batches; "
+            "loss_agg_mode='token-mean' is the split-free token mean"
+            if loss_type in TRL_LOSS_TYPES
+            else f"TRL's loss types are {sorted(TRL_LOSS_TYPES)}"
+        )
+    else:
+        mode, aggregation = replacement
+        hint = f"for TRL's {loss_type!r} set loss_mode={mode!r}, loss_agg_mode={aggregation!r}"
+        if loss_type == "cispo":
+            hint += " (our cispo clips δ to [1-epsilon, 1+epsilon_high]; TRL's caps it at epsilon_high)"
+    return (
+        f"CEGPPOConfig.loss_type={loss_type!r}: CEGPPOTrainer does not read loss_type (loss_mode and "
+        f"loss_agg_mode replace it), while TRL's own checks would; leave it at {_DEFAULT_LOSS_TYPE!r}. {hint}"
+    )
 
 
 # Arguments of GRPOTrainer._get_per_token_logps_and_entropies that the loss sets itself; the others are
@@ -212,33 +276,47 @@ class CEGPPOTrainer(GRPOTrainer):
         if old_per_token_logps is None:  # TRL skips it when the batch is used once: the ratio is exactly 1
             old_per_token_logps = per_token_logps.detach()
 
-        # TRL's per-token multipliers (entropy mask, off-policy sequence mask, vLLM importance sampling) all
-        # scale the token loss before aggregation, which is what the registry's rollout_is_weights does.
-        weights = []
+        # TRL's 0/1 masks (high-entropy tokens, off-policy sequences) multiply the token loss.
+        keep = None
         if self.top_entropy_quantile < 1.0:
-            weights.append(self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile))
+            keep = self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile)
         if self.off_policy_mask_threshold is not None:
-            weights.append(
-                self.get_off_policy_mask(
-                    advantages=advantages,
-                    per_token_logps=per_token_logps,
-                    sampling_per_token_logps=inputs.get("sampling_per_token_logps", old_per_token_logps),
-                    mask=mask,
-                    off_policy_threshold=self.off_policy_mask_threshold,
-                )
+            off_policy_mask = self.get_off_policy_mask(
+                advantages=advantages,
+                per_token_logps=per_token_logps,
+                sampling_per_token_logps=inputs.get("sampling_per_token_logps", old_per_token_logps),
+                mask=mask,
+                off_policy_threshold=self.off_policy_mask_threshold,
             )
+            keep = off_policy_mask if keep is None else keep * off_policy_mask
+        sampler_ratio = None
         if self.use_vllm and self.vllm_importance_sampling_correction:
-            weights.append(inputs["importance_sampling_ratio"])
-        rollout_is_weights = None
-        for weight in weights:
-            weight = weight.to(per_token_logps.dtype).expand_as(per_token_logps)
-            rollout_is_weights = weight if rollout_is_weights is None else rollout_is_weights * weight
+            sampler_ratio = inputs["importance_sampling_ratio"]
+        keep, sampler_ratio = (
+            None if w is None else w.to(per_token_logps.dtype).expand_as(per_token_logps)
+            for w in (keep, sampler_ratio)
+        )
+        loss_log_prob, loss_old_log_prob = per_token_logps, old_per_token_logps
+        if self.args.loss_mode == "vespo":
+            # VESPO takes the sampler ratio inside its sequence weight w (rollout_is_weights enter log w, as in
+            # TRL), so the masks cannot travel with it. Its token loss −sg(φ(w))·A·log π is linear in log π and
+            # reads the ratio only detached: scaling log π by the mask while keeping log δ's value multiplies that
+            # token loss by the mask, value and gradient, as TRL does.
+            rollout_is_weights = sampler_ratio
+            if keep is not None:
+                loss_log_prob = keep * per_token_logps
+                loss_old_log_prob = old_per_token_logps - (1 - keep) * per_token_logps.detach()
+        elif keep is None or sampler_ratio is None:
+            # The other losses multiply their token losses by rollout_is_weights before aggregating.
+            rollout_is_weights = sampler_ratio if keep is None else keep
+        else:
+            rollout_is_weights = keep * sampler_ratio
 
         training = self.model.training
         config = self._batch_config(inputs, completion_ids.size(0), training)
         loss, metrics = self.policy_loss_fn(
-            old_log_prob=old_per_token_logps,
-            log_prob=per_token_logps,
+            old_log_prob=loss_old_log_prob,
+            log_prob=loss_log_prob,
             advantages=advantages,
             response_mask=mask,
             loss_agg_mode=self.args.loss_agg_mode,

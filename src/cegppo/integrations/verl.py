@@ -10,20 +10,24 @@ Losses that need the per-token entropy (``grpo_erc``, ``gppo_erc``, ``ce_gppo_er
 :func:`cegppo.losses.policy_loss_needs_entropy`) are not registered: verl's ``PolicyLossFn`` receives neither the
 current nor the old policy's entropy (docs/losses.md says how to get them into a verl actor).
 
-verl loads the module in its Ray workers through any one of: the ``verl.plugins`` entry point that the cegppo
-package declares (verl 0.9+ imports every such plug-in on ``import verl``), or
-``actor_rollout_ref.model.external_lib=cegppo.integrations.verl``, or ``VERL_USE_EXTERNAL_MODULES``. Select the
-loss with ``actor_rollout_ref.actor.policy_loss.loss_mode=ce_gppo``.
+Select the loss and its settings with the subclass :class:`CEGPPOPolicyLossConfig` of verl's fixed
+``PolicyLossConfig``::
 
-β1/β2: verl's ``PolicyLossConfig`` is a fixed dataclass, so set them through the subclass
-:class:`CEGPPOPolicyLossConfig`::
-
+    actor_rollout_ref.actor.policy_loss.loss_mode=ce_gppo
     actor_rollout_ref.actor.policy_loss._target_=cegppo.integrations.verl.CEGPPOPolicyLossConfig
     +actor_rollout_ref.actor.policy_loss.beta1=0.75
     +actor_rollout_ref.actor.policy_loss.beta2=1.0
 
-Without the subclass, ``ce_gppo`` uses the paper's β1 = 0.5, β2 = 1 (:class:`cegppo.losses.PolicyLossConfig`'s
-defaults). VESPO's ``vespo_{k,lambda}_{pos,neg}`` are set the same way; SAPO's ``tau_pos``/``tau_neg`` and DRO's
+The ``_target_`` line makes verl import this module wherever it builds the actor config: on the driver, in
+``validate_config`` before Ray starts, and in every worker as it starts. There :class:`CEGPPOPolicyLossConfig`
+checks ``loss_mode`` against verl's registry, so a name verl does not know fails at config time, not at the first
+update after a rollout. Without it the module must reach the workers another way (the ``verl.plugins`` entry point
+that the installed cegppo package declares, which verl 0.9+ imports on ``import verl``;
+``actor_rollout_ref.model.external_lib=cegppo.integrations.verl``; or ``VERL_USE_EXTERNAL_MODULES``), nothing of
+cegppo runs on the driver, and ``ce_gppo`` uses the paper's β1 = 0.5, β2 = 1. The authors' release spellings
+``loss_mode=gppo_general`` and ``gppo_loss_beta1``/``gppo_loss_beta2`` are accepted (:data:`RELEASE_LOSS_NAMES`);
+its ``positive_loss_coeff`` (an SFT term stock verl does not have) is an error. Tested with verl 0.9.1
+(:data:`cegppo.integrations._versions.SUPPORTED`; other versions warn on import). VESPO's ``vespo_{k,lambda}_{pos,neg}`` are set the same way; SAPO's ``tau_pos``/``tau_neg`` and DRO's
 ``policy_loss.dro_beta`` are verl's own keys. Everything else comes from verl's actor config (:func:`policy_loss_config_from_verl`), and verl's
 ``global_batch_info`` (data-parallel size, global token and sequence counts) reaches the aggregation, so the
 loss does not depend on how verl splits a mini-batch into micro-batches and ranks.
@@ -41,18 +45,22 @@ from typing import Any
 
 import torch
 
+from cegppo.integrations._versions import SUPPORTED, warn_if_untested
+
 try:
+    import verl
     from verl.trainer.ppo import core_algos
     from verl.workers.config import PolicyLossConfig as VerlPolicyLossConfig
 except ImportError as exc:  # pragma: no cover - exercised only without verl
     raise ImportError(
-        "cegppo.integrations.verl needs verl (tested with verl 0.9.1): `pip install verl`, or see "
-        "docs/scaling.md for a CPU-only install of the parts the loss needs"
+        f"cegppo.integrations.verl needs verl{SUPPORTED['verl']}: `pip install '.[verl]'` in a cegppo checkout, "
+        "or see docs/scaling.md"
     ) from exc
 
 from cegppo.losses import POLICY_LOSS_REGISTRY, PolicyLossConfig, PolicyLossFn, policy_loss_needs_entropy
 
 logger = logging.getLogger(__name__)
+warn_if_untested("verl", verl.__version__)
 
 # Losses verl has no version of keep their own name; the others get a prefix so verl's stay reachable.
 _UNPREFIXED = ("ce_gppo", "gppo", "luspo", "vespo", "dgpo")
@@ -89,6 +97,9 @@ _ROLLOUT_CORRECTION_KEYS = {
 }
 # Settings verl keeps at the top of the actor config.
 _ACTOR_KEYS = ("tau_pos", "tau_neg")
+# The authors' release (a verl 0.2 fork) selects CE-GPPO with actor.loss_func=gppo_general; registered as an alias.
+RELEASE_LOSS_NAMES = {"gppo_general": "ce_gppo"}
+_LOSS_MODE_KEY = "actor_rollout_ref.actor.policy_loss.loss_mode"
 
 
 def verl_loss_name(name: str) -> str:
@@ -113,12 +124,50 @@ class CEGPPOPolicyLossConfig(VerlPolicyLossConfig):
     vespo_lambda_neg: float = _DEFAULTS.vespo_lambda_neg
     dgpo_n: float = _DEFAULTS.dgpo_n
     dgpo_m: float = _DEFAULTS.dgpo_m
+    # The authors' release spellings of beta1/beta2, and its SFT coefficient (refused: see __post_init__).
+    gppo_loss_beta1: float | None = None
+    gppo_loss_beta2: float | None = None
+    positive_loss_coeff: float = 0.0
 
     def __post_init__(self) -> None:
         # Fail when verl builds the actor config (on the driver, before any GPU work), not at the first update.
+        for name, alias in (("beta1", "gppo_loss_beta1"), ("beta2", "gppo_loss_beta2")):
+            value = getattr(self, alias)
+            if value is None:
+                continue
+            if getattr(self, name) not in (getattr(_DEFAULTS, name), value):
+                raise ValueError(
+                    f"actor_rollout_ref.actor.policy_loss: {name}={getattr(self, name)} and {alias}={value} "
+                    f"disagree ({alias} is the authors' release spelling of {name}); set one of them"
+                )
+            object.__setattr__(self, name, value)  # verl's BaseConfig freezes fields once set
+        if self.positive_loss_coeff != 0.0:
+            raise ValueError(
+                f"actor_rollout_ref.actor.policy_loss.positive_loss_coeff={self.positive_loss_coeff}: the authors' "
+                "release adds this SFT term (NLL on correct responses) in its own actor; stock verl has no such "
+                "term and a policy loss cannot add it. cegppo's own trainer has it: actor.positive_loss_coeff"
+            )
         PolicyLossConfig(
             **{name: getattr(self, name) for name in ("beta1", "beta2", *_VESPO_KEYS, *_DGPO_KEYS)}
         )
+        if self.loss_mode not in core_algos.POLICY_LOSS_REGISTRY:
+            raise ValueError(_unknown_loss_message(self.loss_mode))
+
+
+def _unknown_loss_message(name: str) -> str:
+    ours = sorted(
+        verl_loss_name(loss) for loss in POLICY_LOSS_REGISTRY if not policy_loss_needs_entropy(loss)
+    )
+    theirs = sorted(set(core_algos.POLICY_LOSS_REGISTRY) - set(ours) - set(RELEASE_LOSS_NAMES))
+    return (
+        f"{_LOSS_MODE_KEY}={name!r}: verl has no policy loss of that name in this process. cegppo's plug-in is "
+        f"loaded here and registers {ours} (and the release's {sorted(RELEASE_LOSS_NAMES)}); verl's own are "
+        f"{theirs}. A loss from another plug-in must be imported wherever verl builds this config, the driver "
+        "included: through its verl.plugins entry point or VERL_USE_EXTERNAL_MODULES=<module> "
+        "(actor_rollout_ref.model.external_lib=<module> imports it in the workers only). Without the _target_ "
+        "line, cegppo's losses reach the workers through cegppo's verl.plugins entry point (an installed "
+        "cegppo) or actor_rollout_ref.model.external_lib=cegppo.integrations.verl"
+    )
 
 
 def _count(value: Any, key: str) -> int | None:
@@ -220,6 +269,8 @@ def register_with_verl() -> dict[str, str]:
             logger.warning("replacing verl's policy loss %r with cegppo's %r", verl_name, name)
         core_algos.register_policy_loss(verl_name)(as_verl_policy_loss(fn))
         names[name] = verl_name
+    for alias, name in RELEASE_LOSS_NAMES.items():
+        core_algos.register_policy_loss(alias)(core_algos.POLICY_LOSS_REGISTRY[names[name]])
     return names
 
 
