@@ -47,11 +47,11 @@ class MasterWeightAdamW(torch.optim.AdamW):
 
     def _take_grad(self, param: torch.Tensor) -> None:
         master = self._master_of[param]
-        grad = param.grad.to(device=master.device, dtype=torch.float32)
+        grad = param.grad.to(master.device)  # in the parameter's dtype: half the bytes over PCIe for bfloat16
         if master.grad is None:  # may be param.grad itself (float32 on the same device): released below
-            master.grad = grad
+            master.grad = grad.float()
         else:
-            master.grad.add_(grad)
+            master.grad.add_(grad)  # exact upcast, float32 sum
         param.grad = None
 
     @torch.no_grad()
