@@ -59,15 +59,19 @@ def test_activations_per_token_match_what_autograd_saves(dtype, autocast):
     assert 1.0 <= shape.num_layers * per_layer / measured <= 1.15
 
 
-def _distill_qwen_1p5b() -> ModelShape:
-    """DeepSeek-R1-Distill-Qwen-1.5B's shape (untied head: 1.78B parameters), built without memory."""
+def _distill_qwen(size: str) -> ModelShape:
+    """DeepSeek-R1-Distill-Qwen-1.5B's or -7B's shape (untied heads), built without memory."""
+    hidden, inner, heads, kv_heads, vocab = {
+        "1.5b": (1536, 8960, 12, 2, 151936),
+        "7b": (3584, 18944, 28, 4, 152064),
+    }[size]
     config = Qwen2Config(
-        vocab_size=151936,
-        hidden_size=1536,
-        intermediate_size=8960,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=inner,
         num_hidden_layers=28,
-        num_attention_heads=12,
-        num_key_value_heads=2,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
         tie_word_embeddings=False,
     )
     with torch.device("meta"):
@@ -75,7 +79,7 @@ def _distill_qwen_1p5b() -> ModelShape:
 
 
 def test_the_1p5b_preset_needs_80_gb_and_fits_40_gb_with_bfloat16_and_offload():
-    shape = _distill_qwen_1p5b()
+    shape = _distill_qwen("1.5b")
     assert round(shape.num_params / 1e9, 2) == 1.78
     device = torch.device("cuda", 0)
     preset = load_config(CONFIGS / "paper_1p5b.yaml")
@@ -93,6 +97,20 @@ def test_the_1p5b_preset_needs_80_gb_and_fits_40_gb_with_bfloat16_and_offload():
     assert check_fits(on_40, small, 39 * GIB, 40 * GIB, device) is None
     assert on_40.optimizer == 0 and on_40.gradients == 0 and on_40.weights == shape.num_params * 2
     assert on_40.host_optimizer == shape.num_params * 16  # float32 masters, their gradients, two moments
+
+
+def test_the_7b_preset_fits_one_80_gb_card_with_its_optimizer_in_the_hosts_ram():
+    shape = _distill_qwen("7b")
+    preset = load_config(CONFIGS / "paper_7b.yaml")
+    estimate = estimate_memory(preset, shape, prompt_tokens=1024, device_bytes=80 * GIB)
+    assert check_fits(estimate, preset, 79 * GIB, 80 * GIB, torch.device("cuda")) is None
+    assert estimate.host_optimizer / GIB < 120
+    float32 = load_config(
+        CONFIGS / "paper_7b.yaml", ["actor.param_dtype=float32", "actor.optimizer_offload=false"]
+    )
+    estimate = estimate_memory(float32, shape, prompt_tokens=1024, device_bytes=141 * GIB)
+    with pytest.raises(ValueError, match="while updating"):  # not even on an H200
+        check_fits(estimate, float32, 140 * GIB, 141 * GIB, torch.device("cuda"))
 
 
 def test_the_cpu_rule_stops_above_the_ram_and_warns_above_what_is_available():

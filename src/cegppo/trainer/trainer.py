@@ -48,7 +48,7 @@ from cegppo.trainer.checkpoint import (
 )
 from cegppo.trainer.dynamic_sampling import GenerationRound, needs_another_round, training_batch
 from cegppo.trainer.memory import MemoryEstimate, ModelShape, check_fits, device_memory, estimate_memory
-from cegppo.trainer.optim import allocate_state
+from cegppo.trainer.optim import MasterWeightAdamW, allocate_state
 from cegppo.trainer.probe import Probe
 from cegppo.trainer.progress import Progress
 from cegppo.trainer.steering import BetaSteering
@@ -133,6 +133,13 @@ class Trainer:
             ref_model = disable_dropout(load_model_and_tokenizer(config.model.path, dtype=param_dtype)[0])
             ref_model.to(device)
         self.actor = Actor(self.model, ActorSettings.from_config(config), ref_model=ref_model)
+        masters_needed = config.actor.param_dtype != "float32" or config.actor.optimizer_offload
+        if masters_needed and not isinstance(self.actor.optimizer, MasterWeightAdamW):
+            raise ValueError(
+                "actor.param_dtype=bfloat16 and actor.optimizer_offload need the actor's optimizer from "
+                "cegppo.trainer.optim.build_optimizer (float32 master weights), which this version's actor "
+                "does not build yet; leave them at float32/false"
+            )
         # Before the rollout engine starts: vLLM sizes itself against what is left, and AdamW would otherwise
         # create its state inside the first update, in the blocks a sleeping vLLM gave back.
         allocate_state(self.actor.optimizer)
