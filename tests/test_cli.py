@@ -123,6 +123,28 @@ def test_eval_writes_results_for_each_benchmark(capsys, tiny_model_dir, tmp_path
     assert (out / "eval.md").read_text().count("\n| ") == 3
 
 
+@pytest.mark.parametrize(
+    ("flag", "expected"), [((), "autocast off"), (("--autocast", "bf16"), "autocast bf16")]
+)
+def test_eval_samples_on_the_cpu_in_float32_unless_told(capsys, tiny_model_dir, flag, expected):
+    """--autocast auto: bfloat16 autocast on CUDA (as the trainer samples), float32 on the CPU."""
+    rc, output = run_cli(
+        capsys,
+        "eval",
+        "--model", tiny_model_dir,
+        "--benchmarks", "arithmetic",
+        "--n", 1,
+        "--max-new-tokens", 2,
+        "--limit", 1,
+        "--reward-workers", 0,
+        "--device", "cpu",
+        "--quiet",
+        *flag,
+    )  # fmt: skip
+    assert rc == 0, output
+    assert f"(cpu, float32 weights, {expected})" in output
+
+
 def test_eval_with_a_custom_reward(capsys, tiny_model_dir, tmp_path):
     reward = tmp_path / "always.py"
     reward.write_text(ALWAYS_RIGHT)

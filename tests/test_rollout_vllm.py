@@ -6,7 +6,8 @@ vLLM does not produce on purpose (aborted or empty samples, non-finite log-probs
 the refusal of a model on another device than vLLM's, and that the package imports without vLLM.
 
 ``FakeLLM`` mimics ``vllm.LLM``: ``generate`` returns ``RequestOutput``-like objects (``prompt_token_ids``,
-``outputs[i].index / token_ids / logprobs[t][token].logprob / finish_reason``), ``collective_rpc`` calls a
+``outputs[i].index / token_ids / logprobs / finish_reason``, the log-probs flat as vLLM's ``FlatLogprobs``
+when ``flat_logprobs`` is asked for), ``collective_rpc`` calls a
 function with a worker whose ``model_runner.model.load_weights`` records what it receives, and sleep,
 wake-up and prefix-cache resets are logged in call order. The ``vllm`` module itself is replaced by a
 stand-in whose ``SamplingParams`` records its arguments.
@@ -38,7 +39,7 @@ from cegppo.rollout import (
     available_rollout_engines,
     build_rollout_engine,
 )
-from cegppo.rollout.vllm import _write_model_files
+from cegppo.rollout.vllm import _colocated_executor, _load_weights_on_worker, _write_model_files
 from cegppo.trainer import Trainer
 
 QUESTIONS = ["What is 1 + 2?", "What is 12 + 30? Think step by step.", "Hi"]
@@ -77,6 +78,18 @@ class FakeVLLMModel:
         return (param for _, param in self.named_parameters())
 
 
+class FakeFlatLogprobs:
+    """vLLM's ``FlatLogprobs`` of a sample asked for ``logprobs=0``: one (token, log-prob) per position."""
+
+    def __init__(self, token_ids, logprobs):
+        self.token_ids, self.logprobs = list(token_ids), list(logprobs)
+        self.start_indices = list(range(len(self.logprobs)))
+        self.end_indices = [i + 1 for i in self.start_indices]
+
+    def __len__(self):
+        return len(self.start_indices)
+
+
 class FakeLLM:
     """``vllm.LLM``'s interface; ``respond(prompt_index, prompt_ids, params)`` scripts each prompt's samples
     as ``(token_ids, logprobs, finish_reason)`` triples, returned in reverse ``index`` order."""
@@ -98,10 +111,7 @@ class FakeLLM:
                 SimpleNamespace(
                     index=j,
                     token_ids=tuple(tokens),
-                    logprobs=[
-                        {tok: SimpleNamespace(logprob=lp, rank=1)}
-                        for tok, lp in zip(tokens, lps, strict=True)
-                    ],
+                    logprobs=FakeFlatLogprobs(tokens, lps) if params.kwargs.get("flat_logprobs") else None,
                     finish_reason=reason,
                 )
                 for j, (tokens, lps, reason) in enumerate(samples)
@@ -277,6 +287,7 @@ def test_sampling_params_sent_to_vllm_and_seeding(fake_vllm, tiny_llama, tiny_to
         "top_k": 20,
         "max_tokens": 2,
         "logprobs": 0,
+        "flat_logprobs": True,
         "stop_token_ids": [tiny_tokenizer.eos_token_id],
         "detokenize": False,
     }
@@ -312,6 +323,45 @@ def test_sync_weights_pushes_every_parameter_by_reference(fake_vllm, tiny_tokeni
         assert tensor.data_ptr() == params[name].data_ptr()  # handed over, not copied
     assert torch.equal(dict(pushed)["model.norm.weight"], torch.full((16,), 2.0))
     assert llm.calls[-2:] == [("collective_rpc",), ("reset_prefix_cache",)]
+
+
+def test_the_in_place_reload_goes_through_the_workers_method(tiny_llama):
+    """vLLM's worker wraps its runner's reload in the config context its layers read; calling the runner
+    directly would skip it."""
+    model = FakeVLLMModel(hf_names(tiny_llama))
+    calls = []
+
+    def runner_reload(weights_iterator, is_checkpoint_format):
+        calls.append(("runner", is_checkpoint_format))
+        model.load_weights(weights_iterator)
+
+    def worker_reload(**kwargs):
+        calls.append(("worker: config context",))
+        runner_reload(**kwargs)
+
+    worker = SimpleNamespace(
+        model_runner=SimpleNamespace(model=model, reload_weights=runner_reload), reload_weights=worker_reload
+    )
+    weights = [(name, param.detach()) for name, param in tiny_llama.named_parameters()]
+    assert _load_weights_on_worker(worker, weights) == []
+    assert calls == [("worker: config context",), ("runner", True)]
+    assert [name for name, _ in model.received[0]] == hf_names(tiny_llama)
+
+
+def test_vllm_runs_on_the_policys_gpu(monkeypatch):
+    """The default executor puts vLLM's worker on cuda:0 whatever the policy's device; the external launcher
+    (TRL's colocate mode) puts it on cuda:$LOCAL_RANK."""
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(name, "")  # recorded, so that the test leaves the environment as it found it
+        monkeypatch.delenv(name)
+    assert _colocated_executor(torch.device("cuda", 1)) == {
+        "distributed_executor_backend": "external_launcher"
+    }
+    assert (os.environ["RANK"], os.environ["LOCAL_RANK"], os.environ["WORLD_SIZE"]) == ("0", "1", "1")
+    assert os.environ["MASTER_ADDR"] == "127.0.0.1" and int(os.environ["MASTER_PORT"]) > 0
+    monkeypatch.setenv("MASTER_PORT", "29999")  # a rendezvous already configured is kept
+    _colocated_executor(torch.device("cuda", 0))
+    assert os.environ["LOCAL_RANK"] == "0" and os.environ["MASTER_PORT"] == "29999"
 
 
 def test_unmatched_parameters_are_an_error(fake_vllm, tiny_llama, tiny_tokenizer):
@@ -361,6 +411,7 @@ def test_sleeps_again_when_generation_fails(fake_vllm, tiny_llama, tiny_tokenize
         ([([], [], "stop")], "has 0 tokens"),
         ([([5, 6], [-1.0, float("-inf")], "length")], r"non-finite log-prob \(-inf\) for row 0, token 1"),
         ([([5], [-1.0], "stop"), ([6], [-1.0], "stop")], "2 samples for prompt 0, expected n=1"),
+        ([([5, 6], [-1.0], "length")], "lacks the sampled tokens' logprobs"),
     ],
 )
 def test_malformed_vllm_results(fake_vllm, tiny_llama, tiny_tokenizer, samples, message):

@@ -185,12 +185,24 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
         device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         model, tokenizer = load_model_and_tokenizer(model_path, dtype=getattr(torch, args.dtype))
         model.to(device)
-        engine = build_rollout_engine("hf", model, tokenizer, batch_size=args.batch_size)
+        # On a GPU the trainer's own precision (actor.bf16_autocast); on the CPU float32, as before.
+        autocast = (
+            args.autocast if args.autocast != "auto" else ("bf16" if model.device.type == "cuda" else "off")
+        )
+        engine = build_rollout_engine(
+            "hf",
+            model,
+            tokenizer,
+            batch_size=args.batch_size,
+            autocast_dtype=torch.bfloat16 if autocast == "bf16" else None,
+        )
         scorer = RewardScorer(reward)  # last: it starts worker processes
     except (ValueError, FileNotFoundError) as error:  # bad input: the message names the file or option
         console.print(f"[red]error:[/red] {error}", highlight=False)
         return 2
-    console.print(f"model: {model_path} ({device}, {args.dtype})", highlight=False)
+    console.print(
+        f"model: {model_path} ({device}, {args.dtype} weights, autocast {autocast})", highlight=False
+    )
     results = []
     progress_console = Console(stderr=True)
     columns = (
@@ -348,6 +360,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--reward-workers", type=int, default=1, help="scoring processes (0: in-process)")
     evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     evaluate.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weights dtype")
+    evaluate.add_argument(
+        "--autocast",
+        choices=("auto", "bf16", "off"),
+        default="auto",
+        help="bfloat16 autocast while sampling (auto: on for CUDA, as the trainer samples; off on the CPU)",
+    )
     evaluate.add_argument(
         "--batch-size", type=int, help="sequences per generate call (default: 8 problems x n)"
     )

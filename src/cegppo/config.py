@@ -190,6 +190,12 @@ class ActorConfig:
     warmup_steps: int = 0
     grad_clip: float = 1.0
     bf16_autocast: bool = True  # bfloat16 autocast for the update's forward passes (~2.4x faster on CPU)
+    # The policy's weights: float32, or bfloat16 with float32 master weights in the optimizer (verl's FSDP mixed
+    # precision; plain bfloat16 AdamW would round away lr = 1e-6 steps). Half the weights' and gradients' memory.
+    param_dtype: str = "float32"
+    # The float32 master weights and AdamW's state on the CPU, the optimizer step there (DeepSpeed's
+    # ZeRO-Offload): the GPU keeps only the weights, their gradients and the activations.
+    optimizer_offload: bool = False
     entropy_coeff: float = 0.0
     # Skywork-OR1's controller, as TRL's use_adaptive_entropy: after each optimiser update the coefficient moves
     # by entropy_coeff_delta (up when the update's entropy is <= entropy_target, else down), within
@@ -258,6 +264,9 @@ class TrainerConfig:
     quiet: bool = False
     num_threads: int | None = None
     device: str = "auto"  # auto: cuda if available, else cpu
+    # Refuse to start when the memory estimate (printed at start) exceeds the device's free memory (the CPU's
+    # RAM); false: a warning instead.
+    check_memory: bool = True
 
 
 @dataclass

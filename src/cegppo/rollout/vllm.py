@@ -36,6 +36,7 @@ import copy
 import inspect
 import logging
 import os
+import socket
 import tempfile
 from pathlib import Path
 from types import ModuleType
@@ -96,7 +97,9 @@ def _load_weights_on_worker(worker: Any, weights: list[tuple[str, torch.Tensor]]
     if reload is not None and "weights_iterator" in inspect.signature(reload).parameters:
         # vLLM's in-place reload puts back the weight loaders that its post-load processing removes (the
         # CPU kernels repack linear weights) and processes the new weights again; it only logs parameters
-        # left unset, so its call to load_weights is recorded to check them here.
+        # left unset, so its call to load_weights is recorded to check them here. It goes through the
+        # worker's own method, which sets the config context (set_current_vllm_config) the layers' weight
+        # processing reads, as vLLM's RLHF examples do.
         # Layers without weights of their own (rotary embeddings) are reported as "Failed to load weights"
         # at every push; the check below covers the parameters.
         layerwise_log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
@@ -104,7 +107,7 @@ def _load_weights_on_worker(worker: Any, weights: list[tuple[str, torch.Tensor]]
         model.load_weights = load_and_record
         layerwise_log.setLevel(logging.ERROR)
         try:
-            reload(weights_iterator=weights, is_checkpoint_format=True)
+            worker.reload_weights(weights_iterator=weights, is_checkpoint_format=True)
         finally:
             del model.load_weights
             layerwise_log.setLevel(level)
@@ -206,6 +209,8 @@ class VLLMRolloutEngine:
                 "seed": seed,
                 "logprobs_mode": "processed_logprobs",
             }
+            if platform == "cuda":
+                kwargs.update(_colocated_executor(self.device))
             if kv_cache_gib is not None:
                 kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
             if batch_size is not None:
@@ -257,6 +262,7 @@ class VLLMRolloutEngine:
             top_k=params.top_k,
             max_tokens=params.max_new_tokens,
             logprobs=0,  # only the sampled token's
+            flat_logprobs=True,  # flat lists per sample, not one dict per token (16k-token responses)
             stop_token_ids=list(self.eos_token_ids),
             detokenize=False,  # texts come from our tokenizer, as in the hf engine
         )
@@ -318,22 +324,34 @@ class VLLMRolloutEngine:
                         f"vLLM sample {completion.index} of prompt {i} has {len(row)} tokens and finish "
                         f"reason {completion.finish_reason!r}; expected >= 1 token, 'stop' or 'length'"
                     )
-                if completion.logprobs is None or len(completion.logprobs) != len(row):
+                flat = completion.logprobs  # FlatLogprobs: with logprobs=0, one entry per position
+                if flat is None or len(flat) != len(row) or list(flat.token_ids) != row:
                     raise RuntimeError(
-                        f"vLLM sample {completion.index} of prompt {i} lacks per-token logprobs"
+                        f"vLLM sample {completion.index} of prompt {i} lacks the sampled tokens' logprobs"
                     )
                 tokens.append(torch.tensor(row))
-                logprobs.append(
-                    torch.tensor(
-                        [step[token].logprob for step, token in zip(completion.logprobs, row, strict=True)]
-                    )
-                )
+                logprobs.append(torch.tensor(flat.logprobs, dtype=torch.float32))
         return tokens, logprobs
 
 
 def _requested_samples(params: SamplingParams) -> int:
     """Samples per prompt to ask vLLM for: greedy decoding gives n identical ones, and vLLM refuses n > 1."""
     return 1 if params.greedy else params.n
+
+
+def _colocated_executor(device: torch.device) -> dict[str, Any]:
+    """vLLM's executor for an engine in this process on the policy's GPU, as TRL's colocate mode builds it: the
+    external launcher, whose worker runs on ``cuda:$LOCAL_RANK`` (the default executor always takes cuda:0,
+    so with ``trainer.device=cuda:1`` vLLM would sit on another GPU than the policy). Sets the torchrun
+    variables of a one-process group; an address and port already set are kept."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    os.environ.update(RANK="0", LOCAL_RANK=str(index), WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(probe.getsockname()[1])
+    return {"distributed_executor_backend": "external_launcher"}
 
 
 def _vllm_device_type() -> str:

@@ -47,6 +47,8 @@ from cegppo.trainer.checkpoint import (
     set_rng_state,
 )
 from cegppo.trainer.dynamic_sampling import GenerationRound, needs_another_round, training_batch
+from cegppo.trainer.memory import MemoryEstimate, ModelShape, check_fits, device_memory, estimate_memory
+from cegppo.trainer.optim import MasterWeightAdamW, allocate_state
 from cegppo.trainer.probe import Probe
 from cegppo.trainer.progress import Progress
 from cegppo.trainer.steering import BetaSteering
@@ -118,16 +120,29 @@ class Trainer:
         self.scorer = RewardScorer(config.reward)
         self.reward_guard = RewardErrorGuard(config.reward)
         device = self._device()
+        param_dtype = getattr(torch, config.actor.param_dtype)
         self.model, self.tokenizer = load_model_and_tokenizer(
-            str(checkpoint / MODEL_DIR if checkpoint else config.model.path)
+            str(checkpoint / MODEL_DIR if checkpoint else config.model.path), dtype=param_dtype
         )
+        self.memory_estimate = self._check_memory(device)  # before anything is allocated on the device
         disable_dropout(self.model).to(device)
         if config.model.gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         ref_model = None
         if config.actor.use_kl_loss and checkpoint is not None:  # the reference is the starting policy
-            ref_model = disable_dropout(load_model_and_tokenizer(config.model.path)[0]).to(device)
+            ref_model = disable_dropout(load_model_and_tokenizer(config.model.path, dtype=param_dtype)[0])
+            ref_model.to(device)
         self.actor = Actor(self.model, ActorSettings.from_config(config), ref_model=ref_model)
+        masters_needed = config.actor.param_dtype != "float32" or config.actor.optimizer_offload
+        if masters_needed and not isinstance(self.actor.optimizer, MasterWeightAdamW):
+            raise ValueError(
+                "actor.param_dtype=bfloat16 and actor.optimizer_offload need the actor's optimizer from "
+                "cegppo.trainer.optim.build_optimizer (float32 master weights), which this version's actor "
+                "does not build yet; leave them at float32/false"
+            )
+        # Before the rollout engine starts: vLLM sizes itself against what is left, and AdamW would otherwise
+        # create its state inside the first update, in the blocks a sleeping vLLM gave back.
+        allocate_state(self.actor.optimizer)
         engine_options: dict[str, Any] = {
             "batch_size": config.rollout.batch_size,
             "autocast_dtype": torch.bfloat16 if config.actor.bf16_autocast else None,
@@ -171,6 +186,29 @@ class Trainer:
             run_dir, tensorboard=config.trainer.tensorboard, resume_step=self.step_count
         )
         self._stop_signal: int | None = None
+
+    def _check_memory(self, device: torch.device) -> MemoryEstimate:
+        """The run's memory estimate against the device (:mod:`cegppo.trainer.memory`): raises ValueError with
+        the numbers when it cannot fit, logs a warning when it may not."""
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"trainer.device={self.config.trainer.device}: CUDA is not available here")
+        free, total = device_memory(device)
+        rendered = [self._render(example) for example in self.train_data.examples]
+        ids = self.tokenizer(rendered, add_special_tokens=False)["input_ids"]
+        estimate = estimate_memory(
+            self.config,
+            ModelShape.of(self.model),
+            prompt_tokens=max(len(row) for row in ids),
+            device_bytes=total,
+        )
+        warning = check_fits(estimate, self.config, free, total, device)
+        if warning is not None:
+            log.warning("%s", warning)
+        if self.config.actor.optimizer_offload and device.type == "cpu":
+            log.warning(
+                "actor.optimizer_offload on the CPU saves no memory: the policy is on the CPU already"
+            )
+        return estimate
 
     def _device(self) -> torch.device:
         device = self.config.trainer.device
@@ -421,6 +459,7 @@ class Trainer:
         config = self.config.trainer
         started = time.perf_counter() - self.state["wall_s"]
         with Progress(total=config.total_steps, done=self.step_count, quiet=config.quiet) as progress:
+            progress.note(self.memory_estimate.describe())
             if self.state["heldout_acc_before"] is None and self.heldout:
                 progress.note("evaluating the held-out set before training")
                 self.state["heldout_acc_before"] = self.evaluate_heldout()
