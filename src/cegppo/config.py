@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cegppo.advantages import ADVANTAGE_REGISTRY
+from cegppo.data.benchmark import ARITHMETIC
 from cegppo.losses import KL_ESTIMATORS, LOSS_AGG_MODES, PolicyLossConfig, list_policy_losses
 from cegppo.rewards import RewardConfig
 
@@ -30,6 +31,10 @@ LOSS_SETTINGS = tuple(
     for f in dataclasses.fields(PolicyLossConfig)
     if f.name not in ("dp_size", "batch_num_tokens", "global_batch_size", "generator", "token_selection")
 )
+
+
+# data.task / data.heldout: follow the training data (resolved when a config is loaded, see resolve_data)
+AUTO = "auto"
 
 
 class ConfigError(ValueError):
@@ -46,11 +51,14 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    task: str | None = "arithmetic"  # a built-in task; set to null and give train_files for your own data
+    # The built-in task trained on: auto is arithmetic, unless data.train_files are given (then none: the files)
+    task: str | None = AUTO
     train_files: list[str] = field(default_factory=list)  # JSONL/Parquet, {problem, answer} or verl's schema
     train_size: int = 5000  # problems generated for a built-in task
     digits: int = 2  # operand digits of the arithmetic task and of the `arithmetic` held-out set (1-4)
-    heldout: str | None = "arithmetic"  # greedy accuracy before/after: a benchmark name or a prompt file
+    # Greedy accuracy before/after training: a benchmark name or a prompt file; auto is the built-in task's own
+    # held-out set (arithmetic), and none for train_files (give their held-out file here); null: none
+    heldout: str | None = AUTO
     heldout_size: int = 200
     train_batch_size: int = 8  # prompts per step
     system_prompt: str | None = None  # replaces the chat template's default system turn
@@ -274,11 +282,18 @@ class Config:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults, then the YAML file, then ``key.sub=value`` overrides; typed and validated."""
+    """Defaults, then the YAML file, then ``key.sub=value`` overrides; typed, resolved and validated.
+
+    A list-of-text key (``data.train_files``, ``eval.benchmarks``) also takes one value without brackets.
+    """
     merged = OmegaConf.structured(Config)
     if path is not None:
+        values = load_yaml_mapping(path)
+        for key in _TEXT_LIST_KEYS:
+            if isinstance(OmegaConf.select(values, key), str):
+                OmegaConf.update(values, key, [OmegaConf.select(values, key)])
         try:
-            merged = OmegaConf.merge(merged, load_yaml_mapping(path))
+            merged = OmegaConf.merge(merged, values)
         except OmegaConfBaseException as error:
             raise ConfigError(f"{path}: {_describe(error)}") from None
     for override in overrides:
@@ -286,31 +301,63 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"override {override!r} must look like key.sub=value")
         key, value = override.split("=", 1)
         try:
+            # As typed: from_dotlist reads values as YAML, so `trainer.name=007` would name the run "7"; and one
+            # path without brackets is a list of one.
             if _is_text(key) and value not in ("null", "~"):
-                # as typed: from_dotlist reads values as YAML, so `trainer.name=007` would name the run "7"
-                for part in reversed(key.split(".")):
-                    value = {part: value}
-                merged = OmegaConf.merge(merged, OmegaConf.create(value))
+                typed: Any = value
+            elif key in _TEXT_LIST_KEYS and not value.lstrip().startswith("[") and value not in ("null", "~"):
+                typed = [value]
             else:
                 merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([override]))
+                continue
+            for part in reversed(key.split(".")):
+                typed = {part: typed}
+            merged = OmegaConf.merge(merged, OmegaConf.create(typed))
         except OmegaConfBaseException as error:
             raise ConfigError(f"override {override!r}: {_describe(error)}") from None
     config = OmegaConf.to_object(merged)
     assert isinstance(config, Config)
+    resolve_data(config.data)
     validate(config)
     return config
 
 
+def resolve_data(data: DataConfig) -> None:
+    """Settle ``auto``: the arithmetic task unless train files are given, and the held-out set that goes with the
+    training data (the task's own; none for files). Resolved values are what a run's config.yaml records."""
+    if data.task == AUTO:
+        data.task = None if data.train_files else ARITHMETIC
+    if data.heldout == AUTO:
+        data.heldout = ARITHMETIC if data.task == ARITHMETIC else None
+
+
 def _is_text(key: str) -> bool:
     """Whether the dotted key is a ``str`` (or ``str | None``) field of ``Config``."""
+    node = _field_type(key)
+    is_union = typing.get_origin(node) in (typing.Union, types.UnionType)
+    return node is str or (is_union and set(typing.get_args(node)) == {str, type(None)})
+
+
+def _field_type(key: str) -> Any:
+    """The declared type of the dotted key in ``Config`` (None for an unknown key)."""
     node: Any = Config
     for part in key.split("."):
         hints = typing.get_type_hints(node) if dataclasses.is_dataclass(node) else {}
         if part not in hints:
-            return False
+            return None
         node = hints[part]
-    is_union = typing.get_origin(node) in (typing.Union, types.UnionType)
-    return node is str or (is_union and set(typing.get_args(node)) == {str, type(None)})
+    return node
+
+
+def _text_list_keys(node: Any = None, prefix: str = "") -> list[str]:
+    """The dotted keys of ``list[str]`` fields, e.g. ``data.train_files``."""
+    keys = []
+    for name, hint in typing.get_type_hints(node or Config).items():
+        if dataclasses.is_dataclass(hint):
+            keys += _text_list_keys(hint, f"{prefix}{name}.")
+        elif hint == list[str]:
+            keys.append(prefix + name)
+    return keys
 
 
 def load_yaml_mapping(path: str | Path) -> DictConfig:
@@ -331,20 +378,11 @@ def load_yaml_mapping(path: str | Path) -> DictConfig:
     return values
 
 
-def config_from_dict(values: dict[str, Any]) -> Config:
-    """A validated config from a (nested) dict, e.g. a run directory's ``config.yaml``."""
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(values))
-    except OmegaConfBaseException as error:
-        raise ConfigError(_describe(error)) from None
-    config = OmegaConf.to_object(merged)
-    assert isinstance(config, Config)
-    validate(config)
-    return config
-
-
 def to_yaml(config: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+_TEXT_LIST_KEYS = _text_list_keys()
 
 
 def _describe(error: OmegaConfBaseException) -> str:
@@ -456,7 +494,13 @@ def _check_model(m: ModelConfig) -> None:
 
 def _check_data(d: DataConfig) -> None:
     _check(d.task is not None or bool(d.train_files), "data.task", d.task, "set a task or data.train_files")
-    _check(d.task in (None, "arithmetic"), "data.task", d.task, "built-in tasks: ['arithmetic']")
+    _check(d.task in (None, AUTO, ARITHMETIC), "data.task", d.task, f"built-in tasks: [{ARITHMETIC!r}]")
+    _check(
+        d.task in (None, AUTO) or not d.train_files,
+        "data.task",
+        d.task,
+        f"data.train_files={d.train_files} are given too: set data.task=auto to train on the files, or drop them",
+    )
     _check(type(d.digits) is int and 1 <= d.digits <= 4, "data.digits", d.digits, "an integer in [1, 4]")
     _positive("data", d, "train_batch_size", "train_size", "heldout_size")
 

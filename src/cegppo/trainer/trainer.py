@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from cegppo.advantages import get_advantage_fn, uniform_groups
-from cegppo.config import Config, config_from_dict, load_yaml_mapping, to_yaml
+from cegppo.config import Config, load_config, to_yaml
 from cegppo.data import (
     PromptDataset,
     PromptExample,
@@ -79,15 +79,10 @@ def new_run_dir(config: Config) -> Path:
 
 def load_run_config(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """The resolved config a run was started with, plus overrides (e.g. a larger ``trainer.total_steps``)."""
-    from omegaconf import OmegaConf
-
     path = run_dir / CONFIG_FILE
     if not path.is_file():
         raise ValueError(f"{run_dir} is not a run directory: {CONFIG_FILE} is missing")
-    values = OmegaConf.to_container(
-        OmegaConf.merge(load_yaml_mapping(path), OmegaConf.from_dotlist(list(overrides)))
-    )
-    return config_from_dict(values)
+    return load_config(path, overrides)
 
 
 class Trainer:
@@ -176,7 +171,7 @@ class Trainer:
 
     def _load_data(self) -> tuple[PromptDataset, list[PromptExample]]:
         data = self.config.data
-        if data.task == "arithmetic":  # its train and held-out pools are disjoint by construction
+        if data.task == ARITHMETIC:  # its train and held-out pools are disjoint by construction
             train = arithmetic_problems(data.train_size, seed=data.seed, digits=data.digits)
         else:
             train = [
@@ -195,6 +190,23 @@ class Trainer:
         return dataset, load_problems(
             data.heldout, limit=data.heldout_size, question_template=data.question_template
         )
+
+    def data_description(self) -> list[str]:
+        """What the run trains and measures on, in words (printed when a run starts)."""
+        data = self.config.data
+        if data.task == ARITHMETIC:
+            train = f"the arithmetic task, {len(self.train_data)} {data.digits}-digit additions (data.seed={data.seed})"
+        else:
+            train = f"{len(self.train_data)} prompts from {', '.join(data.train_files)}"
+        if not self.heldout:
+            heldout = (
+                "none (data.heldout=FILE or a benchmark name measures greedy accuracy before and after training)"
+            )
+        else:
+            heldout = f"{data.heldout}, {len(self.heldout)} problems, greedy accuracy before and after training"
+            if data.heldout == ARITHMETIC:
+                heldout += " (disjoint from the training problems)"
+        return [f"train set: {train}", f"held-out set: {heldout}"]
 
     def _render(self, example: PromptExample) -> str:
         return render_prompt(self.tokenizer, example, system_prompt=self.config.data.system_prompt)
@@ -389,6 +401,10 @@ class Trainer:
         config = self.config.trainer
         started = time.perf_counter() - self.state["wall_s"]
         with Progress(total=config.total_steps, done=self.step_count, quiet=config.quiet) as progress:
+            if self.step_count:
+                progress.note(f"resumed from step {self.step_count}")
+            for line in self.data_description():
+                progress.note(line)
             if self.state["heldout_acc_before"] is None and self.heldout:
                 progress.note("evaluating the held-out set before training")
                 self.state["heldout_acc_before"] = self.evaluate_heldout()
@@ -455,6 +471,7 @@ class Trainer:
             summary["heldout_acc_before"] = self.state["heldout_acc_before"]
             summary["heldout_acc_after"] = heldout_after
             summary["heldout_size"] = len(self.heldout)
+            summary["heldout"] = self.config.data.heldout
         return summary
 
     def _log_samples(self, first: GenerationRound) -> None:

@@ -1,0 +1,94 @@
+"""A new user's first hour, driven through the CLI as they would type it (issue 24): their own JSONL file and
+reward, a broken reward, impossible settings, checkpoints, run directories, names from GRPO/DAPO, help."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from _tiny import tiny_overrides
+from cegppo.cli import main
+
+MY_REWARD = """
+def compute_score(data_source, solution_str, ground_truth, extra_info=None):
+    return float(ground_truth in solution_str)
+"""
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str]:
+    rc = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return rc, captured.out + captured.err
+
+
+@pytest.fixture
+def my_data(tmp_path: Path) -> tuple[Path, Path]:
+    """A user's prompt file (capital cities, nothing like arithmetic) and reward."""
+    rows = [{"problem": f"What is the capital of country number {i}?", "answer": f"city{i}"} for i in range(6)]
+    data = tmp_path / "my.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    reward = tmp_path / "my_reward.py"
+    reward.write_text(MY_REWARD)
+    return data, reward
+
+
+def train(capsys, model_dir: Path, out: Path, *overrides: str, **settings: object) -> tuple[int, str]:
+    return run_cli(capsys, "train", *tiny_overrides(model_dir, out, **settings), *overrides)
+
+
+# -- 1, 2: your own data --------------------------------------------------------------------------------------
+
+
+def test_train_files_are_trained_on_and_the_sets_are_named(capsys, tiny_model_dir, tmp_path, my_data):
+    data, reward = my_data
+    rc, output = train(
+        capsys,
+        tiny_model_dir,
+        tmp_path / "runs",
+        f"data.train_files=[{data}]",
+        f"reward.name={reward}:compute_score",
+    )
+    assert rc == 0, output
+    assert f"train set: 6 prompts from {data}" in output
+    assert "held-out set: none (data.heldout=FILE" in output
+    samples = [json.loads(line) for line in (tmp_path / "runs" / "run" / "samples.jsonl").read_text().splitlines()]
+    assert samples and all("capital of country" in sample["question"] for sample in samples)
+    config = (tmp_path / "runs" / "run" / "config.yaml").read_text()
+    assert "task: null" in config and "heldout: null" in config
+
+
+def test_a_held_out_file_is_measured_and_named(capsys, tiny_model_dir, tmp_path, my_data):
+    data, reward = my_data
+    rc, output = train(
+        capsys,
+        tiny_model_dir,
+        tmp_path / "runs",
+        f"data.train_files={data}",  # one file, no brackets
+        f"data.heldout={data}",
+        f"reward.name={reward}:compute_score",
+    )
+    assert rc == 0, output
+    assert f"held-out set: {data}, 4 problems" in output
+    assert f"(4 problems of {data}, greedy)" in output
+
+
+def test_the_builtin_task_and_train_files_together_is_an_error_that_says_what_to_set(capsys, tmp_path, my_data):
+    data, _ = my_data
+    rc, output = run_cli(
+        capsys, "train", "data.task=arithmetic", f"data.train_files={data}", f"trainer.output_dir={tmp_path}/runs"
+    )
+    assert rc == 2
+    assert "data.task='arithmetic' is invalid" in output and "set data.task=auto" in output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_single_train_file_in_a_yaml_config_is_a_list_of_one(tmp_path, my_data):
+    from cegppo.config import load_config
+
+    data, _ = my_data
+    config_file = tmp_path / "my.yaml"
+    config_file.write_text(f"data:\n  train_files: {data}\n")
+    config = load_config(config_file)
+    assert config.data.train_files == [str(data)] and config.data.task is None and config.data.heldout is None
