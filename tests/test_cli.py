@@ -88,7 +88,9 @@ def test_train_runs_on_a_tiny_model(trained_run):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 2
     assert f"run directory: {run_dir}" in output
-    assert re.search(r"held-out accuracy: \d\.\d{3} -> \d\.\d{3} \(4 problems of arithmetic, greedy\)", output)
+    assert re.search(
+        r"held-out accuracy: \d\.\d{3} -> \d\.\d{3} \(4 problems of arithmetic, greedy\)", output
+    )
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
 
 

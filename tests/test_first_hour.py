@@ -4,6 +4,7 @@ reward, a broken reward, impossible settings, checkpoints, run directories, name
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,9 @@ def run_cli(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str
 @pytest.fixture
 def my_data(tmp_path: Path) -> tuple[Path, Path]:
     """A user's prompt file (capital cities, nothing like arithmetic) and reward."""
-    rows = [{"problem": f"What is the capital of country number {i}?", "answer": f"city{i}"} for i in range(6)]
+    rows = [
+        {"problem": f"What is the capital of country number {i}?", "answer": f"city{i}"} for i in range(6)
+    ]
     data = tmp_path / "my.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     reward = tmp_path / "my_reward.py"
@@ -53,7 +56,9 @@ def test_train_files_are_trained_on_and_the_sets_are_named(capsys, tiny_model_di
     assert rc == 0, output
     assert f"train set: 6 prompts from {data}" in output
     assert "held-out set: none (data.heldout=FILE" in output
-    samples = [json.loads(line) for line in (tmp_path / "runs" / "run" / "samples.jsonl").read_text().splitlines()]
+    samples = [
+        json.loads(line) for line in (tmp_path / "runs" / "run" / "samples.jsonl").read_text().splitlines()
+    ]
     assert samples and all("capital of country" in sample["question"] for sample in samples)
     config = (tmp_path / "runs" / "run" / "config.yaml").read_text()
     assert "task: null" in config and "heldout: null" in config
@@ -74,10 +79,16 @@ def test_a_held_out_file_is_measured_and_named(capsys, tiny_model_dir, tmp_path,
     assert f"(4 problems of {data}, greedy)" in output
 
 
-def test_the_builtin_task_and_train_files_together_is_an_error_that_says_what_to_set(capsys, tmp_path, my_data):
+def test_the_builtin_task_and_train_files_together_is_an_error_that_says_what_to_set(
+    capsys, tmp_path, my_data
+):
     data, _ = my_data
     rc, output = run_cli(
-        capsys, "train", "data.task=arithmetic", f"data.train_files={data}", f"trainer.output_dir={tmp_path}/runs"
+        capsys,
+        "train",
+        "data.task=arithmetic",
+        f"data.train_files={data}",
+        f"trainer.output_dir={tmp_path}/runs",
     )
     assert rc == 2
     assert "data.task='arithmetic' is invalid" in output and "set data.task=auto" in output
@@ -92,3 +103,64 @@ def test_a_single_train_file_in_a_yaml_config_is_a_list_of_one(tmp_path, my_data
     config_file.write_text(f"data:\n  train_files: {data}\n")
     config = load_config(config_file)
     assert config.data.train_files == [str(data)] and config.data.task is None and config.data.heldout is None
+
+
+# -- 3, 8: a broken reward ------------------------------------------------------------------------------------
+
+BROKEN_REWARD = """
+def compute_score(data_source, solution_str, ground_truth, extra_info=None):
+    raise KeyError("answer_key")
+"""
+
+# Works for the start-up check's 4 calls, then raises on every call: the failure comes at the first step.
+BREAKS_LATER = """
+calls = 0
+
+def compute_score(data_source, solution_str, ground_truth, extra_info=None):
+    global calls
+    calls += 1
+    if calls > 4:
+        raise KeyError("answer_key")
+    return 0.0
+"""
+
+
+def test_a_broken_reward_is_caught_before_the_held_out_evaluation_and_leaves_nothing(
+    capsys, tiny_model_dir, tmp_path
+):
+    reward = tmp_path / "broken.py"
+    reward.write_text(BROKEN_REWARD)
+    rc, output = train(capsys, tiny_model_dir, tmp_path / "runs", f"reward.name={reward}:compute_score")
+    assert rc == 2
+    assert "error: before training, on greedy responses to the first training prompts" in output
+    assert "raised on 4 of 4 responses" in output and "KeyError" in output and "answer_key" in output
+    assert "evaluating the held-out set" not in output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_run_that_fails_before_its_first_step_is_removed_and_the_same_command_starts_over(
+    capsys, tiny_model_dir, tmp_path, monkeypatch
+):
+    reward = tmp_path / "reward.py"
+    reward.write_text(BREAKS_LATER)
+    command = [*tiny_overrides(tiny_model_dir, tmp_path / "runs"), f"reward.name={reward}:compute_score"]
+    rc, output = run_cli(capsys, "train", *command)
+    assert rc == 1
+    assert "raised on 16 of 16 responses" in output
+    assert f"Nothing was trained, so {tmp_path / 'runs' / 'run'} was removed" in output
+    assert not (tmp_path / "runs" / "run").exists()
+    reward.write_text(MY_REWARD)  # fixed; a new process would import it afresh
+    for module in [name for name in sys.modules if name.startswith("_cegppo_reward_reward_")]:
+        monkeypatch.delitem(sys.modules, module)
+    rc, output = run_cli(capsys, "train", *command)
+    assert rc == 0, output
+    assert (tmp_path / "runs" / "run" / "summary.json").is_file()
+
+
+def test_resuming_a_run_without_a_checkpoint_says_how_to_start_again(capsys, tmp_path):
+    run_dir = tmp_path / "runs" / "run"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("trainer:\n  total_steps: 2\n")
+    rc, output = run_cli(capsys, "train", "--resume", run_dir)
+    assert rc == 2
+    assert "stopped before its first save" in output and f"delete {run_dir} to start it again" in output

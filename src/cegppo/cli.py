@@ -8,6 +8,12 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
+
+
+def print_error(console: Console, error: object) -> None:
+    """``error: <message>``, the message as is (a path like ``[a.jsonl]`` is not rich markup)."""
+    console.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
 
 
 def _train(args: argparse.Namespace, console: Console) -> int:
@@ -26,8 +32,8 @@ def _train(args: argparse.Namespace, console: Console) -> int:
         if args.quiet:
             config.trainer.quiet = True
         trainer = Trainer(config, run_dir, resume=bool(args.resume))
-    except (ValueError, FileNotFoundError) as error:  # bad input: the message names the file or key
-        console.print(f"[red]error:[/red] {error}", highlight=False)
+    except (ValueError, FileNotFoundError, RewardFailure) as error:  # bad input, named in the message
+        print_error(console, error)
         return 2
     console.print(f"run directory: {run_dir}", highlight=False)
     try:
@@ -38,10 +44,15 @@ def _train(args: argparse.Namespace, console: Console) -> int:
         return 128 + stop.signum
     except RewardFailure as failure:  # training on a reward that keeps raising would mean nothing
         trainer.close()
-        console.print(f"[red]error:[/red] {failure}", highlight=False)
+        print_error(console, failure)
         if latest_checkpoint(run_dir / "checkpoints") is not None:
             console.print(
                 f"Fix the reward, then continue with: cegppo train --resume {run_dir}", highlight=False
+            )
+        elif not run_dir.exists():
+            console.print(
+                f"Nothing was trained, so {run_dir} was removed: fix the reward and run the same command again.",
+                highlight=False,
             )
         return 1
     if "heldout_acc_before" in summary:
@@ -125,7 +136,7 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
         engine = build_rollout_engine("hf", model, tokenizer, batch_size=args.batch_size)
         scorer = RewardScorer(reward)  # last: it starts worker processes
     except (ValueError, FileNotFoundError) as error:  # bad input: the message names the file or option
-        console.print(f"[red]error:[/red] {error}", highlight=False)
+        print_error(console, error)
         return 2
     console.print(f"model: {model_path} ({device}, {args.dtype})", highlight=False)
     results = []
@@ -175,7 +186,7 @@ def _report(args: argparse.Namespace, console: Console) -> int:
     try:
         report = write_report(args.run_dirs, args.output, smooth=args.smooth, per_seed=args.per_seed)
     except ValueError as error:
-        console.print(f"[red]error:[/red] {error}", highlight=False)
+        print_error(console, error)
         return 2
     skipped = [panel.title for panel in report.panels if panel.png is None]
     if skipped:
@@ -201,7 +212,7 @@ def _sweep(args: argparse.Namespace, console: Console) -> int:
             on_run=lambda name, run_dir: console.print(f"sweep run {name}: {run_dir}", highlight=False),
         )
     except (ConfigError, ValueError, FileNotFoundError) as error:
-        console.print(f"[red]error:[/red] {error}", highlight=False)
+        print_error(console, error)
         return 2
     table = sweep_table(run_dirs)
     (args.output_dir / "sweep.md").write_text(table)

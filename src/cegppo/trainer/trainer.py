@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import random
+import shutil
 import signal
 import threading
 import time
@@ -53,6 +54,9 @@ from cegppo.trainer.tracking import RunTracker
 
 log = logging.getLogger(__name__)
 
+# Training prompts whose greedy responses check the reward before a run starts: enough that one odd response
+# does not stop a working reward, few enough to cost a second.
+REWARD_CHECK_PROMPTS = 4
 # Held-out prompts generated per call: larger batches generate faster on CPU, 64 keeps memory modest.
 HELDOUT_CHUNK = 64
 
@@ -99,9 +103,13 @@ class Trainer:
             torch.set_num_threads(config.trainer.num_threads)
         checkpoint = latest_checkpoint(run_dir / "checkpoints") if resume else None
         if resume and checkpoint is None:
-            raise ValueError(f"nothing to resume in {run_dir}: no complete checkpoint under checkpoints/")
+            raise ValueError(
+                f"nothing to resume in {run_dir}: no complete checkpoint under checkpoints/ (the run stopped before "
+                f"its first save; trainer.save_every=0 saves only at the end): delete {run_dir} to start it again"
+            )
         if not resume and run_dir.exists():
             raise ValueError(f"run directory {run_dir} already exists: resume it, or choose another name")
+        self.resumed = checkpoint is not None
         blocking = next((path for path in run_dir.parents if path.exists() and not path.is_dir()), None)
         if blocking is not None:
             raise ValueError(
@@ -133,6 +141,7 @@ class Trainer:
         self.engine = build_rollout_engine(
             config.rollout.engine, self.model, self.tokenizer, **engine_options
         )
+        self._check_reward()
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / CONFIG_FILE).write_text(to_yaml(config))
         random.seed(config.trainer.seed)
@@ -199,11 +208,11 @@ class Trainer:
         else:
             train = f"{len(self.train_data)} prompts from {', '.join(data.train_files)}"
         if not self.heldout:
-            heldout = (
-                "none (data.heldout=FILE or a benchmark name measures greedy accuracy before and after training)"
-            )
+            heldout = "none (data.heldout=FILE or a benchmark name measures greedy accuracy before and after training)"
         else:
-            heldout = f"{data.heldout}, {len(self.heldout)} problems, greedy accuracy before and after training"
+            heldout = (
+                f"{data.heldout}, {len(self.heldout)} problems, greedy accuracy before and after training"
+            )
             if data.heldout == ARITHMETIC:
                 heldout += " (disjoint from the training problems)"
         return [f"train set: {train}", f"held-out set: {heldout}"]
@@ -396,8 +405,42 @@ class Trainer:
             metrics[f"val/{result.name}/pass@{cfg.n}"] = result.pass_at_k[cfg.n]
         return metrics
 
+    def _check_reward(self) -> None:
+        """Score greedy responses to the first training prompts: a reward that raises on every one of them stops
+        the run here, before a run directory exists and before the held-out evaluation."""
+        examples = self.train_data.examples[:REWARD_CHECK_PROMPTS]
+        rollout = self.engine.generate(
+            [self._render(example) for example in examples],
+            SamplingParams(n=1, temperature=0.0, max_new_tokens=self.config.rollout.max_new_tokens),
+        )
+        scored = self.scorer.score(
+            rollout.response_texts,
+            [example.ground_truth for example in examples],
+            [example.data_source for example in examples],
+            [example.extra_info for example in examples],
+        )
+        try:
+            RewardErrorGuard(self.config.reward).check(scored)
+        except RewardFailure as failure:
+            raise RewardFailure(
+                f"before training, on greedy responses to the first training prompts: {failure}"
+            ) from None
+
     def fit(self) -> dict[str, Any]:
-        """Train to ``trainer.total_steps``; checkpoint on schedule, at the end and on SIGINT/SIGTERM."""
+        """Train to ``trainer.total_steps``; checkpoint on schedule, at the end and on SIGINT/SIGTERM.
+
+        A new run that stops before its first step is done (an error, a second Ctrl-C) is deleted with its
+        directory: nothing was trained, and the same command starts it again.
+        """
+        try:
+            return self._fit()
+        except BaseException:
+            if self.step_count == 0 and not self.resumed:
+                self.close()
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+            raise
+
+    def _fit(self) -> dict[str, Any]:
         config = self.config.trainer
         started = time.perf_counter() - self.state["wall_s"]
         with Progress(total=config.total_steps, done=self.step_count, quiet=config.quiet) as progress:
