@@ -164,3 +164,63 @@ def test_resuming_a_run_without_a_checkpoint_says_how_to_start_again(capsys, tmp
     rc, output = run_cli(capsys, "train", "--resume", run_dir)
     assert rc == 2
     assert "stopped before its first save" in output and f"delete {run_dir} to start it again" in output
+
+
+# -- 4: runs that can never learn -----------------------------------------------------------------------------
+
+ALWAYS_ZERO = """
+def compute_score(data_source, solution_str, ground_truth, extra_info=None):
+    return 0.0
+"""
+
+
+def test_dynamic_sampling_with_one_response_per_prompt_is_refused(capsys, tmp_path):
+    rc, output = run_cli(
+        capsys, "train", "rollout.n=1", "algorithm.filter_groups=true", f"trainer.output_dir={tmp_path}"
+    )
+    assert rc == 2
+    assert "algorithm.filter_groups=True is invalid" in output and "set rollout.n >= 2" in output
+    assert not any(tmp_path.iterdir())
+
+
+def test_one_response_per_prompt_trains_on_raw_rewards_and_says_so(capsys, tiny_model_dir, tmp_path):
+    rc, output = train(capsys, tiny_model_dir, tmp_path, **{"rollout.n": 1, "actor.ppo_mini_batch_size": 2})
+    assert rc == 0, output
+    assert "warning: rollout.n=1: each group is one response, whose advantage is its raw reward" in output
+
+
+def test_after_the_first_step_all_truncated_and_no_signal_are_said(capsys, tmp_path):
+    from _tiny import save_tiny
+
+    never_stops = save_tiny(
+        tmp_path / "model", eos_bias=0.0
+    )  # EOS about 1 in 300: every response runs to the cap
+    reward = tmp_path / "zero.py"
+    reward.write_text(ALWAYS_ZERO)
+    rc, output = train(capsys, never_stops, tmp_path / "runs", f"reward.name={reward}:compute_score")
+    assert rc == 0, output
+    assert (
+        "warning: every response was truncated at 6 tokens, so none finished its answer: raise "
+        "rollout.max_new_tokens (now 6)" in output
+    )
+    assert "warning: no group had reward signal (mean reward 0.000)" in output
+    assert output.count("warning: no group had reward signal") == 1  # after the first step only
+
+
+def test_uncapped_dynamic_sampling_without_signal_ends_with_an_error(capsys, tiny_model_dir, tmp_path):
+    reward = tmp_path / "zero.py"
+    reward.write_text(ALWAYS_ZERO)
+    rc, output = train(
+        capsys,
+        tiny_model_dir,
+        tmp_path / "runs",
+        f"reward.name={reward}:compute_score",
+        "algorithm.filter_groups=true",
+        "algorithm.max_num_gen_batches=0",
+    )
+    assert rc == 1
+    assert (
+        "error: dynamic sampling found no group with reward signal in 20 generation rounds in a row" in output
+    )
+    assert "all 4 responses to each of 80 prompts got the same reward (mean 0.000)" in output
+    assert not (tmp_path / "runs" / "run").exists()

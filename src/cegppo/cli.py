@@ -21,6 +21,7 @@ def _train(args: argparse.Namespace, console: Console) -> int:
     from cegppo.rewards import RewardFailure
     from cegppo.trainer import Interrupted, Trainer, load_run_config, new_run_dir
     from cegppo.trainer.checkpoint import latest_checkpoint
+    from cegppo.trainer.dynamic_sampling import NoRewardSignal
 
     try:
         if args.resume:
@@ -42,16 +43,14 @@ def _train(args: argparse.Namespace, console: Console) -> int:
         trainer.close()
         console.print(f"interrupted: {stop}. Continue with: cegppo train --resume {run_dir}")
         return 128 + stop.signum
-    except RewardFailure as failure:  # training on a reward that keeps raising would mean nothing
+    except (RewardFailure, NoRewardSignal) as failure:  # training on would mean nothing
         trainer.close()
         print_error(console, failure)
         if latest_checkpoint(run_dir / "checkpoints") is not None:
-            console.print(
-                f"Fix the reward, then continue with: cegppo train --resume {run_dir}", highlight=False
-            )
+            console.print(f"Fix it, then continue with: cegppo train --resume {run_dir}", highlight=False)
         elif not run_dir.exists():
             console.print(
-                f"Nothing was trained, so {run_dir} was removed: fix the reward and run the same command again.",
+                f"Nothing was trained, so {run_dir} was removed: fix it and run the same command again.",
                 highlight=False,
             )
         return 1

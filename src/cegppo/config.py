@@ -104,7 +104,8 @@ class AlgorithmConfig:
     adv_estimator: str = "grpo"  # grpo | dr_grpo | rloo
     # DAPO's dynamic sampling: drop the groups whose rewards are all equal and sample new prompts until
     # data.train_batch_size groups have signal, in at most max_num_gen_batches generation rounds per step
-    # (verl's name; 0: no cap; 1: no re-sampling, train on the groups left, as the CE-GPPO release does)
+    # (verl's name; 0: no cap, but 20 rounds in a row without a group with signal stop the run; 1: no re-sampling,
+    # train on the groups left, as the CE-GPPO release does)
     filter_groups: bool = False
     max_num_gen_batches: int = 10
 
@@ -411,6 +412,13 @@ def validate(config: Config) -> None:
         "must be in (0, 1)",
     )
     d, r, a = config.data, config.rollout, config.actor
+    _check(
+        not (config.algorithm.filter_groups and r.n == 1),
+        "algorithm.filter_groups",
+        config.algorithm.filter_groups,
+        "it keeps the groups whose rewards differ, and with rollout.n=1 a group is one response: every group would "
+        "be dropped and nothing trained; set rollout.n >= 2",
+    )
     _check(
         a.ppo_mini_batch_responses is None or (d.train_batch_size * r.n) % a.ppo_mini_batch_responses == 0,
         "actor.ppo_mini_batch_responses",

@@ -37,7 +37,7 @@ from cegppo.losses import masked_mean
 from cegppo.models import disable_dropout, load_model_and_tokenizer
 from cegppo.rewards import RewardErrorGuard, RewardFailure, RewardResult, RewardScorer, overlong_penalty
 from cegppo.rollout import SamplingParams, build_rollout_engine
-from cegppo.runfiles import CONFIG_FILE, SUMMARY_FILE
+from cegppo.runfiles import CONFIG_FILE, SAMPLES_FILE, SUMMARY_FILE
 from cegppo.trainer.actor import Actor, ActorSettings, Experience
 from cegppo.trainer.checkpoint import (
     MODEL_DIR,
@@ -47,7 +47,13 @@ from cegppo.trainer.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from cegppo.trainer.dynamic_sampling import GenerationRound, needs_another_round, training_batch
+from cegppo.trainer.dynamic_sampling import (
+    GenerationRound,
+    NoRewardSignal,
+    check_signal,
+    needs_another_round,
+    training_batch,
+)
 from cegppo.trainer.progress import Progress
 from cegppo.trainer.steering import BetaSteering
 from cegppo.trainer.tracking import RunTracker
@@ -200,8 +206,35 @@ class Trainer:
             data.heldout, limit=data.heldout_size, question_template=data.question_template
         )
 
+    def start_notes(self) -> list[str]:
+        """What the run trains and measures on, and what it should know about its settings (printed at start)."""
+        notes = self.data_description()
+        if self.config.rollout.n == 1:
+            notes.append(
+                "warning: rollout.n=1: each group is one response, whose advantage is its raw reward (REINFORCE "
+                "without a baseline, as verl treats singleton groups): a 0/1 reward only reinforces correct responses"
+            )
+        return notes
+
+    def first_step_warnings(self, metrics: dict[str, float]) -> list[str]:
+        """What makes a step unable to teach anything, said after the first step rather than found in the logs."""
+        warnings = []
+        max_new_tokens = self.config.rollout.max_new_tokens
+        if metrics["response_length/clip_ratio"] == 1.0:
+            warnings.append(
+                f"warning: every response was truncated at {max_new_tokens} tokens, so none finished its answer: "
+                f"raise rollout.max_new_tokens (now {max_new_tokens})"
+            )
+        if metrics["data/groups_with_signal"] == 0:
+            warnings.append(
+                f"warning: no group had reward signal (mean reward {metrics['reward/mean']:.3f}): every response to "
+                "a prompt got the same reward, so every advantage was 0 and the step changed nothing. Check the "
+                f"reward on {self.run_dir / SAMPLES_FILE}, or give easier prompts"
+            )
+        return warnings
+
     def data_description(self) -> list[str]:
-        """What the run trains and measures on, in words (printed when a run starts)."""
+        """What the run trains and measures on, in words."""
         data = self.config.data
         if data.task == ARITHMETIC:
             train = f"the arithmetic task, {len(self.train_data)} {data.digits}-digit additions (data.seed={data.seed})"
@@ -235,6 +268,7 @@ class Trainer:
         rounds: list[GenerationRound] = []
         while needs_another_round(rounds, config.data.train_batch_size, max_rounds):
             rounds.append(self._generation_round(timings))
+            check_signal(rounds)
         experience = training_batch(rounds, config.data.train_batch_size, self.tokenizer.pad_token_id)
         experience = experience.to(self.actor.device)
 
@@ -324,6 +358,10 @@ class Trainer:
             "response_length/max": lengths.max().item(),
             "response_length/clip_ratio": truncated.float().mean().item(),
             "data/filtered_groups": float(sum(int((~r.keep).sum()) for r in rounds)),
+            # groups with a nonzero advantage: the others teach nothing (all n rewards equal; n=1: reward 0)
+            "data/groups_with_signal": float(
+                sum(int((r.advantages.view(-1, r.rollout.n) != 0).any(dim=1).sum()) for r in rounds)
+            ),
             "data/gen_rounds": float(len(rounds)),
             "data/train_groups": float(train_groups),
         }
@@ -446,8 +484,9 @@ class Trainer:
         with Progress(total=config.total_steps, done=self.step_count, quiet=config.quiet) as progress:
             if self.step_count:
                 progress.note(f"resumed from step {self.step_count}")
-            for line in self.data_description():
+            for line in self.start_notes():
                 progress.note(line)
+            first_step = self.step_count + 1
             if self.state["heldout_acc_before"] is None and self.heldout:
                 progress.note("evaluating the held-out set before training")
                 self.state["heldout_acc_before"] = self.evaluate_heldout()
@@ -457,7 +496,7 @@ class Trainer:
                 while self.step_count < config.total_steps:
                     try:
                         metrics = self.step()
-                    except RewardFailure:
+                    except (RewardFailure, NoRewardSignal):
                         if self.step_count:  # keep the steps trained on a working reward: fix it, then resume
                             self.save()
                         raise
@@ -466,6 +505,9 @@ class Trainer:
                         metrics.update(self.evaluate_benchmarks())
                     self.tracker.log(self.step_count, metrics)
                     progress.advance(self.step_count, metrics)
+                    if self.step_count == first_step:
+                        for warning in self.first_step_warnings(metrics):
+                            progress.note(warning)
                     self.state["wall_s"] = time.perf_counter() - started
                     if self._stop_signal is not None:
                         checkpoint = self.save()
