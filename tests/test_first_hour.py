@@ -224,3 +224,69 @@ def test_uncapped_dynamic_sampling_without_signal_ends_with_an_error(capsys, tin
     )
     assert "all 4 responses to each of 80 prompts got the same reward (mean 0.000)" in output
     assert not (tmp_path / "runs" / "run").exists()
+
+
+# -- 5: checkpoints -------------------------------------------------------------------------------------------
+
+
+class _OpensAFile:
+    """What a tampered state file could hold: unpickling it would call ``open(path, "w")``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+def test_checkpoints_keep_the_newest_two_are_readable_and_load_without_running_code(
+    capsys, tiny_model_dir, tmp_path
+):
+    import os
+
+    import torch
+
+    rc, output = train(
+        capsys, tiny_model_dir, tmp_path, **{"trainer.total_steps": 3, "trainer.save_every": 1}
+    )
+    assert rc == 0, output
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert sorted(path.name for path in checkpoints.iterdir()) == ["step_2", "step_3"]
+    umask = os.umask(0)
+    os.umask(umask)
+    weights = checkpoints / "step_3" / "model" / "model.safetensors"
+    assert weights.stat().st_mode & 0o777 == 0o666 & ~umask
+    state = torch.load(checkpoints / "step_3" / "trainer_state.pt", weights_only=True)  # no allow-list needed
+    assert state["step"] == 3 and isinstance(state["rng"]["numpy"]["keys"], torch.Tensor)
+
+
+def test_a_tampered_trainer_state_is_refused_on_resume(capsys, tiny_model_dir, tmp_path):
+    import torch
+
+    rc, output = train(capsys, tiny_model_dir, tmp_path)
+    assert rc == 0, output
+    state_file = tmp_path / "run" / "checkpoints" / "step_2" / "trainer_state.pt"
+    state = torch.load(state_file, weights_only=True)
+    marker = tmp_path / "code_ran"
+    state["trainer"]["state"]["payload"] = _OpensAFile(marker)
+    torch.save(state, state_file)
+    rc, output = run_cli(capsys, "train", "--resume", tmp_path / "run", "trainer.total_steps=3")
+    assert rc == 2
+    assert f"error: refusing to load {state_file}" in output
+    assert "objects other than tensors and plain values" in output and "(it calls io.open)" in output
+    assert not marker.exists(), output
+
+
+def test_a_checkpoint_written_before_the_tensor_rng_format_still_resumes_its_rng(tmp_path):
+    import random
+
+    import numpy as np
+    import torch
+
+    from cegppo.trainer.checkpoint import STATE_FILE, load_trainer_state, set_rng_state
+
+    old = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    torch.save({"rng": old}, tmp_path / STATE_FILE)
+    expected = np.random.rand(3)
+    set_rng_state(load_trainer_state(tmp_path)["rng"])
+    assert (np.random.rand(3) == expected).all()

@@ -240,8 +240,9 @@ class TrainerConfig:
     name: str | None = None  # run directory name; default: a timestamp
     save_every: int = 0  # checkpoint every N steps; 0: only at the end (and on SIGINT/SIGTERM)
     # Keep only the newest N checkpoints, deleting older ones after each save (HF's save_total_limit, verl's
-    # max_actor_ckpt_to_keep): a 135M model's checkpoint with its AdamW state is 1.5 GB. 0: keep all.
-    keep_checkpoints: int = 0
+    # max_actor_ckpt_to_keep): a 135M model's checkpoint with its AdamW state is 1.6 GB. 0: keep all. Two: the
+    # newest, and one to fall back on.
+    keep_checkpoints: int = 2
     eval_every: int = 0  # evaluate eval.benchmarks every N steps (and at the end); 0: never
     num_logged_samples: int = 4
     tensorboard: bool = True
