@@ -290,3 +290,29 @@ def test_a_checkpoint_written_before_the_tensor_rng_format_still_resumes_its_rng
     expected = np.random.rand(3)
     set_rng_state(load_trainer_state(tmp_path)["rng"])
     assert (np.random.rand(3) == expected).all()
+
+
+# -- 6: where a run goes --------------------------------------------------------------------------------------
+
+
+def test_the_run_directory_rule_is_printed_and_a_run_never_nests_in_a_run(capsys, tiny_model_dir, tmp_path):
+    rc, output = train(capsys, tiny_model_dir, tmp_path / "runs", **{"trainer.name": "first"})
+    assert rc == 0, output
+    first = tmp_path / "runs" / "first"
+    assert (
+        f"run directory: {first} (trainer.output_dir/trainer.name; the name defaults to the start time)"
+        in output
+    )
+    # A TRL user points output_dir at the run: refused before anything is written, with both ways out.
+    rc, output = train(capsys, tiny_model_dir, first, **{"trainer.name": "null"})
+    assert rc == 2
+    assert f"trainer.output_dir={first} is inside the run {first}" in output
+    assert f"cegppo train --resume {first}" in output
+    assert f"trainer.output_dir={tmp_path / 'runs'} trainer.name=<new name>" in output
+    assert sorted(path.name for path in first.iterdir()) == [
+        "checkpoints",
+        "config.yaml",
+        "metrics.jsonl",
+        "samples.jsonl",
+        "summary.json",
+    ]

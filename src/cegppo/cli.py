@@ -22,6 +22,7 @@ def _train(args: argparse.Namespace, console: Console) -> int:
     from cegppo.trainer import Interrupted, Trainer, load_run_config, new_run_dir
     from cegppo.trainer.checkpoint import latest_checkpoint
     from cegppo.trainer.dynamic_sampling import NoRewardSignal
+    from cegppo.trainer.trainer import RUN_DIR_RULE
 
     try:
         if args.resume:
@@ -36,7 +37,8 @@ def _train(args: argparse.Namespace, console: Console) -> int:
     except (ValueError, FileNotFoundError, RewardFailure) as error:  # bad input, named in the message
         print_error(console, error)
         return 2
-    console.print(f"run directory: {run_dir}", highlight=False)
+    rule = "resumed" if args.resume else RUN_DIR_RULE
+    console.print(f"run directory: {run_dir} ({rule})", highlight=False)
     try:
         summary = trainer.fit()
     except Interrupted as stop:

@@ -11,8 +11,16 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
 SUMMARY_FILE = "summary.json"
+CHECKPOINTS_DIR = "checkpoints"
 # The paper's token quadrants (advantage sign × probability), as named in the quadrant/<name>/... metrics
 QUADRANTS = ("PA&HP", "PA&LP", "NA&HP", "NA&LP")
+
+
+def is_run_dir(path: Path) -> bool:
+    """Whether ``path`` holds a run: its config and something the run wrote (metrics, checkpoints, summary)."""
+    return (path / CONFIG_FILE).is_file() and any(
+        (path / name).exists() for name in (METRICS_FILE, CHECKPOINTS_DIR, SUMMARY_FILE)
+    )
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

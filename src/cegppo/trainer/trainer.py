@@ -37,7 +37,7 @@ from cegppo.losses import masked_mean
 from cegppo.models import disable_dropout, load_model_and_tokenizer
 from cegppo.rewards import RewardErrorGuard, RewardFailure, RewardResult, RewardScorer, overlong_penalty
 from cegppo.rollout import SamplingParams, build_rollout_engine
-from cegppo.runfiles import CONFIG_FILE, SAMPLES_FILE, SUMMARY_FILE
+from cegppo.runfiles import CONFIG_FILE, SAMPLES_FILE, SUMMARY_FILE, is_run_dir
 from cegppo.trainer.actor import Actor, ActorSettings, Experience
 from cegppo.trainer.checkpoint import (
     MODEL_DIR,
@@ -76,6 +76,10 @@ class Interrupted(Exception):
         self.checkpoint = checkpoint
 
 
+# How a new run's directory is named, as the CLI prints it.
+RUN_DIR_RULE = "trainer.output_dir/trainer.name; the name defaults to the start time"
+
+
 def new_run_dir(config: Config) -> Path:
     """``output_dir/name`` (a timestamp by default); refuses to overwrite an existing run."""
     name = config.trainer.name or datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -85,6 +89,18 @@ def new_run_dir(config: Config) -> Path:
             f"run directory {run_dir} already exists: resume it with --resume, or set trainer.name"
         )
     return run_dir
+
+
+def _check_not_inside_a_run(run_dir: Path) -> None:
+    """A run directory is never created inside another run's (``trainer.output_dir`` naming a run, as TRL's
+    ``output_dir`` would)."""
+    outer = next((path for path in run_dir.parents if is_run_dir(path)), None)
+    if outer is not None:
+        raise ValueError(
+            f"trainer.output_dir={run_dir.parent} is inside the run {outer}, and a new run would go in "
+            f"{run_dir} ({RUN_DIR_RULE}). To continue that run: cegppo train --resume {outer}; for a new run "
+            f"beside it: trainer.output_dir={outer.parent} trainer.name=<new name>"
+        )
 
 
 def load_run_config(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -115,6 +131,8 @@ class Trainer:
             )
         if not resume and run_dir.exists():
             raise ValueError(f"run directory {run_dir} already exists: resume it, or choose another name")
+        if not resume:
+            _check_not_inside_a_run(run_dir)
         self.resumed = checkpoint is not None
         blocking = next((path for path in run_dir.parents if path.exists() and not path.is_dir()), None)
         if blocking is not None:
