@@ -316,3 +316,31 @@ def test_the_run_directory_rule_is_printed_and_a_run_never_nests_in_a_run(capsys
         "samples.jsonl",
         "summary.json",
     ]
+
+
+# -- 7: the names GRPO and DAPO users type ----------------------------------------------------------------------
+
+
+def test_policy_loss_dapo_says_which_keys_make_it_and_the_preset_applies_them(
+    capsys, tiny_model_dir, tmp_path
+):
+    rc, output = run_cli(capsys, "train", "actor.policy_loss=dapo", f"trainer.output_dir={tmp_path}")
+    assert rc == 2
+    assert (
+        "dapo is a configuration, not a loss of its own: actor.policy_loss=vanilla actor.clip_ratio_low=0.2 "
+        "actor.clip_ratio_high=0.28, or `cegppo train --preset dapo`" in output
+    )
+    assert "algorithm.filter_groups=true" in output
+    rc, output = run_cli(
+        capsys,
+        "train",
+        "--preset",
+        "dapo",
+        *tiny_overrides(tiny_model_dir, tmp_path, **{"actor.clip_ratio_low": 0.1}),
+    )
+    assert rc == 0, output
+    config = (tmp_path / "run" / "config.yaml").read_text()
+    assert "policy_loss: vanilla" in config and "clip_ratio_high: 0.28" in config
+    assert "clip_ratio_low: 0.1" in config  # the user's override comes after the preset
+    rc, output = run_cli(capsys, "train", "--preset", "ppo")
+    assert rc == 2 and "unknown preset 'ppo'" in output

@@ -18,6 +18,7 @@ def print_error(console: Console, error: object) -> None:
 
 def _train(args: argparse.Namespace, console: Console) -> int:
     from cegppo.config import load_config
+    from cegppo.presets import variant_overrides
     from cegppo.rewards import RewardFailure
     from cegppo.trainer import Interrupted, Trainer, load_run_config, new_run_dir
     from cegppo.trainer.checkpoint import latest_checkpoint
@@ -26,10 +27,15 @@ def _train(args: argparse.Namespace, console: Console) -> int:
 
     try:
         if args.resume:
+            if args.preset or args.config:
+                raise ValueError(
+                    "--resume continues a run with its own config: give overrides, not --preset/--config"
+                )
             run_dir = Path(args.resume)
             config = load_run_config(run_dir, args.overrides)
         else:
-            config = load_config(args.config, args.overrides)
+            preset = variant_overrides(args.preset) if args.preset else []
+            config = load_config(args.config, [*preset, *args.overrides])
             run_dir = new_run_dir(config)
         if args.quiet:
             config.trainer.quiet = True
@@ -198,8 +204,9 @@ def _report(args: argparse.Namespace, console: Console) -> int:
 
 def _sweep(args: argparse.Namespace, console: Console) -> int:
     from cegppo.config import ConfigError
+    from cegppo.presets import VARIANTS
     from cegppo.report import write_report
-    from cegppo.sweep import VARIANTS, run_sweep, sweep_table
+    from cegppo.sweep import run_sweep, sweep_table
 
     variants = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
     seeds = [int(seed) for seed in args.seeds.split(",")]
@@ -242,6 +249,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint"
+    )
+    train.add_argument(
+        "--preset",
+        metavar="NAME",
+        help="named settings applied before the overrides: grpo, dapo (both the vanilla loss with their clip "
+        "ranges), gppo, ce_gppo_b<β1>_<β2>, dapo_80_20, dapo_erc, grpo_adaptive_entropy, ce_gppo_control, or a "
+        "loss name with its paper's settings (what cegppo sweep --variants runs)",
     )
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")

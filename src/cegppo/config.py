@@ -19,6 +19,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from cegppo import presets
 from cegppo.advantages import ADVANTAGE_REGISTRY
 from cegppo.data.benchmark import ARITHMETIC
 from cegppo.losses import KL_ESTIMATORS, LOSS_AGG_MODES, PolicyLossConfig, list_policy_losses
@@ -403,6 +404,7 @@ def validate(config: Config) -> None:
     _check_data(config.data)
     _check_rollout(config.rollout)
     _check_algorithm(config.algorithm)
+    _check_not_a_preset(config.actor.policy_loss)
     _check_actor(config.actor)
     _check_eval(config.eval)
     _check_trainer(config.trainer)
@@ -512,6 +514,20 @@ def _check_data(d: DataConfig) -> None:
     )
     _check(type(d.digits) is int and 1 <= d.digits <= 4, "data.digits", d.digits, "an integer in [1, 4]")
     _positive("data", d, "train_batch_size", "train_size", "heldout_size")
+
+
+def _check_not_a_preset(name: str) -> None:
+    """``actor.policy_loss=grpo`` (or dapo, ...) names a configuration: say which keys make it."""
+    if name in list_policy_losses() or not presets.is_preset(name):
+        return
+    note = f"; {presets.NOTES[name]}" if name in presets.NOTES else ""
+    _check(
+        False,
+        "actor.policy_loss",
+        name,
+        f"{name} is a configuration, not a loss of its own: {' '.join(presets.variant_overrides(name))}, or "
+        f"`cegppo train --preset {name}` (the settings `cegppo sweep --variants {name}` runs){note}",
+    )
 
 
 def _check_rollout(r: RolloutConfig) -> None:
