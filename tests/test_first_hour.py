@@ -11,6 +11,7 @@ import pytest
 
 from _tiny import tiny_overrides
 from cegppo.cli import main
+from cegppo.runfiles import read_metrics
 
 MY_REWARD = """
 def compute_score(data_source, solution_str, ground_truth, extra_info=None):
@@ -344,3 +345,26 @@ def test_policy_loss_dapo_says_which_keys_make_it_and_the_preset_applies_them(
     assert "clip_ratio_low: 0.1" in config  # the user's override comes after the preset
     rc, output = run_cli(capsys, "train", "--preset", "ppo")
     assert rc == 2 and "unknown preset 'ppo'" in output
+
+
+# -- issue 22.5: evaluation during training leaves the training samples alone ---------------------------------
+
+
+def test_evaluation_during_training_does_not_change_the_training_samples(capsys, tiny_model_dir, tmp_path):
+    plain = {"trainer.total_steps": 3, "data.heldout": "null"}
+    evaluated = {
+        **plain,
+        "trainer.eval_every": 1,
+        "eval.benchmarks": "[arithmetic]",
+        "eval.limit": 2,
+        "eval.n": 2,
+    }
+    for name, settings in (("plain", plain), ("evaluated", evaluated)):
+        rc, output = train(capsys, tiny_model_dir, tmp_path, **{**settings, "trainer.name": name})
+        assert rc == 0, output
+    records = {name: read_metrics(tmp_path / name) for name in ("plain", "evaluated")}
+    assert all("val/arithmetic/avg@2" in record for record in records["evaluated"])
+    for key in ("reward/mean", "response_length/mean", "actor/pg_loss", "entropy/mean"):
+        assert [r[key] for r in records["plain"]] == [r[key] for r in records["evaluated"]], key
+    samples = {name: (tmp_path / name / "samples.jsonl").read_text() for name in ("plain", "evaluated")}
+    assert samples["plain"] == samples["evaluated"]

@@ -438,13 +438,19 @@ class Trainer:
         return result.avg_at_n
 
     def evaluate_benchmarks(self) -> dict[str, float]:
-        """``eval.benchmarks`` sampled as configured: ``val/<bench>/avg@<n>`` and ``val/<bench>/pass@<n>``."""
+        """``eval.benchmarks`` sampled as configured: ``val/<bench>/avg@<n>`` and ``val/<bench>/pass@<n>``.
+
+        Sampled under its own seed (``trainer.seed``, the same at every evaluation, so that evaluations differ by
+        the model only), with the training generator's state restored afterwards: a run with evaluation samples
+        the same training responses as the run without.
+        """
         cfg = self.config.eval
         params = SamplingParams(
             n=cfg.n,
             temperature=cfg.temperature,
             top_p=cfg.top_p,
             max_new_tokens=cfg.max_new_tokens or self.config.rollout.max_new_tokens,
+            seed=self.config.trainer.seed,
         )
         metrics = {}
         for benchmark in cfg.benchmarks:
