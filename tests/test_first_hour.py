@@ -368,3 +368,38 @@ def test_evaluation_during_training_does_not_change_the_training_samples(capsys,
         assert [r[key] for r in records["plain"]] == [r[key] for r in records["evaluated"]], key
     samples = {name: (tmp_path / name / "samples.jsonl").read_text() for name in ("plain", "evaluated")}
     assert samples["plain"] == samples["evaluated"]
+
+
+# -- issue 22.4, 24.8: --resume with changed settings says what it does -----------------------------------------
+
+
+def test_resume_applies_a_new_lr_and_says_so_and_refuses_what_the_checkpoint_restores(
+    capsys, tiny_model_dir, tmp_path
+):
+    rc, output = train(capsys, tiny_model_dir, tmp_path, **{"data.heldout": "null"})
+    assert rc == 0, output
+    run_dir = tmp_path / "run"
+    config_before = (run_dir / "config.yaml").read_text()
+    rc, output = run_cli(capsys, "train", "--resume", run_dir, "trainer.seed=1", "data.shuffle=false")
+    assert rc == 2
+    assert (
+        "--resume cannot change trainer.seed (0 -> 1: the random generators' states are restored)" in output
+    )
+    assert "data.shuffle (True -> False: the data order is restored)" in output
+    assert (run_dir / "config.yaml").read_text() == config_before  # refused before anything was written
+    rc, output = run_cli(
+        capsys,
+        "train",
+        "--resume",
+        run_dir,
+        "trainer.total_steps=3",
+        "actor.lr=0.05",
+        "actor.weight_decay=0.1",
+    )
+    assert rc == 0, output
+    assert f"run directory: {run_dir} (resumed)" in output and "resumed from step 2" in output
+    assert (
+        "changed since the checkpoint, applied to the restored optimiser and schedule: actor.lr 0.001 -> 0.05, "
+        "actor.weight_decay 0.0 -> 0.1" in output
+    )
+    assert [record["actor/lr"] for record in read_metrics(run_dir)] == [0.001, 0.001, 0.05]

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,42 @@ def load_run_config(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) 
     return load_config(path, overrides)
 
 
+# Settings whose values a checkpoint's state replaces on --resume. Changed optimiser and schedule settings are applied
+# to the restored optimizer and scheduler (and said); the others come back from the checkpoint, so changing them is
+# refused rather than recorded in config.yaml and ignored.
+APPLIED_ON_RESUME = ("actor.lr", "actor.weight_decay", "actor.adam_betas", "actor.warmup_steps")
+RESTORED_ON_RESUME = {
+    "trainer.seed": "the random generators' states are restored",
+    "data.seed": "the data order is restored",
+    "data.shuffle": "the data order is restored",
+    "model.path": "the policy is the checkpoint's model",
+}
+
+
+def _resume_changes(saved: Config, config: Config) -> list[str]:
+    """``key old -> new`` for each changed setting of ``APPLIED_ON_RESUME``; ValueError naming the changed settings
+    that a checkpoint restores (the entropy controllers' too, while they are on)."""
+    restored = dict(RESTORED_ON_RESUME)
+    if config.actor.entropy_control.enabled:
+        restored["actor.beta1"] = restored["actor.beta2"] = "actor.entropy_control's β is restored"
+    if config.actor.use_adaptive_entropy:
+        restored["actor.entropy_coeff"] = "the adaptive coefficient is restored"
+    refused = [
+        f"{key} ({attrgetter(key)(saved)!r} -> {attrgetter(key)(config)!r}: {why})"
+        for key, why in restored.items()
+        if attrgetter(key)(saved) != attrgetter(key)(config)
+    ]
+    if refused:
+        raise ValueError(
+            f"--resume cannot change {'; '.join(refused)}. Resume without them, or start a new run"
+        )
+    return [
+        f"{key} {attrgetter(key)(saved)} -> {attrgetter(key)(config)}"
+        for key in APPLIED_ON_RESUME
+        if attrgetter(key)(saved) != attrgetter(key)(config)
+    ]
+
+
 class Trainer:
     """Single-process RLVR trainer: a policy, a rollout engine, a reward, and the actor update."""
 
@@ -139,8 +176,18 @@ class Trainer:
             raise ValueError(
                 f"trainer.output_dir: {blocking} is a file, so run directory {run_dir} cannot be created"
             )
-        # Everything a bad input can break is loaded before the run directory exists.
+        # Everything a bad input can break is loaded before the run directory exists (or, resumed, is written to).
+        self.resume_changes = _resume_changes(load_run_config(run_dir), config) if checkpoint else []
         self.train_data, self.heldout = self._load_data()
+        saved = load_trainer_state(checkpoint) if checkpoint else None
+        if saved is not None:
+            try:
+                self.train_data.load_state_dict(saved["trainer"]["data"])
+            except ValueError as error:
+                raise ValueError(
+                    f"--resume: the training prompts are not the ones {run_dir} was trained on ({error}); resume "
+                    "with its data.* settings, or start a new run"
+                ) from None
         self.scorer = RewardScorer(config.reward)
         self.reward_guard = RewardErrorGuard(config.reward)
         device = self._device()
@@ -179,11 +226,11 @@ class Trainer:
             "wall_s": 0.0,
             "last_entropy": None,
         }
-        if checkpoint is not None:
-            saved = load_trainer_state(checkpoint)
+        if saved is not None:
             self.actor.optimizer.load_state_dict(saved["optimizer"])
             self.actor.scheduler.load_state_dict(saved["scheduler"])
-            self.train_data.load_state_dict(saved["trainer"]["data"])
+            if self.resume_changes:
+                self._apply_optimiser_settings()
             self.actor.skipped_updates = saved["trainer"]["skipped_updates"]
             self.steering.load_state_dict(saved["trainer"]["steering"])
             if "entropy_coeff" in saved["trainer"]:  # absent in checkpoints before the adaptive coefficient
@@ -195,6 +242,19 @@ class Trainer:
             run_dir, tensorboard=config.trainer.tensorboard, resume_step=self.step_count
         )
         self._stop_signal: int | None = None
+
+    def _apply_optimiser_settings(self) -> None:
+        """The configured lr, weight decay, Adam betas and warm-up over a restored optimizer and scheduler: the lr in
+        force is the new lr times the (new) schedule's factor at the restored step."""
+        actor, optimizer, scheduler = self.config.actor, self.actor.optimizer, self.actor.scheduler
+        scheduler.base_lrs = [actor.lr for _ in optimizer.param_groups]
+        for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+            group.update(
+                initial_lr=actor.lr,
+                lr=actor.lr * factor(scheduler.last_epoch),
+                weight_decay=actor.weight_decay,
+                betas=tuple(actor.adam_betas),
+            )
 
     def _device(self) -> torch.device:
         device = self.config.trainer.device
@@ -226,7 +286,15 @@ class Trainer:
 
     def start_notes(self) -> list[str]:
         """What the run trains and measures on, and what it should know about its settings (printed at start)."""
-        notes = self.data_description()
+        notes = []
+        if self.step_count:
+            notes.append(f"resumed from step {self.step_count}")
+        if self.resume_changes:
+            notes.append(
+                "changed since the checkpoint, applied to the restored optimiser and schedule: "
+                + ", ".join(self.resume_changes)
+            )
+        notes += self.data_description()
         if self.config.rollout.n == 1:
             notes.append(
                 "warning: rollout.n=1: each group is one response, whose advantage is its raw reward (REINFORCE "
@@ -506,8 +574,6 @@ class Trainer:
         config = self.config.trainer
         started = time.perf_counter() - self.state["wall_s"]
         with Progress(total=config.total_steps, done=self.step_count, quiet=config.quiet) as progress:
-            if self.step_count:
-                progress.note(f"resumed from step {self.step_count}")
             for line in self.start_notes():
                 progress.note(line)
             first_step = self.step_count + 1
