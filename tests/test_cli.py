@@ -49,7 +49,7 @@ def test_no_command_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args([])
     assert exit_info.value.code == 2
-    assert "required: command" in capsys.readouterr().err
+    assert "required: COMMAND" in capsys.readouterr().err
 
 
 def test_train_with_a_bad_override_exits_2_naming_the_key(capsys, tmp_path):

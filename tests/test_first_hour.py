@@ -403,3 +403,65 @@ def test_resume_applies_a_new_lr_and_says_so_and_refuses_what_the_checkpoint_res
         "actor.weight_decay 0.0 -> 0.1" in output
     )
     assert [record["actor/lr"] for record in read_metrics(run_dir)] == [0.001, 0.001, 0.05]
+
+
+# -- 8: help, version, messages, eval, report -----------------------------------------------------------------
+
+
+def test_help_is_plain_text_lists_every_command_and_shows_defaults(capsys):
+    for argv in (["--help"], ["eval", "--help"], ["sweep", "--help"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+    output = capsys.readouterr().out
+    assert "``" not in output
+    assert all(command in output for command in ("train", "eval", "report", "sweep"))
+    assert "(default: 0.6)" in output and "(default: runs/sweep)" in output and "(default: all)" in output
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == "cegppo 0.1.0"
+
+
+def test_a_mini_batch_that_does_not_divide_the_batch_says_what_to_set(capsys, tmp_path):
+    rc, output = run_cli(capsys, "train", "actor.ppo_mini_batch_size=3", f"trainer.output_dir={tmp_path}")
+    assert rc == 2
+    assert (
+        "actor.ppo_mini_batch_size=3 is invalid: must divide data.train_batch_size=8: use "
+        "actor.ppo_mini_batch_size=2 or actor.ppo_mini_batch_size=4, or data.train_batch_size=9" in output
+    )
+
+
+def test_eval_takes_num_threads(capsys, tiny_model_dir, monkeypatch):
+    import torch
+
+    threads = []
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
+    rc, output = run_cli(
+        capsys, "eval", "--model", tiny_model_dir, "--n", 1, "--max-new-tokens", 2, "--limit", 1,
+        "--reward-workers", 0, "--num-threads", 1, "--quiet",
+    )  # fmt: skip
+    assert rc == 0, output
+    assert threads == [1]
+    rc, output = run_cli(capsys, "eval", "--num-threads", 0, "--reward-workers", 0)
+    assert rc == 2 and "--num-threads must be >= 1" in output
+
+
+def test_report_of_a_folder_finds_its_runs_and_tables_their_differing_settings(
+    capsys, tiny_model_dir, tmp_path
+):
+    for name, lr in (("low", 0.001), ("high", 0.002)):
+        rc, output = train(
+            capsys, tiny_model_dir, tmp_path / "runs", **{"trainer.name": name, "actor.lr": lr}
+        )
+        assert rc == 0, output
+    rc, output = run_cli(capsys, "report", tmp_path / "runs", "-o", tmp_path / "report.html")
+    assert rc == 0, output
+    page = (tmp_path / "report.html").read_text()
+    assert "2 runs: high, low" in page
+    differing = page[page.index("Settings that differ") :]
+    differing = differing[: differing.index("</table>")]
+    assert "actor.lr</th><td class='text'>0.002</td><td class='text'>0.001</td>" in differing
+    assert "trainer.name" not in differing and "rollout.n" not in differing
+    (tmp_path / "empty").mkdir()
+    rc, output = run_cli(capsys, "report", tmp_path / "empty")
+    assert rc == 2 and "is not a run directory and holds none" in output

@@ -1,4 +1,4 @@
-"""``cegppo`` command line: ``cegppo train``, ``cegppo eval`` and ``cegppo report``."""
+"""The ``cegppo`` command line: ``train``, ``eval``, ``report`` and ``sweep``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
+
+from cegppo.runfiles import RUN_DIR_RULE
 
 
 def print_error(console: Console, error: object) -> None:
@@ -23,7 +25,6 @@ def _train(args: argparse.Namespace, console: Console) -> int:
     from cegppo.trainer import Interrupted, Trainer, load_run_config, new_run_dir
     from cegppo.trainer.checkpoint import latest_checkpoint
     from cegppo.trainer.dynamic_sampling import NoRewardSignal
-    from cegppo.trainer.trainer import RUN_DIR_RULE
 
     try:
         if args.resume:
@@ -136,6 +137,10 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
             num_workers=args.reward_workers,
         )
         reward.validate()
+        if args.num_threads is not None:
+            if args.num_threads < 1:
+                raise ValueError(f"--num-threads must be >= 1, got {args.num_threads}")
+            torch.set_num_threads(args.num_threads)
         model_path = resolve_eval_model(args.model)
         device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         model, tokenizer = load_model_and_tokenizer(model_path, dtype=getattr(torch, args.dtype))
@@ -236,13 +241,36 @@ _PER_SEED_HELP = (
 )
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default after its help, unless the help says it already or there is none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        unset = action.default is None or action.default is False or action.default is argparse.SUPPRESS
+        if unset or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+DESCRIPTION = (
+    "RL fine-tuning of language models with verifiable rewards, built around CE-GPPO. "
+    "Start with 'cegppo train' (the CPU demo), then 'cegppo train data.train_files=my.jsonl "
+    "reward.name=my_reward.py:compute_score' for your own data; 'cegppo COMMAND --help' for each command."
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cegppo", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    from cegppo import __version__
+
+    parser = argparse.ArgumentParser(prog="cegppo", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     train = commands.add_parser(
         "train",
         help="RL fine-tuning with verifiable rewards (CE-GPPO by default)",
-        description="Without arguments: the embedded demo (SmolLM2-135M-Instruct learns 2-digit addition on CPU).",
+        description="Without arguments: the embedded demo (SmolLM2-135M-Instruct learns 2-digit addition on CPU). "
+        "Each run gets its own directory, trainer.output_dir/trainer.name (runs/<start time> by default), never "
+        "inside another run. Every key and its default: configs/demo_cpu.yaml.",
+        formatter_class=_DefaultsFormatter,
     )
     train.add_argument(
         "--config", type=Path, help="YAML config (see configs/); defaults: configs/demo_cpu.yaml"
@@ -265,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser(
         "eval",
+        formatter_class=_DefaultsFormatter,
         help="avg@n and pass@k on math benchmarks (or the arithmetic set)",
         description="Sample n responses per problem and score them with the training reward (math-verify on the "
         "last \\boxed{} by default). Reports avg@n and unbiased pass@k with 95% intervals over problems.",
@@ -281,9 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--n", type=int, default=4, help="samples per problem (avg@n, pass@k up to n)")
     evaluate.add_argument("--temperature", type=float, default=0.6, help="0 is greedy")
-    evaluate.add_argument("--top-p", type=float, default=0.95)
+    evaluate.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling")
     evaluate.add_argument("--top-k", type=int, default=-1, help="-1: off")
-    evaluate.add_argument("--max-new-tokens", type=int, default=1024)
+    evaluate.add_argument("--max-new-tokens", type=int, default=1024, help="tokens per response at most")
     evaluate.add_argument("--limit", type=int, help="only the first K problems of each benchmark")
     evaluate.add_argument("--seed", type=int, default=0, help="sampling seed")
     evaluate.add_argument(
@@ -304,6 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--reward-workers", type=int, default=1, help="scoring processes (0: in-process)")
     evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    evaluate.add_argument(
+        "--num-threads",
+        type=int,
+        help="CPU threads for torch (trainer.num_threads in training; default: torch's)",
+    )
     evaluate.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weights dtype")
     evaluate.add_argument(
         "--batch-size", type=int, help="sequences per generate call (default: 8 problems x n)"
@@ -314,10 +348,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser(
         "report",
+        formatter_class=_DefaultsFormatter,
         help="HTML report comparing runs' training curves",
         description="One self-contained HTML page (figures embedded) with the PNGs beside it in <name>_figures/.",
     )
-    report.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
+    report.add_argument(
+        "run_dirs",
+        nargs="+",
+        type=Path,
+        metavar="RUN_DIR",
+        help="run directories, or folders of runs (runs/)",
+    )
     report.add_argument("-o", "--output", type=Path, default=Path("report.html"), help="default: report.html")
     report.add_argument(
         "--smooth", type=int, help="moving-average window in steps (default: automatic for long runs; 1: off)"
@@ -327,12 +368,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     sweep = commands.add_parser(
         "sweep",
+        formatter_class=_DefaultsFormatter,
         help="GRPO, DAPO, GPPO and CE-GPPO at several (β1, β2) on the same budget, then a table and a report",
         description="Runs each variant x seed under OUTPUT_DIR (finished runs are skipped, interrupted ones "
         "resumed), then writes OUTPUT_DIR/sweep.md and OUTPUT_DIR/report.html.",
     )
     sweep.add_argument("--config", type=Path, help="base config (default: the demo)")
-    sweep.add_argument("--output-dir", type=Path, default=Path("runs/sweep"))
+    sweep.add_argument(
+        "--output-dir", type=Path, default=Path("runs/sweep"), help="the runs, table and report"
+    )
     sweep.add_argument("--seeds", default="0", help="comma-separated, e.g. 0,1")
     sweep.add_argument(
         "--variants",

@@ -422,18 +422,28 @@ def validate(config: Config) -> None:
         "it keeps the groups whose rewards differ, and with rollout.n=1 a group is one response: every group would "
         "be dropped and nothing trained; set rollout.n >= 2",
     )
-    _check(
-        a.ppo_mini_batch_responses is None or (d.train_batch_size * r.n) % a.ppo_mini_batch_responses == 0,
-        "actor.ppo_mini_batch_responses",
-        a.ppo_mini_batch_responses,
-        f"must divide data.train_batch_size × rollout.n = {d.train_batch_size * r.n}",
-    )
-    _check(
-        a.ppo_mini_batch_responses is not None or d.train_batch_size % a.ppo_mini_batch_size == 0,
-        "actor.ppo_mini_batch_size",
+    responses, mini, mini_responses = (
+        d.train_batch_size * r.n,
         a.ppo_mini_batch_size,
-        f"must divide data.train_batch_size={d.train_batch_size}",
+        a.ppo_mini_batch_responses,
     )
+    if mini_responses is not None and responses % mini_responses:
+        _check(
+            False,
+            "actor.ppo_mini_batch_responses",
+            mini_responses,
+            f"must divide data.train_batch_size × rollout.n = {responses}: use "
+            f"{_divisor_fix('actor.ppo_mini_batch_responses', mini_responses, responses)}",
+        )
+    if mini_responses is None and d.train_batch_size % mini:
+        _check(
+            False,
+            "actor.ppo_mini_batch_size",
+            mini,
+            f"must divide data.train_batch_size={d.train_batch_size}: use "
+            f"{_divisor_fix('actor.ppo_mini_batch_size', mini, d.train_batch_size)}, or "
+            f"data.train_batch_size={-(-d.train_batch_size // mini) * mini}",
+        )
     _check(
         not (a.share_prompt and config.model.gradient_checkpointing),
         "actor.share_prompt",
@@ -478,6 +488,15 @@ def validate(config: Config) -> None:
         config.reward.validate()
     except ValueError as error:
         raise ConfigError(str(error)) from None
+
+
+def _divisor_fix(key: str, value: int, total: int) -> str:
+    """``key=a or key=b``: the divisors of ``total`` nearest to ``value`` from below and above."""
+    divisors = [k for k in range(1, total + 1) if total % k == 0]
+    nearest = {max(k for k in divisors if k <= value)}
+    if value < total:
+        nearest.add(min(k for k in divisors if k >= value))
+    return " or ".join(f"{key}={k}" for k in sorted(nearest))
 
 
 def _check(ok: bool, key: str, value: object, allowed: str) -> None:

@@ -12,6 +12,8 @@ METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
 SUMMARY_FILE = "summary.json"
 CHECKPOINTS_DIR = "checkpoints"
+# How a new run's directory is named (trainer.output_dir, trainer.name), as the CLI says it.
+RUN_DIR_RULE = "trainer.output_dir/trainer.name; the name defaults to the start time"
 # The paper's token quadrants (advantage sign × probability), as named in the quadrant/<name>/... metrics
 QUADRANTS = ("PA&HP", "PA&LP", "NA&HP", "NA&LP")
 

@@ -38,7 +38,7 @@ from cegppo.losses import masked_mean
 from cegppo.models import disable_dropout, load_model_and_tokenizer
 from cegppo.rewards import RewardErrorGuard, RewardFailure, RewardResult, RewardScorer, overlong_penalty
 from cegppo.rollout import SamplingParams, build_rollout_engine
-from cegppo.runfiles import CONFIG_FILE, SAMPLES_FILE, SUMMARY_FILE, is_run_dir
+from cegppo.runfiles import CONFIG_FILE, RUN_DIR_RULE, SAMPLES_FILE, SUMMARY_FILE, is_run_dir
 from cegppo.trainer.actor import Actor, ActorSettings, Experience
 from cegppo.trainer.checkpoint import (
     MODEL_DIR,
@@ -75,10 +75,6 @@ class Interrupted(Exception):
         super().__init__(f"{signal.Signals(signum).name}: checkpoint saved at {checkpoint}")
         self.signum = signum
         self.checkpoint = checkpoint
-
-
-# How a new run's directory is named, as the CLI prints it.
-RUN_DIR_RULE = "trainer.output_dir/trainer.name; the name defaults to the start time"
 
 
 def new_run_dir(config: Config) -> Path:
