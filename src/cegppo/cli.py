@@ -66,7 +66,8 @@ def _train(args: argparse.Namespace, console: Console) -> int:
     if "heldout_acc_before" in summary:
         console.print(
             f"held-out accuracy: {summary['heldout_acc_before']:.3f} -> {summary['heldout_acc_after']:.3f} "
-            f"({summary['heldout_size']} problems of {summary['heldout']}, greedy)"
+            f"({summary['heldout_size']} problem{'s' if summary['heldout_size'] != 1 else ''} of "
+            f"{summary['heldout']}, greedy)"
         )
     console.print(f"{summary['steps']} steps in {summary['wall_s']:.0f} s; run directory: {run_dir}")
     return 0

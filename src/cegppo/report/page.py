@@ -110,7 +110,7 @@ def _config_table(runs: Sequence[Run]) -> str:
     differences = config_differences(runs)
     if not differences:
         return "<h2>Settings</h2><p class='caption'>The runs' config.yaml files agree on every setting.</p>"
-    head = "".join(f"<th>{_swatch(run)}{html.escape(run.name)}</th>" for run in runs)
+    head = "".join(f"<th>{_swatch(run)}</th>" for run in runs)
     rows = [
         f"<tr><th class='key'>{html.escape(key)}</th>"
         + "".join(f"<td class='text'>{html.escape(_setting(value))}</td>" for value in values)

@@ -326,7 +326,7 @@ class Trainer:
             heldout = "none (data.heldout=FILE or a benchmark name measures greedy accuracy before and after training)"
         else:
             heldout = (
-                f"{data.heldout}, {len(self.heldout)} problems, greedy accuracy before and after training"
+                f"{data.heldout}, {_problems(len(self.heldout))}, greedy accuracy before and after training"
             )
             if data.heldout == ARITHMETIC:
                 heldout += " (disjoint from the training problems)"
@@ -685,6 +685,10 @@ class Trainer:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+
+def _problems(count: int) -> str:
+    return f"{count} problem{'s' if count != 1 else ''}"
 
 
 @contextmanager
