@@ -49,7 +49,7 @@ def test_no_command_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args([])
     assert exit_info.value.code == 2
-    assert "required: command" in capsys.readouterr().err
+    assert "required: COMMAND" in capsys.readouterr().err
 
 
 def test_train_with_a_bad_override_exits_2_naming_the_key(capsys, tmp_path):
@@ -88,7 +88,9 @@ def test_train_runs_on_a_tiny_model(trained_run):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 2
     assert f"run directory: {run_dir}" in output
-    assert re.search(r"held-out accuracy: \d\.\d{3} -> \d\.\d{3} \(4 problems, greedy\)", output)
+    assert re.search(
+        r"held-out accuracy: \d\.\d{3} -> \d\.\d{3} \(4 problems of arithmetic, greedy\)", output
+    )
     assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == 2
 
 

@@ -492,7 +492,8 @@ def test_trainer_builds_vllm_from_the_config(fake_vllm, monkeypatch, tmp_path):
 
     def record(**kwargs):
         built.update(kwargs)
-        return FakeLLM(lambda i, ids, params: [], [])
+        # one finished sample per prompt: the trainer's start-up check of the reward generates
+        return FakeLLM(lambda i, ids, params: [([2], [-0.1], "stop")] * params.kwargs["n"], [])
 
     fake_vllm.LLM = record
     monkeypatch.setattr(fake_vllm.platforms, "current_platform", SimpleNamespace(device_type="cpu"))

@@ -8,7 +8,8 @@ import pytest
 
 from _tiny import tiny_overrides
 from cegppo.config import load_config
-from cegppo.sweep import METHODS, VARIANTS, run_sweep, sweep_table, variant_overrides
+from cegppo.presets import METHODS, VARIANTS, variant_overrides
+from cegppo.sweep import run_sweep, sweep_table
 from cegppo.trainer import Trainer, load_run_config
 from test_report import write_run
 
@@ -92,7 +93,7 @@ def test_method_presets_are_variants_and_run(tiny_model_dir, tmp_path):
     for name in METHODS:
         band = ["actor.entropy_control.target_low=0.1", "actor.entropy_control.target_high=0.2"]
         load_config(None, [*variant_overrides(name), *band])  # every preset is a valid config (with a band)
-    with pytest.raises(ValueError, match=r"unknown sweep variant 'ppo'.*dapo_erc.*'gpg'"):
+    with pytest.raises(ValueError, match=r"unknown preset 'ppo'.*dapo_erc.*'gpg'"):
         run_sweep(tmp_path / "nothing", variants=["grpo", "ppo"])
     assert not (tmp_path / "nothing").exists()
     base = [

@@ -427,13 +427,16 @@ def test_bad_input_fails_before_the_run_directory_exists(tiny_model_dir, tmp_pat
 
 
 # Reward by call order (in-process, so the counter is shared): with 4 prompts x 4 samples per round, round 0
-# scores everything 0 (no group has signal), round 1 gives groups 0 and 1 mixed scores, round 2 all four.
+# scores everything 0 (no group has signal), round 1 gives groups 0 and 1 mixed scores, round 2 all four. The first
+# 4 calls are the trainer's start-up check of the reward (REWARD_CHECK_PROMPTS greedy responses).
 BY_CALL_ORDER = """
-calls = 0
+calls = -4
 
 def compute_score(data_source, solution_str, ground_truth, extra_info=None):
     global calls
     index, calls = calls, calls + 1
+    if index < 0:
+        return 0.0
     round_, row = divmod(index, 16)
     if round_ == 0 or (round_ == 1 and row >= 8):
         return 0.0
@@ -487,24 +490,23 @@ def compute_score(data_source, solution_str, ground_truth, extra_info=None):
 """
 
 
-def test_a_reward_that_always_raises_stops_the_run(tiny_model_dir, tmp_path):
+def test_a_reward_that_always_raises_stops_the_run_before_it_starts(tiny_model_dir, tmp_path):
     config = one_step(tiny_model_dir, tmp_path, reward_file(tmp_path, "broken.py", ALWAYS_RAISES))
-    trainer = Trainer(config, run_dir_of(config))
-    with pytest.raises(RewardFailure, match=r"broken\.py:compute_score.* 16 of 16 .*KeyError: 'answer_key'"):
-        trainer.fit()
-    trainer.close()
-    assert read_metrics(run_dir_of(config)) == []  # stopped in the first step, before any update
-    assert not (run_dir_of(config) / "checkpoints").exists()
+    with pytest.raises(
+        RewardFailure, match=r"^before training.*broken\.py:compute_score.* 4 of 4 .*KeyError: 'answer_key'"
+    ):
+        Trainer(config, run_dir_of(config))
+    assert not run_dir_of(config).exists()
 
 
-# Scores the first step's 16 responses, then raises: the reward broke during the run.
+# Scores the start-up check's 4 responses and the first step's 16, then raises: the reward broke during the run.
 BREAKS_AFTER_ONE_STEP = """
 calls = 0
 
 def compute_score(data_source, solution_str, ground_truth, extra_info=None):
     global calls
     calls += 1
-    if calls > 16:
+    if calls > 20:
         raise ConnectionError("reward server went away")
     return float(len(solution_str) < 6)
 """

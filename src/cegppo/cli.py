@@ -1,5 +1,4 @@
-"""``cegppo`` command line: ``cegppo train``, ``cegppo eval``, ``cegppo report``, ``cegppo sweep`` and
-``cegppo probe``."""
+"""The ``cegppo`` command line: ``train``, ``eval``, ``report``, ``sweep`` and ``probe``."""
 
 from __future__ import annotations
 
@@ -11,46 +10,66 @@ from datetime import datetime
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
+
+from cegppo.runfiles import RUN_DIR_RULE
+
+
+def print_error(console: Console, error: object) -> None:
+    """``error: <message>``, the message as is (a path like ``[a.jsonl]`` is not rich markup)."""
+    console.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
 
 
 def _train(args: argparse.Namespace, console: Console) -> int:
     from cegppo.config import load_config
+    from cegppo.presets import variant_overrides
     from cegppo.rewards import RewardFailure
     from cegppo.trainer import Interrupted, Trainer, load_run_config, new_run_dir
     from cegppo.trainer.checkpoint import latest_checkpoint
+    from cegppo.trainer.dynamic_sampling import NoRewardSignal
 
     try:
         if args.resume:
+            if args.preset or args.config:
+                raise ValueError(
+                    "--resume continues a run with its own config: give overrides, not --preset/--config"
+                )
             run_dir = Path(args.resume)
             config = load_run_config(run_dir, args.overrides)
         else:
-            config = load_config(args.config, args.overrides)
+            preset = variant_overrides(args.preset) if args.preset else []
+            config = load_config(args.config, [*preset, *args.overrides])
             run_dir = new_run_dir(config)
         if args.quiet:
             config.trainer.quiet = True
         trainer = Trainer(config, run_dir, resume=bool(args.resume))
-    except (ValueError, FileNotFoundError) as error:  # bad input: the message names the file or key
-        console.print(f"[red]error:[/red] {error}", highlight=False)
+    except (ValueError, FileNotFoundError, RewardFailure) as error:  # bad input, named in the message
+        print_error(console, error)
         return 2
-    console.print(f"run directory: {run_dir}", highlight=False)
+    rule = "resumed" if args.resume else RUN_DIR_RULE
+    console.print(f"run directory: {run_dir} ({rule})", highlight=False)
     try:
         summary = trainer.fit()
     except Interrupted as stop:
         trainer.close()
         console.print(f"interrupted: {stop}. Continue with: cegppo train --resume {run_dir}")
         return 128 + stop.signum
-    except RewardFailure as failure:  # training on a reward that keeps raising would mean nothing
+    except (RewardFailure, NoRewardSignal) as failure:  # training on would mean nothing
         trainer.close()
-        console.print(f"[red]error:[/red] {failure}", highlight=False)
+        print_error(console, failure)
         if latest_checkpoint(run_dir / "checkpoints") is not None:
+            console.print(f"Fix it, then continue with: cegppo train --resume {run_dir}", highlight=False)
+        elif not run_dir.exists():
             console.print(
-                f"Fix the reward, then continue with: cegppo train --resume {run_dir}", highlight=False
+                f"Nothing was trained, so {run_dir} was removed: fix it and run the same command again.",
+                highlight=False,
             )
         return 1
     if "heldout_acc_before" in summary:
         console.print(
             f"held-out accuracy: {summary['heldout_acc_before']:.3f} -> {summary['heldout_acc_after']:.3f} "
-            f"({summary['heldout_size']} problems, greedy)"
+            f"({summary['heldout_size']} problem{'s' if summary['heldout_size'] != 1 else ''} of "
+            f"{summary['heldout']}, greedy)"
         )
     console.print(f"{summary['steps']} steps in {summary['wall_s']:.0f} s; run directory: {run_dir}")
     return 0
@@ -73,7 +92,7 @@ def _probe(args: argparse.Namespace, console: Console) -> int:
             config.trainer.quiet = True
         trainer = Trainer(config, run_dir)
     except (ValueError, FileNotFoundError) as error:
-        console.print(f"[red]error:[/red] {error}", highlight=False)
+        print_error(console, error)
         return 2
     console.print(f"probe directory: {run_dir}", highlight=False)
     rows = []
@@ -181,6 +200,10 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
             num_workers=args.reward_workers,
         )
         reward.validate()
+        if args.num_threads is not None:
+            if args.num_threads < 1:
+                raise ValueError(f"--num-threads must be >= 1, got {args.num_threads}")
+            torch.set_num_threads(args.num_threads)
         model_path = resolve_eval_model(args.model)
         device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         model, tokenizer = load_model_and_tokenizer(model_path, dtype=getattr(torch, args.dtype))
@@ -198,7 +221,7 @@ def _eval(args: argparse.Namespace, console: Console) -> int:
         )
         scorer = RewardScorer(reward)  # last: it starts worker processes
     except (ValueError, FileNotFoundError) as error:  # bad input: the message names the file or option
-        console.print(f"[red]error:[/red] {error}", highlight=False)
+        print_error(console, error)
         return 2
     console.print(
         f"model: {model_path} ({device}, {args.dtype} weights, autocast {autocast})", highlight=False
@@ -256,7 +279,7 @@ def _report(args: argparse.Namespace, console: Console) -> int:
             probe_reference=args.probe_reference,
         )
     except ValueError as error:
-        console.print(f"[red]error:[/red] {error}", highlight=False)
+        print_error(console, error)
         return 2
     skipped = [panel.title for panel in report.panels if panel.png is None]
     if skipped:
@@ -267,8 +290,9 @@ def _report(args: argparse.Namespace, console: Console) -> int:
 
 def _sweep(args: argparse.Namespace, console: Console) -> int:
     from cegppo.config import ConfigError
+    from cegppo.presets import VARIANTS
     from cegppo.report import write_report
-    from cegppo.sweep import VARIANTS, run_sweep, sweep_table
+    from cegppo.sweep import run_sweep, sweep_table
 
     variants = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
     seeds = [int(seed) for seed in args.seeds.split(",")]
@@ -282,7 +306,7 @@ def _sweep(args: argparse.Namespace, console: Console) -> int:
             on_run=lambda name, run_dir: console.print(f"sweep run {name}: {run_dir}", highlight=False),
         )
     except (ConfigError, ValueError, FileNotFoundError) as error:
-        console.print(f"[red]error:[/red] {error}", highlight=False)
+        print_error(console, error)
         return 2
     table = sweep_table(run_dirs)
     (args.output_dir / "sweep.md").write_text(table)
@@ -298,19 +322,49 @@ _PER_SEED_HELP = (
 )
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default after its help, unless the help says it already or there is none to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        unset = action.default is None or action.default is False or action.default is argparse.SUPPRESS
+        if unset or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+DESCRIPTION = (
+    "RL fine-tuning of language models with verifiable rewards, built around CE-GPPO. "
+    "Start with 'cegppo train' (the CPU demo), then 'cegppo train data.train_files=my.jsonl "
+    "reward.name=my_reward.py:compute_score' for your own data; 'cegppo COMMAND --help' for each command."
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cegppo", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    from cegppo import __version__
+
+    parser = argparse.ArgumentParser(prog="cegppo", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     train = commands.add_parser(
         "train",
         help="RL fine-tuning with verifiable rewards (CE-GPPO by default)",
-        description="Without arguments: the embedded demo (SmolLM2-135M-Instruct learns 2-digit addition on CPU).",
+        description="Without arguments: the embedded demo (SmolLM2-135M-Instruct learns 2-digit addition on CPU). "
+        "Each run gets its own directory, trainer.output_dir/trainer.name (runs/<start time> by default), never "
+        "inside another run. Every key and its default: configs/demo_cpu.yaml.",
+        formatter_class=_DefaultsFormatter,
     )
     train.add_argument(
         "--config", type=Path, help="YAML config (see configs/); defaults: configs/demo_cpu.yaml"
     )
     train.add_argument(
         "--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint"
+    )
+    train.add_argument(
+        "--preset",
+        metavar="NAME",
+        help="named settings applied before the overrides: grpo, dapo (both the vanilla loss with their clip "
+        "ranges), gppo, ce_gppo_b<β1>_<β2>, dapo_80_20, dapo_erc, grpo_adaptive_entropy, ce_gppo_control, or a "
+        "loss name with its paper's settings (what cegppo sweep --variants runs)",
     )
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
@@ -320,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser(
         "eval",
+        formatter_class=_DefaultsFormatter,
         help="avg@n and pass@k on math benchmarks (or the arithmetic set)",
         description="Sample n responses per problem and score them with the training reward (math-verify on the "
         "last \\boxed{} by default). Reports avg@n and unbiased pass@k with 95% intervals over problems.",
@@ -336,9 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--n", type=int, default=4, help="samples per problem (avg@n, pass@k up to n)")
     evaluate.add_argument("--temperature", type=float, default=0.6, help="0 is greedy")
-    evaluate.add_argument("--top-p", type=float, default=0.95)
+    evaluate.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling")
     evaluate.add_argument("--top-k", type=int, default=-1, help="-1: off")
-    evaluate.add_argument("--max-new-tokens", type=int, default=1024)
+    evaluate.add_argument("--max-new-tokens", type=int, default=1024, help="tokens per response at most")
     evaluate.add_argument("--limit", type=int, help="only the first K problems of each benchmark")
     evaluate.add_argument("--seed", type=int, default=0, help="sampling seed")
     evaluate.add_argument(
@@ -359,6 +414,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("--reward-workers", type=int, default=1, help="scoring processes (0: in-process)")
     evaluate.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    evaluate.add_argument(
+        "--num-threads",
+        type=int,
+        help="CPU threads for torch (trainer.num_threads in training; default: torch's)",
+    )
     evaluate.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weights dtype")
     evaluate.add_argument(
         "--autocast",
@@ -375,10 +435,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser(
         "report",
+        formatter_class=_DefaultsFormatter,
         help="HTML report comparing runs' training curves",
         description="One self-contained HTML page (figures embedded) with the PNGs beside it in <name>_figures/.",
     )
-    report.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
+    report.add_argument(
+        "run_dirs",
+        nargs="+",
+        type=Path,
+        metavar="RUN_DIR",
+        help="run directories, or folders of runs (runs/)",
+    )
     report.add_argument("-o", "--output", type=Path, default=Path("report.html"), help="default: report.html")
     report.add_argument(
         "--smooth", type=int, help="moving-average window in steps (default: automatic for long runs; 1: off)"
@@ -393,12 +460,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     sweep = commands.add_parser(
         "sweep",
+        formatter_class=_DefaultsFormatter,
         help="GRPO, DAPO, GPPO and CE-GPPO at several (β1, β2) on the same budget, then a table and a report",
         description="Runs each variant x seed under OUTPUT_DIR (finished runs are skipped, interrupted ones "
         "resumed), then writes OUTPUT_DIR/sweep.md and OUTPUT_DIR/report.html.",
     )
     sweep.add_argument("--config", type=Path, help="base config (default: the demo)")
-    sweep.add_argument("--output-dir", type=Path, default=Path("runs/sweep"))
+    sweep.add_argument(
+        "--output-dir", type=Path, default=Path("runs/sweep"), help="the runs, table and report"
+    )
     sweep.add_argument("--seeds", default="0", help="comma-separated, e.g. 0,1")
     sweep.add_argument(
         "--variants",

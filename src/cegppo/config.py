@@ -21,7 +21,9 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from cegppo import presets
 from cegppo.advantages import ADVANTAGE_REGISTRY
+from cegppo.data.benchmark import ARITHMETIC
 from cegppo.losses import KL_ESTIMATORS, LOSS_AGG_MODES, PolicyLossConfig, list_policy_losses
 from cegppo.rewards import RewardConfig
 
@@ -32,6 +34,10 @@ LOSS_SETTINGS = tuple(
     for f in dataclasses.fields(PolicyLossConfig)
     if f.name not in ("dp_size", "batch_num_tokens", "global_batch_size", "generator", "token_selection")
 )
+
+
+# data.task / data.heldout: follow the training data (resolved when a config is loaded, see resolve_data)
+AUTO = "auto"
 
 
 class ConfigError(ValueError):
@@ -48,11 +54,14 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    task: str | None = "arithmetic"  # a built-in task; set to null and give train_files for your own data
+    # The built-in task trained on: auto is arithmetic, unless data.train_files are given (then none: the files)
+    task: str | None = AUTO
     train_files: list[str] = field(default_factory=list)  # JSONL/Parquet, {problem, answer} or verl's schema
     train_size: int = 5000  # problems generated for a built-in task
     digits: int = 2  # operand digits of the arithmetic task and of the `arithmetic` held-out set (1-4)
-    heldout: str | None = "arithmetic"  # greedy accuracy before/after: a benchmark name or a prompt file
+    # Greedy accuracy before/after training: a benchmark name or a prompt file; auto is the built-in task's own
+    # held-out set (arithmetic), and none for train_files (give their held-out file here); null: none
+    heldout: str | None = AUTO
     heldout_size: int = 200
     train_batch_size: int = 8  # prompts per step
     system_prompt: str | None = None  # replaces the chat template's default system turn
@@ -98,7 +107,8 @@ class AlgorithmConfig:
     adv_estimator: str = "grpo"  # grpo | dr_grpo | rloo
     # DAPO's dynamic sampling: drop the groups whose rewards are all equal and sample new prompts until
     # data.train_batch_size groups have signal, in at most max_num_gen_batches generation rounds per step
-    # (verl's name; 0: no cap; 1: no re-sampling, train on the groups left, as the CE-GPPO release does)
+    # (verl's name; 0: no cap, but 20 rounds in a row without a group with signal stop the run; 1: no re-sampling,
+    # train on the groups left, as the CE-GPPO release does)
     filter_groups: bool = False
     max_num_gen_batches: int = 10
 
@@ -256,8 +266,9 @@ class TrainerConfig:
     name: str | None = None  # run directory name; default: a timestamp
     save_every: int = 0  # checkpoint every N steps; 0: only at the end (and on SIGINT/SIGTERM)
     # Keep only the newest N checkpoints, deleting older ones after each save (HF's save_total_limit, verl's
-    # max_actor_ckpt_to_keep): a 135M model's checkpoint with its AdamW state is 1.5 GB. 0: keep all.
-    keep_checkpoints: int = 0
+    # max_actor_ckpt_to_keep): a 135M model's checkpoint with its AdamW state is 1.6 GB. 0: keep all. Two: the
+    # newest, and one to fall back on.
+    keep_checkpoints: int = 2
     eval_every: int = 0  # evaluate eval.benchmarks every N steps (and at the end); 0: never
     num_logged_samples: int = 4
     tensorboard: bool = True
@@ -302,11 +313,18 @@ class Config:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults, then the YAML file, then ``key.sub=value`` overrides; typed and validated."""
+    """Defaults, then the YAML file, then ``key.sub=value`` overrides; typed, resolved and validated.
+
+    A list-of-text key (``data.train_files``, ``eval.benchmarks``) also takes one value without brackets.
+    """
     merged = OmegaConf.structured(Config)
     if path is not None:
+        values = load_yaml_mapping(path)
+        for key in _TEXT_LIST_KEYS:
+            if isinstance(OmegaConf.select(values, key), str):
+                OmegaConf.update(values, key, [OmegaConf.select(values, key)])
         try:
-            merged = OmegaConf.merge(merged, load_yaml_mapping(path))
+            merged = OmegaConf.merge(merged, values)
         except OmegaConfBaseException as error:
             raise ConfigError(f"{path}: {_describe(error)}") from None
     for override in overrides:
@@ -314,31 +332,63 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"override {override!r} must look like key.sub=value")
         key, value = override.split("=", 1)
         try:
+            # As typed: from_dotlist reads values as YAML, so `trainer.name=007` would name the run "7"; and one
+            # path without brackets is a list of one.
             if _is_text(key) and value not in ("null", "~"):
-                # as typed: from_dotlist reads values as YAML, so `trainer.name=007` would name the run "7"
-                for part in reversed(key.split(".")):
-                    value = {part: value}
-                merged = OmegaConf.merge(merged, OmegaConf.create(value))
+                typed: Any = value
+            elif key in _TEXT_LIST_KEYS and not value.lstrip().startswith("[") and value not in ("null", "~"):
+                typed = [value]
             else:
                 merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([override]))
+                continue
+            for part in reversed(key.split(".")):
+                typed = {part: typed}
+            merged = OmegaConf.merge(merged, OmegaConf.create(typed))
         except OmegaConfBaseException as error:
             raise ConfigError(f"override {override!r}: {_describe(error)}") from None
     config = OmegaConf.to_object(merged)
     assert isinstance(config, Config)
+    resolve_data(config.data)
     validate(config)
     return config
 
 
+def resolve_data(data: DataConfig) -> None:
+    """Settle ``auto``: the arithmetic task unless train files are given, and the held-out set that goes with the
+    training data (the task's own; none for files). Resolved values are what a run's config.yaml records."""
+    if data.task == AUTO:
+        data.task = None if data.train_files else ARITHMETIC
+    if data.heldout == AUTO:
+        data.heldout = ARITHMETIC if data.task == ARITHMETIC else None
+
+
 def _is_text(key: str) -> bool:
     """Whether the dotted key is a ``str`` (or ``str | None``) field of ``Config``."""
+    node = _field_type(key)
+    is_union = typing.get_origin(node) in (typing.Union, types.UnionType)
+    return node is str or (is_union and set(typing.get_args(node)) == {str, type(None)})
+
+
+def _field_type(key: str) -> Any:
+    """The declared type of the dotted key in ``Config`` (None for an unknown key)."""
     node: Any = Config
     for part in key.split("."):
         hints = typing.get_type_hints(node) if dataclasses.is_dataclass(node) else {}
         if part not in hints:
-            return False
+            return None
         node = hints[part]
-    is_union = typing.get_origin(node) in (typing.Union, types.UnionType)
-    return node is str or (is_union and set(typing.get_args(node)) == {str, type(None)})
+    return node
+
+
+def _text_list_keys(node: Any = None, prefix: str = "") -> list[str]:
+    """The dotted keys of ``list[str]`` fields, e.g. ``data.train_files``."""
+    keys = []
+    for name, hint in typing.get_type_hints(node or Config).items():
+        if dataclasses.is_dataclass(hint):
+            keys += _text_list_keys(hint, f"{prefix}{name}.")
+        elif hint == list[str]:
+            keys.append(prefix + name)
+    return keys
 
 
 def load_yaml_mapping(path: str | Path) -> DictConfig:
@@ -359,20 +409,11 @@ def load_yaml_mapping(path: str | Path) -> DictConfig:
     return values
 
 
-def config_from_dict(values: dict[str, Any]) -> Config:
-    """A validated config from a (nested) dict, e.g. a run directory's ``config.yaml``."""
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(values))
-    except OmegaConfBaseException as error:
-        raise ConfigError(_describe(error)) from None
-    config = OmegaConf.to_object(merged)
-    assert isinstance(config, Config)
-    validate(config)
-    return config
-
-
 def to_yaml(config: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+_TEXT_LIST_KEYS = _text_list_keys()
 
 
 def _describe(error: OmegaConfBaseException) -> str:
@@ -391,23 +432,41 @@ def validate(config: Config) -> None:
     _check_data(config.data)
     _check_rollout(config.rollout)
     _check_algorithm(config.algorithm)
+    _check_not_a_preset(config.actor.policy_loss)
     _check_actor(config.actor)
     _check_eval(config.eval)
     _check_trainer(config.trainer)
     _check_analysis(config)
     d, r, a = config.data, config.rollout, config.actor
     _check(
-        a.ppo_mini_batch_responses is None or (d.train_batch_size * r.n) % a.ppo_mini_batch_responses == 0,
-        "actor.ppo_mini_batch_responses",
-        a.ppo_mini_batch_responses,
-        f"must divide data.train_batch_size × rollout.n = {d.train_batch_size * r.n}",
+        not (config.algorithm.filter_groups and r.n == 1),
+        "algorithm.filter_groups",
+        config.algorithm.filter_groups,
+        "it keeps the groups whose rewards differ, and with rollout.n=1 a group is one response: every group would "
+        "be dropped and nothing trained; set rollout.n >= 2",
     )
-    _check(
-        a.ppo_mini_batch_responses is not None or d.train_batch_size % a.ppo_mini_batch_size == 0,
-        "actor.ppo_mini_batch_size",
+    responses, mini, mini_responses = (
+        d.train_batch_size * r.n,
         a.ppo_mini_batch_size,
-        f"must divide data.train_batch_size={d.train_batch_size}",
+        a.ppo_mini_batch_responses,
     )
+    if mini_responses is not None and responses % mini_responses:
+        _check(
+            False,
+            "actor.ppo_mini_batch_responses",
+            mini_responses,
+            f"must divide data.train_batch_size × rollout.n = {responses}: use "
+            f"{_divisor_fix('actor.ppo_mini_batch_responses', mini_responses, responses)}",
+        )
+    if mini_responses is None and d.train_batch_size % mini:
+        _check(
+            False,
+            "actor.ppo_mini_batch_size",
+            mini,
+            f"must divide data.train_batch_size={d.train_batch_size}: use "
+            f"{_divisor_fix('actor.ppo_mini_batch_size', mini, d.train_batch_size)}, or "
+            f"data.train_batch_size={-(-d.train_batch_size // mini) * mini}",
+        )
     _check(
         not (a.share_prompt and config.model.gradient_checkpointing),
         "actor.share_prompt",
@@ -522,9 +581,23 @@ def variant_config(config: Config, spec: str) -> Config:
         values["actor"][key] = value
     values["analysis"].update(probe_every=0, probe_variants=[])
     try:
-        return config_from_dict(values)
+        variant = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(values)))
+        assert isinstance(variant, Config)
+        validate(variant)
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"loss setting {spec!r}: {_describe(error)}") from None
     except ConfigError as error:
         raise ConfigError(f"loss setting {spec!r}: {error}") from None
+    return variant
+
+
+def _divisor_fix(key: str, value: int, total: int) -> str:
+    """``key=a or key=b``: the divisors of ``total`` nearest to ``value`` from below and above."""
+    divisors = [k for k in range(1, total + 1) if total % k == 0]
+    nearest = {max(k for k in divisors if k <= value)}
+    if value < total:
+        nearest.add(min(k for k in divisors if k >= value))
+    return " or ".join(f"{key}={k}" for k in sorted(nearest))
 
 
 def _check(ok: bool, key: str, value: object, allowed: str) -> None:
@@ -552,9 +625,29 @@ def _check_model(m: ModelConfig) -> None:
 
 def _check_data(d: DataConfig) -> None:
     _check(d.task is not None or bool(d.train_files), "data.task", d.task, "set a task or data.train_files")
-    _check(d.task in (None, "arithmetic"), "data.task", d.task, "built-in tasks: ['arithmetic']")
+    _check(d.task in (None, AUTO, ARITHMETIC), "data.task", d.task, f"built-in tasks: [{ARITHMETIC!r}]")
+    _check(
+        d.task in (None, AUTO) or not d.train_files,
+        "data.task",
+        d.task,
+        f"data.train_files={d.train_files} are given too: set data.task=auto to train on the files, or drop them",
+    )
     _check(type(d.digits) is int and 1 <= d.digits <= 4, "data.digits", d.digits, "an integer in [1, 4]")
     _positive("data", d, "train_batch_size", "train_size", "heldout_size")
+
+
+def _check_not_a_preset(name: str) -> None:
+    """``actor.policy_loss=grpo`` (or dapo, ...) names a configuration: say which keys make it."""
+    if name in list_policy_losses() or not presets.is_preset(name):
+        return
+    note = f"; {presets.NOTES[name]}" if name in presets.NOTES else ""
+    _check(
+        False,
+        "actor.policy_loss",
+        name,
+        f"{name} is a configuration, not a loss of its own: {' '.join(presets.variant_overrides(name))}, or "
+        f"`cegppo train --preset {name}` (the settings `cegppo sweep --variants {name}` runs){note}",
+    )
 
 
 def _check_rollout(r: RolloutConfig) -> None:

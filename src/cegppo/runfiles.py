@@ -12,8 +12,19 @@ METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
 SUMMARY_FILE = "summary.json"
 PROBE_FILE = "probe.jsonl"  # the paired probe's rows: one per (step, seed, variant, epoch)
+CHECKPOINTS_DIR = "checkpoints"
+# How a new run's directory is named (trainer.output_dir, trainer.name), as the CLI says it.
+RUN_DIR_RULE = "trainer.output_dir/trainer.name; the name defaults to the start time"
 # The paper's token quadrants (advantage sign × probability), as named in the quadrant/<name>/... metrics
 QUADRANTS = ("PA&HP", "PA&LP", "NA&HP", "NA&LP")
+
+
+def is_run_dir(path: Path) -> bool:
+    """Whether ``path`` holds a run: its config and something the run wrote (metrics, checkpoints, summary, or
+    the rows of ``cegppo probe``)."""
+    return (path / CONFIG_FILE).is_file() and any(
+        (path / name).exists() for name in (METRICS_FILE, CHECKPOINTS_DIR, SUMMARY_FILE, PROBE_FILE)
+    )
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

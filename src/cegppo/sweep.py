@@ -2,87 +2,24 @@
 
 Each variant × seed is an ordinary run under ``output_dir``; a finished run (``summary.json``) is skipped and an
 interrupted one resumed, so re-running the same command completes a sweep. Besides ``VARIANTS`` (the default
-set), a variant may be one of the ``METHODS`` presets or the name of any registered loss.
+set), a variant may be one of the ``METHODS`` presets or the name of any registered loss (``cegppo.presets``).
 """
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from cegppo.config import Config, load_config
-from cegppo.losses import list_policy_losses
+from cegppo.presets import VARIANTS, variant_overrides
 from cegppo.report.runs import Run, by_variant, load_run, variant_and_seed
 from cegppo.report.stats import heldout_accuracy, late_mean, seed_summary
 from cegppo.runfiles import SUMMARY_FILE, read_metrics
 from cegppo.trainer import Trainer, load_run_config
 from cegppo.trainer.checkpoint import latest_checkpoint
-
-# CE-GPPO §5.1's comparison on the demo task; 2+ updates per rollout batch come from the base config.
-VARIANTS: dict[str, list[str]] = {
-    "grpo": ["actor.policy_loss=vanilla", "actor.clip_ratio_low=0.2", "actor.clip_ratio_high=0.2"],
-    "dapo": ["actor.policy_loss=vanilla", "actor.clip_ratio_low=0.2", "actor.clip_ratio_high=0.28"],
-    "gppo": ["actor.policy_loss=gppo"],
-    "ce_gppo_b0_1": ["actor.policy_loss=ce_gppo", "actor.beta1=0.0", "actor.beta2=1.0"],
-    "ce_gppo_b0.5_1": ["actor.policy_loss=ce_gppo", "actor.beta1=0.5", "actor.beta2=1.0"],
-    "ce_gppo_b0.75_1": ["actor.policy_loss=ce_gppo", "actor.beta1=0.75", "actor.beta2=1.0"],
-    "ce_gppo_b1_0.5": ["actor.policy_loss=ce_gppo", "actor.beta1=1.0", "actor.beta2=0.5"],
-}
-# CE-GPPO at any (β1, β2) by name, e.g. ce_gppo_b0_1.5 (the entropy-raising end of docs/results.md's study)
-_CE_GPPO_AT = re.compile(r"ce_gppo_b(\d+(?:\.\d+)?)_(\d+(?:\.\d+)?)")
-# The entropy-target controller from the paper's (0.5, 1), moving β1 and β2 between the study's two ends,
-# (1, 0.5) and (0, 1.5); its band is the base config's actor.entropy_control.target_low/high (the study's is in
-# configs/entropy_study_cpu.yaml).
-CONTROLLER = [
-    "actor.policy_loss=ce_gppo",
-    "actor.beta1=0.5",
-    "actor.beta2=1.0",
-    "actor.entropy_control.enabled=true",
-    "actor.entropy_control.step_size=0.25",
-    "actor.entropy_control.adjust_beta2=true",
-    "actor.entropy_control.beta2_min=0.5",
-    "actor.entropy_control.beta2_max=1.5",
-]
-
-# Methods that compete with CE-GPPO in their papers' settings, beyond a loss's own name (--variants NAME,...).
-_DAPO = ["actor.clip_ratio_low=0.2", "actor.clip_ratio_high=0.28"]
-METHODS: dict[str, list[str]] = {
-    "dapo_erc": ["actor.policy_loss=grpo_erc", *_DAPO],  # ERC on DAPO, arXiv 2512.05591
-    "dapo_80_20": ["actor.policy_loss=vanilla", *_DAPO, "actor.top_entropy_quantile=0.2"],  # arXiv 2506.01939
-    # Skywork-OR1's controller, with a target at the demo task's entropy (~0.1 nats; its paper's 0.2 never binds)
-    "grpo_adaptive_entropy": [
-        "actor.policy_loss=vanilla",
-        "actor.use_adaptive_entropy=true",
-        "actor.entropy_target=0.1",
-    ],
-    "ce_gppo_control": CONTROLLER,
-}
-
-# Any registered loss is a variant by its name, with its paper's band where that differs from the base config's.
-PAPER_SETTINGS: dict[str, list[str]] = {
-    "gspo": ["actor.clip_ratio_low=0.0003", "actor.clip_ratio_high=0.0004"],
-    "geo_mean": ["actor.clip_ratio_low=0.4", "actor.clip_ratio_high=0.4"],
-}
-
-
-def variant_overrides(name: str) -> list[str]:
-    """The overrides of a named variant: one of ``VARIANTS`` or ``METHODS``, or a registered loss with its paper's
-    settings."""
-    if name in VARIANTS:
-        return VARIANTS[name]
-    if name in METHODS:
-        return METHODS[name]
-    if match := _CE_GPPO_AT.fullmatch(name):
-        return ["actor.policy_loss=ce_gppo", f"actor.beta1={match[1]}", f"actor.beta2={match[2]}"]
-    if name in list_policy_losses():
-        return [f"actor.policy_loss={name}", *PAPER_SETTINGS.get(name, [])]
-    raise ValueError(
-        f"unknown sweep variant {name!r}: known are {[*VARIANTS, *METHODS]}, ce_gppo_b<β1>_<β2> and the losses {list_policy_losses()}"
-    )
 
 
 def run_sweep(

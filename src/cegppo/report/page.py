@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from cegppo.report.panels import Panel, build_panels
-from cegppo.report.runs import Run, curves, load_run, name_runs, val_keys
+from cegppo.report.runs import Run, config_differences, curves, find_runs, load_run, name_runs, val_keys
 
 # Metrics where higher is better: the table shows their best value and step.
 _SCORE_PREFIXES = ("reward/mean", "acc/mean", "val/")
@@ -102,6 +103,31 @@ def _summary_table(runs: Sequence[Run]) -> str:
     return f"<table><thead><tr><th>summary.json</th>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
 
+def _config_table(runs: Sequence[Run]) -> str:
+    """The settings (config.yaml) that differ between the runs, one row each."""
+    if len(runs) < 2:
+        return ""
+    differences = config_differences(runs)
+    if not differences:
+        return "<h2>Settings</h2><p class='caption'>The runs' config.yaml files agree on every setting.</p>"
+    head = "".join(f"<th>{_swatch(run)}</th>" for run in runs)
+    rows = [
+        f"<tr><th class='key'>{html.escape(key)}</th>"
+        + "".join(f"<td class='text'>{html.escape(_setting(value))}</td>" for value in values)
+        + "</tr>"
+        for key, values in differences.items()
+    ]
+    return (
+        "<h2>Settings that differ</h2><p class='caption'>From each run's config.yaml; the settings not listed "
+        "(and the run directories' names) are the same for every run.</p>"
+        f"<table><thead><tr><th>setting</th>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    )
+
+
+def _setting(value: Any) -> str:
+    return "null" if value is None else json.dumps(value) if isinstance(value, (list, bool)) else str(value)
+
+
 def _runs_table(runs: Sequence[Run]) -> str:
     rows = [
         f"<tr><td>{_swatch(run)}</td><td class='text'><code>{html.escape(str(run.path))}</code></td>"
@@ -155,12 +181,13 @@ def write_report(
     ``smooth``: moving-average window in steps; None draws an average of ``len/20`` steps over the raw curve for
     runs of 40 steps or more, 1 draws raw curves only. Runs named ``<variant>-s<seed>`` are drawn as their
     variant's mean over seeds with a min–max band where it has two or more; ``per_seed`` draws every run on its
-    own. Runs with a paired probe (``probe.jsonl``) get a panel of each variant against ``probe_reference``.
-    Raises ValueError for a path that is not a run directory.
+    own. A folder of runs stands for the runs under it. The settings that differ between the runs are tabled from
+    their config.yaml. Runs with a paired probe (``probe.jsonl``) get a panel of each variant against
+    ``probe_reference``. Raises ValueError for a path that is neither a run directory nor a folder of runs.
     """
     if not run_dirs:
         raise ValueError("write_report needs at least one run directory")
-    runs = [load_run(path) for path in run_dirs]
+    runs = [load_run(path) for path in find_runs(run_dirs)]
     name_runs(runs)
     panels = build_panels(runs, smooth=smooth, per_seed=per_seed, probe_reference=probe_reference)
     seeds_note = (
@@ -198,6 +225,7 @@ def write_report(
 {datetime.now().strftime("%Y-%m-%d %H:%M")}</p>
 <h2>Runs</h2>
 {_runs_table(runs)}
+{_config_table(runs)}
 <h2>Final and best values</h2>
 <p class="caption">Final: the last logged step. Best: the highest value and its step (reward, accuracy and
 validation only).</p>

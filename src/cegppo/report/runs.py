@@ -31,6 +31,8 @@ class Run:
     # [target_low, target_high] of the run's entropy controller, if it had one on
     entropy_band: tuple[float, float] | None = None
     probe: list[dict[str, Any]] = field(default_factory=list)  # the paired probe's rows (probe.jsonl)
+    # config.yaml as dotted keys (``actor.lr``: value); empty for a run without one
+    config: dict[str, Any] = field(default_factory=dict)
 
     def series(self, key: str) -> tuple[np.ndarray, np.ndarray]:
         """Steps and values of ``key`` at the steps that logged a finite value."""
@@ -57,10 +59,8 @@ def load_run(run_dir: str | Path) -> Run:
     if not path.is_dir():
         raise ValueError(f"run directory {path} does not exist")
     summary_path = path / SUMMARY_FILE
-    if not any((path / name).is_file() for name in (METRICS_FILE, SUMMARY_FILE, PROBE_FILE)):
-        raise ValueError(
-            f"{path} is not a run directory: it has none of {METRICS_FILE}, {SUMMARY_FILE} and {PROBE_FILE}"
-        )
+    if not _is_run(path):
+        raise ValueError(f"{path} is not a run directory: it has none of {', '.join(_RUN_FILES)}")
     records = read_metrics(path)
     for number, record in enumerate(records, start=1):
         if not isinstance(record, dict) or not isinstance(record.get("step"), int):
@@ -73,25 +73,84 @@ def load_run(run_dir: str | Path) -> Run:
             raise ValueError(f"{summary_path}: not valid JSON ({error.msg}, line {error.lineno})") from None
         if not isinstance(summary, dict):
             raise ValueError(f"{summary_path}: expected a JSON object, got {type(summary).__name__}")
+    config = _read_config(path / CONFIG_FILE)
     return Run(
         name=path.resolve().name,
         path=path,
         records=records,
         summary=summary,
-        entropy_band=_entropy_band(path / CONFIG_FILE),
+        entropy_band=_entropy_band(path / CONFIG_FILE, config),
+        config=_flatten(config),
         probe=read_probe(path),
     )
 
 
-def _entropy_band(config_path: Path) -> tuple[float, float] | None:
-    """The controller's target band from a run's config.yaml; None without one (or with the controller off)."""
+def find_runs(paths: Sequence[str | Path]) -> list[Path]:
+    """Each path that is a run directory as is; a folder of runs (``runs/``, a sweep's output directory) as the run
+    directories under it, in name order. A path that is neither is passed on for ``load_run`` to name."""
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if not path.is_dir() or _is_run(path):
+            found.append(path)
+            continue
+        inside = sorted(
+            {marker.parent for name in _RUN_FILES for marker in path.rglob(name) if _is_run(marker.parent)}
+        )
+        if not inside:
+            raise ValueError(
+                f"{path} is not a run directory and holds none: no {', '.join(_RUN_FILES)} in it or below"
+            )
+        found += inside
+    return found
+
+
+# What makes a folder a run for the report: its metrics, its summary, or the rows of `cegppo probe`.
+_RUN_FILES = (METRICS_FILE, SUMMARY_FILE, PROBE_FILE)
+
+
+def _is_run(path: Path) -> bool:
+    return any((path / name).is_file() for name in _RUN_FILES)
+
+
+def config_differences(runs: Sequence[Run]) -> dict[str, list[Any]]:
+    """The settings whose values differ between the runs (``MISSING`` where a run's config lacks the key), in key
+    order; the run directory's own name and place (``trainer.name``, ``trainer.output_dir``) are left out."""
+    keys = sorted({key for run in runs for key in run.config} - {"trainer.name", "trainer.output_dir"})
+    differences = {}
+    for key in keys:
+        values = [run.config.get(key, MISSING) for run in runs]
+        if any(value != values[0] for value in values[1:]):
+            differences[key] = values
+    return differences
+
+
+# A setting a run's config.yaml does not have (an older schema), in config_differences
+MISSING = "—"
+
+
+def _read_config(config_path: Path) -> dict[str, Any]:
     if not config_path.is_file():
-        return None
+        return {}
     try:
         config = yaml.safe_load(config_path.read_text())
     except yaml.YAMLError as error:
         raise ValueError(f"{config_path}: not valid YAML ({error})") from None
-    control = ((config or {}).get("actor") or {}).get("entropy_control") or {}
+    return config if isinstance(config, dict) else {}
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _entropy_band(config_path: Path, config: dict[str, Any]) -> tuple[float, float] | None:
+    """The controller's target band from a run's config.yaml; None without one (or with the controller off)."""
+    control = (config.get("actor") or {}).get("entropy_control") or {}
     if not control.get("enabled"):
         return None
     try:

@@ -7,6 +7,7 @@ save never leaves a half-written ``step_N``; ``latest_checkpoint`` only ever see
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import re
 import shutil
@@ -22,8 +23,20 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
 def rng_state() -> dict[str, Any]:
-    """The python, numpy and torch RNG states (CUDA too when present)."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The python, numpy and torch RNG states (CUDA too when present), as tensors and plain values only, so that
+    the state file loads with ``torch.load(weights_only=True)``."""
+    bit_generator, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    state = {
+        "python": random.getstate(),  # (version, a tuple of ints, None or a float)
+        "numpy": {
+            "bit_generator": bit_generator,
+            "keys": torch.from_numpy(keys.astype(np.int64)),  # uint32 values: torch has no uint32 pickling
+            "position": int(position),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -31,7 +44,19 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    saved = state["numpy"]
+    if isinstance(saved, dict):
+        np.random.set_state(
+            (
+                saved["bit_generator"],
+                saved["keys"].numpy().astype(np.uint32),
+                saved["position"],
+                saved["has_gauss"],
+                saved["cached_gaussian"],
+            )
+        )
+    else:  # checkpoints before the weights_only format hold numpy's own tuple
+        np.random.set_state(saved)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -68,6 +93,7 @@ def save_checkpoint(
         },
         staging / STATE_FILE,
     )
+    _readable_by_umask(staging)
     _fsync_tree(staging)
     if final.exists():  # re-saving a step (e.g. SIGINT right after a periodic save): swap, then drop the old
         retired = checkpoints_dir / f".step_{step}.old-{os.getpid()}"
@@ -109,12 +135,45 @@ def prune_checkpoints(checkpoints_dir: Path, keep: int) -> list[Path]:
 
 
 def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
-    """The optimizer/scheduler/RNG/trainer state saved beside the model weights."""
+    """The optimizer/scheduler/RNG/trainer state saved beside the model weights.
+
+    Loaded with ``weights_only=True``: tensors and plain values only, so a run directory from someone else cannot
+    run code on ``--resume``. Checkpoints written before the RNG states were stored as tensors hold numpy arrays,
+    which are let through as numpy's own arrays (as transformers does for its RNG files), nothing else.
+    """
     path = checkpoint / STATE_FILE
     if not path.is_file():
         raise ValueError(f"{checkpoint} is not a complete checkpoint: {STATE_FILE} is missing")
-    # Our own file: it holds numpy RNG state and python objects, which weights_only refuses.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        with torch.serialization.safe_globals(_NUMPY_ARRAY_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        named = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        culprit = (
+            f"it calls {named[1]}" if named else "it is not a file torch.load(weights_only=True) accepts"
+        )
+        raise ValueError(
+            f"refusing to load {path}: it holds objects other than tensors and plain values, which could run code "
+            f"when loaded, and cegppo never writes any ({culprit}). Only resume run directories you trust"
+        ) from None
+
+
+# What numpy arrays unpickle through: the RNG state of checkpoints from before it was stored as a tensor.
+_NUMPY_ARRAY_GLOBALS = [
+    (np._core if hasattr(np, "_core") else np.core).multiarray._reconstruct,  # numpy.core before numpy 2
+    np.ndarray,
+    np.dtype,
+    type(np.dtype(np.uint32)),
+]
+
+
+def _readable_by_umask(root: Path) -> None:
+    """Give every file under ``root`` the permissions the umask allows (safetensors writes its files 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in root.rglob("*"):
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
 
 
 def _fsync_tree(root: Path) -> None:

@@ -52,6 +52,28 @@ def needs_another_round(rounds: list[GenerationRound], target_groups: int, max_r
     return kept < target_groups and (max_rounds == 0 or len(rounds) < max_rounds)
 
 
+class NoRewardSignal(RuntimeError):
+    """Dynamic sampling without a round cap found no group with reward signal in ``NO_SIGNAL_ROUNDS`` rounds."""
+
+
+# With algorithm.max_num_gen_batches=0 (no cap), this many rounds in a row without a single group with signal end
+# the run: every response to 20 batches of prompts scoring the same is a broken reward or an impossible task.
+NO_SIGNAL_ROUNDS = 20
+
+
+def check_signal(rounds: list[GenerationRound]) -> None:
+    """Raise :class:`NoRewardSignal` when the last ``NO_SIGNAL_ROUNDS`` rounds kept no group."""
+    recent = rounds[-NO_SIGNAL_ROUNDS:]
+    if len(recent) == NO_SIGNAL_ROUNDS and not any(r.keep.any() for r in recent):
+        prompts = sum(len(r.examples) for r in recent)
+        raise NoRewardSignal(
+            f"dynamic sampling found no group with reward signal in {NO_SIGNAL_ROUNDS} generation rounds in a row: "
+            f"all {recent[0].rollout.n} responses to each of {prompts} prompts got the same reward (mean "
+            f"{torch.cat([r.rewards for r in recent]).mean().item():.3f}). Check the reward on the run's "
+            "samples.jsonl, or give easier prompts (algorithm.max_num_gen_batches caps the rounds per step)"
+        )
+
+
 def training_batch(rounds: list[GenerationRound], target_groups: int, pad_token_id: int) -> Experience:
     """The kept groups of every round in order, the first ``target_groups`` of them, as one batch."""
     batch = concat_experiences([r.experience() for r in rounds], pad_token_id)

@@ -32,7 +32,7 @@ class Progress:
     ) -> None:
         self.total = total
         self.quiet = quiet
-        self.console = console or Console(stderr=True)
+        self.console = console or Console(stderr=True, soft_wrap=True)  # paths in notes stay whole
         self._bar: RichProgress | None = None
         self._task = None
         if not quiet:
@@ -61,7 +61,7 @@ class Progress:
             self._bar.stop()
 
     def note(self, message: str) -> None:
-        self.console.print(message)
+        self.console.print(message, markup=False, highlight=False)
 
     def advance(self, step: int, metrics: dict[str, float]) -> None:
         self.console.print(step_line(step, self.total, metrics), highlight=False)

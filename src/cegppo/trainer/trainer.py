@@ -7,12 +7,14 @@ import json
 import logging
 import math
 import random
+import shutil
 import signal
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 
 from cegppo.advantages import get_advantage_fn, uniform_groups
-from cegppo.config import Config, config_from_dict, load_yaml_mapping, to_yaml
+from cegppo.config import Config, load_config, to_yaml
 from cegppo.data import (
     PromptDataset,
     PromptExample,
@@ -36,7 +38,7 @@ from cegppo.losses import masked_mean
 from cegppo.models import disable_dropout, load_model_and_tokenizer
 from cegppo.rewards import RewardErrorGuard, RewardFailure, RewardResult, RewardScorer, overlong_penalty
 from cegppo.rollout import SamplingParams, build_rollout_engine
-from cegppo.runfiles import CONFIG_FILE, SUMMARY_FILE
+from cegppo.runfiles import CONFIG_FILE, RUN_DIR_RULE, SAMPLES_FILE, SUMMARY_FILE, is_run_dir
 from cegppo.trainer.actor import Actor, ActorSettings, Experience
 from cegppo.trainer.checkpoint import (
     MODEL_DIR,
@@ -46,7 +48,13 @@ from cegppo.trainer.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from cegppo.trainer.dynamic_sampling import GenerationRound, needs_another_round, training_batch
+from cegppo.trainer.dynamic_sampling import (
+    GenerationRound,
+    NoRewardSignal,
+    check_signal,
+    needs_another_round,
+    training_batch,
+)
 from cegppo.trainer.memory import MemoryEstimate, ModelShape, check_fits, device_memory, estimate_memory
 from cegppo.trainer.optim import MasterWeightAdamW, allocate_state
 from cegppo.trainer.probe import Probe
@@ -56,6 +64,9 @@ from cegppo.trainer.tracking import RunTracker
 
 log = logging.getLogger(__name__)
 
+# Training prompts whose greedy responses check the reward before a run starts: enough that one odd response
+# does not stop a working reward, few enough to cost a second.
+REWARD_CHECK_PROMPTS = 4
 # Held-out prompts generated per call: larger batches generate faster on CPU, 64 keeps memory modest.
 HELDOUT_CHUNK = 64
 
@@ -80,17 +91,60 @@ def new_run_dir(config: Config) -> Path:
     return run_dir
 
 
+def _check_not_inside_a_run(run_dir: Path) -> None:
+    """A run directory is never created inside another run's (``trainer.output_dir`` naming a run, as TRL's
+    ``output_dir`` would)."""
+    outer = next((path for path in run_dir.parents if is_run_dir(path)), None)
+    if outer is not None:
+        raise ValueError(
+            f"trainer.output_dir={run_dir.parent} is inside the run {outer}, and a new run would go in "
+            f"{run_dir} ({RUN_DIR_RULE}). To continue that run: cegppo train --resume {outer}; for a new run "
+            f"beside it: trainer.output_dir={outer.parent} trainer.name=<new name>"
+        )
+
+
 def load_run_config(run_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """The resolved config a run was started with, plus overrides (e.g. a larger ``trainer.total_steps``)."""
-    from omegaconf import OmegaConf
-
     path = run_dir / CONFIG_FILE
     if not path.is_file():
         raise ValueError(f"{run_dir} is not a run directory: {CONFIG_FILE} is missing")
-    values = OmegaConf.to_container(
-        OmegaConf.merge(load_yaml_mapping(path), OmegaConf.from_dotlist(list(overrides)))
-    )
-    return config_from_dict(values)
+    return load_config(path, overrides)
+
+
+# Settings whose values a checkpoint's state replaces on --resume. Changed optimiser and schedule settings are applied
+# to the restored optimizer and scheduler (and said); the others come back from the checkpoint, so changing them is
+# refused rather than recorded in config.yaml and ignored.
+APPLIED_ON_RESUME = ("actor.lr", "actor.weight_decay", "actor.adam_betas", "actor.warmup_steps")
+RESTORED_ON_RESUME = {
+    "trainer.seed": "the random generators' states are restored",
+    "data.seed": "the data order is restored",
+    "data.shuffle": "the data order is restored",
+    "model.path": "the policy is the checkpoint's model",
+}
+
+
+def _resume_changes(saved: Config, config: Config) -> list[str]:
+    """``key old -> new`` for each changed setting of ``APPLIED_ON_RESUME``; ValueError naming the changed settings
+    that a checkpoint restores (the entropy controllers' too, while they are on)."""
+    restored = dict(RESTORED_ON_RESUME)
+    if config.actor.entropy_control.enabled:
+        restored["actor.beta1"] = restored["actor.beta2"] = "actor.entropy_control's β is restored"
+    if config.actor.use_adaptive_entropy:
+        restored["actor.entropy_coeff"] = "the adaptive coefficient is restored"
+    refused = [
+        f"{key} ({attrgetter(key)(saved)!r} -> {attrgetter(key)(config)!r}: {why})"
+        for key, why in restored.items()
+        if attrgetter(key)(saved) != attrgetter(key)(config)
+    ]
+    if refused:
+        raise ValueError(
+            f"--resume cannot change {'; '.join(refused)}. Resume without them, or start a new run"
+        )
+    return [
+        f"{key} {attrgetter(key)(saved)} -> {attrgetter(key)(config)}"
+        for key in APPLIED_ON_RESUME
+        if attrgetter(key)(saved) != attrgetter(key)(config)
+    ]
 
 
 class Trainer:
@@ -107,16 +161,32 @@ class Trainer:
             torch.set_num_threads(config.trainer.num_threads)
         checkpoint = latest_checkpoint(run_dir / "checkpoints") if resume else None
         if resume and checkpoint is None:
-            raise ValueError(f"nothing to resume in {run_dir}: no complete checkpoint under checkpoints/")
+            raise ValueError(
+                f"nothing to resume in {run_dir}: no complete checkpoint under checkpoints/ (the run stopped before "
+                f"its first save; trainer.save_every=0 saves only at the end): delete {run_dir} to start it again"
+            )
         if not resume and run_dir.exists():
             raise ValueError(f"run directory {run_dir} already exists: resume it, or choose another name")
+        if not resume:
+            _check_not_inside_a_run(run_dir)
+        self.resumed = checkpoint is not None
         blocking = next((path for path in run_dir.parents if path.exists() and not path.is_dir()), None)
         if blocking is not None:
             raise ValueError(
                 f"trainer.output_dir: {blocking} is a file, so run directory {run_dir} cannot be created"
             )
-        # Everything a bad input can break is loaded before the run directory exists.
+        # Everything a bad input can break is loaded before the run directory exists (or, resumed, is written to).
+        self.resume_changes = _resume_changes(load_run_config(run_dir), config) if checkpoint else []
         self.train_data, self.heldout = self._load_data()
+        saved = load_trainer_state(checkpoint) if checkpoint else None
+        if saved is not None:
+            try:
+                self.train_data.load_state_dict(saved["trainer"]["data"])
+            except ValueError as error:
+                raise ValueError(
+                    f"--resume: the training prompts are not the ones {run_dir} was trained on ({error}); resume "
+                    "with its data.* settings, or start a new run"
+                ) from None
         self.scorer = RewardScorer(config.reward)
         self.reward_guard = RewardErrorGuard(config.reward)
         device = self._device()
@@ -154,6 +224,7 @@ class Trainer:
         self.engine = build_rollout_engine(
             config.rollout.engine, self.model, self.tokenizer, **engine_options
         )
+        self._check_reward()
         self.probe = (
             Probe(config, self.engine, self.heldout, self._render) if config.analysis.probe_every else None
         )
@@ -170,11 +241,11 @@ class Trainer:
             "wall_s": 0.0,
             "last_entropy": None,
         }
-        if checkpoint is not None:
-            saved = load_trainer_state(checkpoint)
+        if saved is not None:
             self.actor.optimizer.load_state_dict(saved["optimizer"])
             self.actor.scheduler.load_state_dict(saved["scheduler"])
-            self.train_data.load_state_dict(saved["trainer"]["data"])
+            if self.resume_changes:
+                self._apply_optimiser_settings()
             self.actor.skipped_updates = saved["trainer"]["skipped_updates"]
             self.steering.load_state_dict(saved["trainer"]["steering"])
             if "entropy_coeff" in saved["trainer"]:  # absent in checkpoints before the adaptive coefficient
@@ -210,6 +281,19 @@ class Trainer:
             )
         return estimate
 
+    def _apply_optimiser_settings(self) -> None:
+        """The configured lr, weight decay, Adam betas and warm-up over a restored optimizer and scheduler: the lr in
+        force is the new lr times the (new) schedule's factor at the restored step."""
+        actor, optimizer, scheduler = self.config.actor, self.actor.optimizer, self.actor.scheduler
+        scheduler.base_lrs = [actor.lr for _ in optimizer.param_groups]
+        for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+            group.update(
+                initial_lr=actor.lr,
+                lr=actor.lr * factor(scheduler.last_epoch),
+                weight_decay=actor.weight_decay,
+                betas=tuple(actor.adam_betas),
+            )
+
     def _device(self) -> torch.device:
         device = self.config.trainer.device
         if device == "auto":
@@ -218,7 +302,7 @@ class Trainer:
 
     def _load_data(self) -> tuple[PromptDataset, list[PromptExample]]:
         data = self.config.data
-        if data.task == "arithmetic":  # its train and held-out pools are disjoint by construction
+        if data.task == ARITHMETIC:  # its train and held-out pools are disjoint by construction
             train = arithmetic_problems(data.train_size, seed=data.seed, digits=data.digits)
         else:
             train = [
@@ -237,6 +321,58 @@ class Trainer:
         return dataset, load_problems(
             data.heldout, limit=data.heldout_size, question_template=data.question_template
         )
+
+    def start_notes(self) -> list[str]:
+        """What the run trains and measures on, and what it should know about its settings (printed at start)."""
+        notes = []
+        if self.step_count:
+            notes.append(f"resumed from step {self.step_count}")
+        if self.resume_changes:
+            notes.append(
+                "changed since the checkpoint, applied to the restored optimiser and schedule: "
+                + ", ".join(self.resume_changes)
+            )
+        notes += self.data_description()
+        if self.config.rollout.n == 1:
+            notes.append(
+                "warning: rollout.n=1: each group is one response, whose advantage is its raw reward (REINFORCE "
+                "without a baseline, as verl treats singleton groups): a 0/1 reward only reinforces correct responses"
+            )
+        return notes
+
+    def first_step_warnings(self, metrics: dict[str, float]) -> list[str]:
+        """What makes a step unable to teach anything, said after the first step rather than found in the logs."""
+        warnings = []
+        max_new_tokens = self.config.rollout.max_new_tokens
+        if metrics["response_length/clip_ratio"] == 1.0:
+            warnings.append(
+                f"warning: every response was truncated at {max_new_tokens} tokens, so none finished its answer: "
+                f"raise rollout.max_new_tokens (now {max_new_tokens})"
+            )
+        if metrics["data/groups_with_signal"] == 0:
+            warnings.append(
+                f"warning: no group had reward signal (mean reward {metrics['reward/mean']:.3f}): every response to "
+                "a prompt got the same reward, so every advantage was 0 and the step changed nothing. Check the "
+                f"reward on {self.run_dir / SAMPLES_FILE}, or give easier prompts"
+            )
+        return warnings
+
+    def data_description(self) -> list[str]:
+        """What the run trains and measures on, in words."""
+        data = self.config.data
+        if data.task == ARITHMETIC:
+            train = f"the arithmetic task, {len(self.train_data)} {data.digits}-digit additions (data.seed={data.seed})"
+        else:
+            train = f"{len(self.train_data)} prompts from {', '.join(data.train_files)}"
+        if not self.heldout:
+            heldout = "none (data.heldout=FILE or a benchmark name measures greedy accuracy before and after training)"
+        else:
+            heldout = (
+                f"{data.heldout}, {_problems(len(self.heldout))}, greedy accuracy before and after training"
+            )
+            if data.heldout == ARITHMETIC:
+                heldout += " (disjoint from the training problems)"
+        return [f"train set: {train}", f"held-out set: {heldout}"]
 
     def _render(self, example: PromptExample) -> str:
         return render_prompt(self.tokenizer, example, system_prompt=self.config.data.system_prompt)
@@ -297,6 +433,7 @@ class Trainer:
         rounds: list[GenerationRound] = []
         while needs_another_round(rounds, config.data.train_batch_size, max_rounds):
             rounds.append(self._generation_round(timings))
+            check_signal(rounds)
         experience = training_batch(rounds, config.data.train_batch_size, self.tokenizer.pad_token_id)
         return rounds, experience.to(self.actor.device)
 
@@ -373,6 +510,10 @@ class Trainer:
             "response_length/max": lengths.max().item(),
             "response_length/clip_ratio": truncated.float().mean().item(),
             "data/filtered_groups": float(sum(int((~r.keep).sum()) for r in rounds)),
+            # groups with a nonzero advantage: the others teach nothing (all n rewards equal; n=1: reward 0)
+            "data/groups_with_signal": float(
+                sum(int((r.advantages.view(-1, r.rollout.n) != 0).any(dim=1).sum()) for r in rounds)
+            ),
             "data/gen_rounds": float(len(rounds)),
             "data/train_groups": float(train_groups),
         }
@@ -431,13 +572,19 @@ class Trainer:
         return result.avg_at_n
 
     def evaluate_benchmarks(self) -> dict[str, float]:
-        """``eval.benchmarks`` sampled as configured: ``val/<bench>/avg@<n>`` and ``val/<bench>/pass@<n>``."""
+        """``eval.benchmarks`` sampled as configured: ``val/<bench>/avg@<n>`` and ``val/<bench>/pass@<n>``.
+
+        Sampled under its own seed (``trainer.seed``, the same at every evaluation, so that evaluations differ by
+        the model only), with the training generator's state restored afterwards: a run with evaluation samples
+        the same training responses as the run without.
+        """
         cfg = self.config.eval
         params = SamplingParams(
             n=cfg.n,
             temperature=cfg.temperature,
             top_p=cfg.top_p,
             max_new_tokens=cfg.max_new_tokens or self.config.rollout.max_new_tokens,
+            seed=self.config.trainer.seed,
         )
         metrics = {}
         for benchmark in cfg.benchmarks:
@@ -454,12 +601,49 @@ class Trainer:
             metrics[f"val/{result.name}/pass@{cfg.n}"] = result.pass_at_k[cfg.n]
         return metrics
 
+    def _check_reward(self) -> None:
+        """Score greedy responses to the first training prompts: a reward that raises on every one of them stops
+        the run here, before a run directory exists and before the held-out evaluation."""
+        examples = self.train_data.examples[:REWARD_CHECK_PROMPTS]
+        rollout = self.engine.generate(
+            [self._render(example) for example in examples],
+            SamplingParams(n=1, temperature=0.0, max_new_tokens=self.config.rollout.max_new_tokens),
+        )
+        scored = self.scorer.score(
+            rollout.response_texts,
+            [example.ground_truth for example in examples],
+            [example.data_source for example in examples],
+            [example.extra_info for example in examples],
+        )
+        try:
+            RewardErrorGuard(self.config.reward).check(scored)
+        except RewardFailure as failure:
+            raise RewardFailure(
+                f"before training, on greedy responses to the first training prompts: {failure}"
+            ) from None
+
     def fit(self) -> dict[str, Any]:
-        """Train to ``trainer.total_steps``; checkpoint on schedule, at the end and on SIGINT/SIGTERM."""
+        """Train to ``trainer.total_steps``; checkpoint on schedule, at the end and on SIGINT/SIGTERM.
+
+        A new run that stops before its first step is done (an error, a second Ctrl-C) is deleted with its
+        directory: nothing was trained, and the same command starts it again.
+        """
+        try:
+            return self._fit()
+        except BaseException:
+            if self.step_count == 0 and not self.resumed:
+                self.close()
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+            raise
+
+    def _fit(self) -> dict[str, Any]:
         config = self.config.trainer
         started = time.perf_counter() - self.state["wall_s"]
         with Progress(total=config.total_steps, done=self.step_count, quiet=config.quiet) as progress:
             progress.note(self.memory_estimate.describe())
+            for line in self.start_notes():
+                progress.note(line)
+            first_step = self.step_count + 1
             if self.state["heldout_acc_before"] is None and self.heldout:
                 progress.note("evaluating the held-out set before training")
                 self.state["heldout_acc_before"] = self.evaluate_heldout()
@@ -469,7 +653,7 @@ class Trainer:
                 while self.step_count < config.total_steps:
                     try:
                         metrics = self.step()
-                    except RewardFailure:
+                    except (RewardFailure, NoRewardSignal):
                         if self.step_count:  # keep the steps trained on a working reward: fix it, then resume
                             self.save()
                         raise
@@ -478,6 +662,9 @@ class Trainer:
                         metrics.update(self.evaluate_benchmarks())
                     self.tracker.log(self.step_count, metrics)
                     progress.advance(self.step_count, metrics)
+                    if self.step_count == first_step:
+                        for warning in self.first_step_warnings(metrics):
+                            progress.note(warning)
                     self.state["wall_s"] = time.perf_counter() - started
                     if self._stop_signal is not None:
                         checkpoint = self.save()
@@ -526,6 +713,7 @@ class Trainer:
             summary["heldout_acc_before"] = self.state["heldout_acc_before"]
             summary["heldout_acc_after"] = heldout_after
             summary["heldout_size"] = len(self.heldout)
+            summary["heldout"] = self.config.data.heldout
         return summary
 
     def _log_samples(self, first: GenerationRound) -> None:
@@ -568,6 +756,10 @@ class Trainer:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+
+def _problems(count: int) -> str:
+    return f"{count} problem{'s' if count != 1 else ''}"
 
 
 @contextmanager
