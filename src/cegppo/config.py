@@ -20,16 +20,17 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cegppo.advantages import ADVANTAGE_REGISTRY
-from cegppo.losses import KL_ESTIMATORS, LOSS_AGG_MODES, PolicyLossConfig, list_policy_losses
+from cegppo.losses import (
+    KL_ESTIMATORS,
+    LOSS_AGG_MODES,
+    LOSS_SETTINGS,
+    PolicyLossConfig,
+    get_policy_loss,
+    list_policy_losses,
+)
 from cegppo.rewards import RewardConfig
 
 _LOSS = PolicyLossConfig()
-# The PolicyLossConfig fields a run sets under actor.*; the batch-size fields are set per mini-batch.
-LOSS_SETTINGS = tuple(
-    f.name
-    for f in dataclasses.fields(PolicyLossConfig)
-    if f.name not in ("dp_size", "batch_num_tokens", "global_batch_size", "generator", "token_selection")
-)
 
 
 class ConfigError(ValueError):
@@ -536,12 +537,13 @@ def _check_actor(a: ActorConfig) -> None:
         (a.entropy_coeff_min, a.entropy_coeff_max),
         "need 0 <= entropy_coeff_min <= entropy_coeff_max",
     )
-    _check(
-        a.policy_loss != "dro" or a.dro_beta is not None,
-        "actor.dro_beta",
-        a.dro_beta,
-        "actor.policy_loss=dro needs a penalty dro_beta > 0",
-    )
+    for name in get_policy_loss(a.policy_loss).required:
+        _check(
+            getattr(a, name) is not None,
+            f"actor.{name}",
+            None,
+            f"actor.policy_loss={a.policy_loss} needs it (see docs/losses.md)",
+        )
     for name in ("beta1_schedule", "beta2_schedule"):
         _check_schedule(f"actor.{name}", getattr(a, name))
     if a.entropy_control.enabled:

@@ -18,7 +18,9 @@ LOG_MIN_SEQ_RATIO = math.log(1e-8)
 MIN_LAMBDA = 1e-4
 
 
-@register_policy_loss("vespo")
+@register_policy_loss(
+    "vespo", settings=("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg")
+)
 def compute_policy_loss_vespo(
     old_log_prob: torch.Tensor,
     log_prob: torch.Tensor,
