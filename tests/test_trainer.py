@@ -18,7 +18,7 @@ from cegppo.config import load_config
 from cegppo.rewards import RewardFailure
 from cegppo.runfiles import read_metrics
 from cegppo.trainer import Interrupted, Trainer, load_run_config
-from cegppo.trainer.actor import Actor, ActorSettings, Experience
+from cegppo.trainer.actor import Actor, ActorSettings, Experience, PiOld, UpdateBatch
 from cegppo.trainer.checkpoint import STATE_FILE, prune_checkpoints
 
 SHORT_IS_RIGHT = """
@@ -76,7 +76,9 @@ def test_a_run_writes_metrics_samples_checkpoint_and_summary(tiny_model_dir, tmp
     run_dir = run_dir_of(config)
     trainer = Trainer(config, run_dir)
     update, trained = trainer.actor.update, []
-    trainer.actor.update = lambda batch, group_size: trained.append(batch) or update(batch, group_size)
+    trainer.actor.update = lambda batch, group_size: (
+        trained.append(batch.experience) or update(batch, group_size)
+    )
     untrained = Trainer(
         dataclasses.replace(config, trainer=dataclasses.replace(config.trainer, name="other")),
         tmp_path / "other",
@@ -218,8 +220,7 @@ def test_micro_batch_splitting_never_changes_the_gradient(loss, agg):
         ],
     )
     actor = Actor(model, ActorSettings.from_config(config))
-    batch = _experience(model, tokenizer)
-    actor.compute_old_log_probs(batch)
+    batch = actor.old_policy(_experience(model, tokenizer), group_size=1, recompute=True)
     actor._update_mini_batch(batch)  # move the weights, so the ratios leave 1 and clipping acts
 
     grads, clipped = [], []
@@ -227,7 +228,8 @@ def test_micro_batch_splitting_never_changes_the_gradient(loss, agg):
         actor.settings.actor.micro_batch_size = micro
         actor.optimizer.zero_grad()
         torch.manual_seed(0)  # Clip-Cov's random draw among its candidates
-        metrics, _, finite = actor.accumulate_gradients(batch)
+        result = actor.accumulate_gradients(batch)
+        metrics, finite = result.metrics, result.finite
         assert finite
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
         clipped.append(metrics["actor/pg_clipfrac"])
@@ -243,11 +245,12 @@ def test_a_non_finite_loss_skips_the_update(monkeypatch):
     tokenizer = tiny_tokenizer()
     model = tiny_model("llama", tokenizer)
     actor = Actor(model, actor_settings(["actor.bf16_autocast=false"]))
-    batch = _experience(model, tokenizer)
-    actor.compute_old_log_probs(batch)
+    batch = actor.old_policy(_experience(model, tokenizer), group_size=1, recompute=True)
     before = [p.detach().clone() for p in model.parameters()]
-    monkeypatch.setattr(actor, "loss_fn", lambda **kw: (kw["log_prob"].sum() * float("nan"), {}))
-    metrics = actor.update(batch, group_size=1)  # 4 prompts per mini-batch: 2 updates
+    monkeypatch.setattr(
+        actor.policy_gradient, "loss_fn", lambda **kw: (kw["log_prob"].sum() * float("nan"), {})
+    )
+    metrics = actor.update(batch, group_size=1).metrics  # 4 prompts per mini-batch: 2 updates
     assert metrics["actor/skipped_updates"] == 2
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
@@ -346,8 +349,8 @@ def test_kl_entropy_and_nll_terms_match_a_hand_computation():
     )
     actor = Actor(model, ActorSettings.from_config(config), ref_model=reference)
     batch = _experience(model, tokenizer)
-    actor.compute_old_log_probs(batch)
-    metrics, _, finite = actor.accumulate_gradients(batch)
+    result = actor.accumulate_gradients(actor.old_policy(batch, group_size=1, recompute=True))
+    metrics, finite = result.metrics, result.finite
     assert finite
 
     mask = batch.response_mask
@@ -456,8 +459,8 @@ def test_dynamic_sampling_refills_the_batch_with_groups_that_have_signal(
     )
     trainer = Trainer(config, run_dir_of(config))
     old_log_prob_rows = []
-    compute = trainer.actor.compute_old_log_probs
-    trainer.actor.compute_old_log_probs = lambda batch, **kw: (
+    compute = trainer.actor.recompute_pi_old
+    trainer.actor.recompute_pi_old = lambda batch, **kw: (
         old_log_prob_rows.append(len(batch)) or compute(batch, **kw)
     )
     trainer.fit()
@@ -537,13 +540,13 @@ def test_dropout_is_off_so_the_first_on_policy_ratio_is_exactly_one(tmp_path, sh
     )
     trainer = Trainer(config, run_dir_of(config))
     first_log_ratios = []
-    loss_fn = trainer.actor.loss_fn
+    loss_fn = trainer.actor.policy_gradient.loss_fn
 
     def recording(**kwargs):
         first_log_ratios.append((kwargs["log_prob"] - kwargs["old_log_prob"]) * kwargs["response_mask"])
         return loss_fn(**kwargs)
 
-    trainer.actor.loss_fn = recording
+    trainer.actor.policy_gradient.loss_fn = recording
     trainer.fit()
     assert torch.count_nonzero(first_log_ratios[0]) == 0
 
@@ -572,34 +575,38 @@ def test_an_update_stopped_by_a_non_finite_value_adds_nothing_to_the_metrics():
     batch = _experience(
         model, tokenizer
     )  # 8 rows, group size 1: two mini-batches of 4 rows, 2 micro-batches each
-    actor.compute_old_log_probs(batch)
-    loss_fn, losses = actor.loss_fn, []
+    batch = actor.old_policy(batch, group_size=1, recompute=True)
+    loss_fn, losses = actor.policy_gradient.loss_fn, []
 
     def nan_in_the_second_micro_batch(**kwargs):
         loss, metrics = loss_fn(**kwargs)
         losses.append(loss.item())
         return (loss * float("nan"), metrics) if len(losses) == 2 else (loss, metrics)
 
-    actor.loss_fn = nan_in_the_second_micro_batch
-    metrics = actor.update(batch, group_size=1)
+    actor.policy_gradient.loss_fn = nan_in_the_second_micro_batch
+    metrics = actor.update(batch, group_size=1).metrics
     assert metrics["actor/skipped_updates"] == 1 and len(losses) == 4
     assert metrics["actor/pg_loss"] == pytest.approx(losses[2] + losses[3])  # the second mini-batch only
 
 
-def _grad(actor: Actor, batch: Experience) -> torch.Tensor:
+def _grad(actor: Actor, batch: UpdateBatch) -> torch.Tensor:
     actor.optimizer.zero_grad()
-    metrics, _, finite = actor.accumulate_gradients(batch)
-    assert finite
-    return torch.cat([p.grad.flatten() for p in actor.model.parameters() if p.grad is not None]), metrics
+    result = actor.accumulate_gradients(batch)
+    assert result.finite
+    return torch.cat(
+        [p.grad.flatten() for p in actor.model.parameters() if p.grad is not None]
+    ), result.metrics
 
 
-def _mismatched_experience(model, tokenizer) -> Experience:
+def _mismatched_experience(model, tokenizer) -> UpdateBatch:
     """An experience whose sampler log-probs differ from the recomputed ones, with an outlier in row 1."""
-    batch = _experience(model, tokenizer)
-    Actor(model, actor_settings(["actor.bf16_autocast=false"])).compute_old_log_probs(batch)
-    noise = 0.1 * torch.randn(batch.old_log_prob.shape, generator=torch.Generator().manual_seed(3))
-    batch.sampler_log_prob = batch.old_log_prob + noise
-    batch.sampler_log_prob[1, 0] -= 3.0  # π_old/π_sampler = e^3 on one token
+    experience = _experience(model, tokenizer)
+    batch = Actor(model, actor_settings(["actor.bf16_autocast=false"])).old_policy(
+        experience, group_size=1, recompute=True
+    )
+    noise = 0.1 * torch.randn(batch.pi_old.log_prob.shape, generator=torch.Generator().manual_seed(3))
+    experience.sampler_log_prob = batch.pi_old.log_prob + noise
+    experience.sampler_log_prob[1, 0] -= 3.0  # π_old/π_sampler = e^3 on one token
     return batch
 
 
@@ -615,11 +622,14 @@ def test_rollout_correction_weights_and_rejects_before_any_loss():
     ]
     actor = Actor(model, actor_settings(settings))
     corrected, metrics = actor.correct_for_sampler(batch)
-    assert torch.all(corrected.response_mask[1] == 0) and torch.equal(
-        corrected.response_mask[2:], batch.response_mask[2:]
+    assert torch.all(corrected.experience.response_mask[1] == 0) and torch.equal(
+        corrected.experience.response_mask[2:], batch.experience.response_mask[2:]
     )
-    expected = (batch.old_log_prob - batch.sampler_log_prob).exp().clamp(max=1.5) * batch.response_mask
-    torch.testing.assert_close(corrected.rollout_is_weights, expected)
+    experience = batch.experience
+    expected = (batch.pi_old.log_prob - experience.sampler_log_prob).exp().clamp(
+        max=1.5
+    ) * experience.response_mask
+    torch.testing.assert_close(corrected.is_weights, expected)
     assert metrics["actor/rollout_rs_seq_masked_fraction"] == pytest.approx(1 / 8)
     grads = []
     for micro in (8, 3):
@@ -635,8 +645,12 @@ def test_bypass_mode_takes_the_sampler_log_probs_as_pi_old():
     batch = _mismatched_experience(model, tokenizer)
     bypass = Actor(model, actor_settings(["actor.bf16_autocast=false", "actor.policy_loss=bypass_mode"]))
     vanilla = Actor(model, actor_settings(["actor.bf16_autocast=false", "actor.policy_loss=vanilla"]))
-    two_policies = Experience(**{**vars(batch), "old_log_prob": batch.sampler_log_prob})
-    torch.testing.assert_close(_grad(bypass, batch)[0], _grad(vanilla, two_policies)[0])
+    two_policies = dataclasses.replace(
+        batch, pi_old=PiOld(batch.experience.sampler_log_prob, None, "sampler")
+    )
+    torch.testing.assert_close(
+        _grad(bypass, bypass.old_policy(batch.experience, group_size=1))[0], _grad(vanilla, two_policies)[0]
+    )
     assert not torch.allclose(_grad(vanilla, batch)[0], _grad(vanilla, two_policies)[0])
 
 
@@ -648,11 +662,13 @@ def test_bypass_mode_quadrants_clip_against_the_sampler_as_its_loss_does():
     actor = Actor(
         model, actor_settings(["actor.bf16_autocast=false", "actor.policy_loss=bypass_mode", *clip])
     )
+    batch = actor.old_policy(batch.experience, group_size=1)  # the sampler's π_old, as bypass_mode takes it
     _, metrics = _grad(actor, batch)
-    _, quadrants, _ = actor.accumulate_gradients(batch)
+    quadrants = actor.accumulate_gradients(batch).quadrants
     clipped = quadrants.clipped.sum().item() / quadrants.total_tokens
     assert metrics["actor/pg_clipfrac_low"] + metrics["actor/pg_clipfrac_high"] > 0.2
     assert clipped == pytest.approx(metrics["actor/pg_clipfrac_low"] + metrics["actor/pg_clipfrac_high"])
+    batch = batch.experience
     high_prob = (batch.sampler_log_prob.exp() >= 0.5) & (batch.response_mask > 0)
     assert quadrants.tokens[[0, 2]].sum().item() == high_prob.sum().item()  # HP by the sampler's π_old
 
@@ -695,15 +711,15 @@ def test_mini_batches_counted_in_responses_may_split_groups(monkeypatch):
         actor = Actor(model, actor_settings([*base, *overrides]))
         batch = _experience(model, tokenizer)
         batch.advantages = torch.arange(8.0)  # tags each row, to see which rows each update takes
-        actor.compute_old_log_probs(batch)
+        batch = actor.old_policy(batch, group_size=4, recompute=True)
         seen: list[list[int]] = []
         step = actor._update_mini_batch
         monkeypatch.setattr(
             actor,
             "_update_mini_batch",
-            lambda mini: (seen.append(mini.advantages.int().tolist()), step(mini))[1],
+            lambda mini, **kw: (seen.append(mini.experience.advantages.int().tolist()), step(mini, **kw))[1],
         )
-        metrics = actor.update(batch, group_size=4)
+        metrics = actor.update(batch, group_size=4).metrics
         assert metrics["actor/num_updates"] == len(seen)
         return torch.cat([p.detach().flatten() for p in model.parameters()]), seen
 

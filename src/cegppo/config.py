@@ -11,6 +11,7 @@ import dataclasses
 import math
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,8 +87,7 @@ class RolloutConfig:
     top_k: int = -1  # -1: off
     max_new_tokens: int = 32
     batch_size: int | None = None  # generation micro-batch in sequences (None: all at once)
-    # Truncated importance sampling against the sampler/trainer mismatch (verl's rollout_is, TRL's
-    # vllm_importance_sampling_cap): each token's loss is weighted by min(π_old/π_sampler, tis_cap).
+    # Deprecated: actor.rollout_is=token with actor.rollout_is_threshold=<cap> (verl's Token-TIS), which it maps to.
     tis_cap: float | None = None
     vllm: VLLMEngineConfig = field(default_factory=VLLMEngineConfig)
 
@@ -262,6 +262,8 @@ class Config:
         would scale the learning rate by 1/(longest response), the length bias Dr. GRPO removes.
         """
         settings = {name: getattr(self.actor, name) for name in LOSS_SETTINGS}
+        if self.rollout.tis_cap is not None:  # the older spelling of token-level TIS
+            settings.update(rollout_is="token", rollout_is_threshold=self.rollout.tis_cap)
         if settings["loss_scale_factor"] is None and self.actor.loss_agg_mode == "seq-mean-token-sum-norm":
             settings["loss_scale_factor"] = self.rollout.max_new_tokens
         # OmegaConf has no float-or-string type, so verl's thresholds (2.0, or "0.5_2.0" for a band) are strings
@@ -392,6 +394,14 @@ def validate(config: Config) -> None:
         a.share_prompt,
         "set it to false with model.gradient_checkpointing=true (checkpointed layers drop the KV cache)",
     )
+    if r.tis_cap is not None:
+        warnings.warn(
+            f"rollout.tis_cap={r.tis_cap} is deprecated: it is verl's token-level TIS, now spelled "
+            f"actor.rollout_is=token actor.rollout_is_threshold={r.tis_cap} (the same weights, logged as "
+            "actor/rollout_is_*)",
+            FutureWarning,
+            stacklevel=3,
+        )
     _check(
         r.tis_cap is None or a.rollout_is is None,
         "actor.rollout_is",

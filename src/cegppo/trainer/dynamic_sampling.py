@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from cegppo.data import PromptExample
 from cegppo.rewards import RewardResult
 from cegppo.rollout import RolloutBatch
-from cegppo.trainer.actor import Experience
+from cegppo.trainer.batch import Experience
 
 
 @dataclass

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import random
 import signal
 import threading
@@ -37,7 +36,7 @@ from cegppo.models import disable_dropout, load_model_and_tokenizer
 from cegppo.rewards import RewardErrorGuard, RewardFailure, RewardResult, RewardScorer, overlong_penalty
 from cegppo.rollout import SamplingParams, build_rollout_engine
 from cegppo.runfiles import CONFIG_FILE, SUMMARY_FILE
-from cegppo.trainer.actor import Actor, ActorSettings, Experience
+from cegppo.trainer.actor import Actor, ActorSettings, Experience, PiOld, UpdateResult
 from cegppo.trainer.checkpoint import (
     MODEL_DIR,
     latest_checkpoint,
@@ -217,19 +216,16 @@ class Trainer:
         experience = training_batch(rounds, config.data.train_batch_size, self.tokenizer.pad_token_id)
         experience = experience.to(self.actor.device)
 
-        # 4. Update: old log-probs with the current weights, then the clipped policy-gradient epochs. One
-        #    optimiser step over every row is on-policy, and bypass_mode's π_old is the sampler's: the update's
-        #    own forward passes then give the old log-probs the metrics read.
+        # 4. Update: π_old (recomputed with the current weights; or, for one on-policy optimiser step and for
+        #    bypass_mode, taken from the update's own forward passes), then the clipped policy-gradient epochs.
         beta1, beta2 = self.steering.betas(self.step_count + 1)
         self.actor.loss_config = dataclasses.replace(self.actor.loss_config, beta1=beta1, beta2=beta2)
-        update_metrics: dict[str, float] = {}
+        update: UpdateResult | None = None
         if len(experience):
             with _timed(timings, "old_logprob"):
-                self.actor.compute_old_log_probs(
-                    experience, reference_only=self.actor.old_from_update(len(experience), n)
-                )
+                batch = self.actor.old_policy(experience, group_size=n)
             with _timed(timings, "update"):
-                update_metrics = self.actor.update(experience, group_size=n)
+                update = self.actor.update(batch, group_size=n)
                 self.engine.sync_weights(self.model)
         timings["step"] = time.perf_counter() - step_start
 
@@ -238,15 +234,15 @@ class Trainer:
         metrics = {
             **RewardResult.concat([r.scored for r in rounds]).metrics(),
             **self._rollout_metrics(rounds, len(experience) // n),
-            **update_metrics,
+            **(update.metrics if update else {}),
             **{f"timing/{name}_s": seconds for name, seconds in timings.items()},
             "perf/tokens_per_s": sum(r.rollout.attention_mask.sum().item() for r in rounds) / timings["step"],
         }
-        if len(experience):
-            mean_entropy = masked_mean(experience.old_entropy, experience.response_mask).item()
+        if update is not None:
+            mean_entropy = masked_mean(update.policy.entropy, experience.response_mask).item()
             self.steering.observe_entropy(mean_entropy)  # the controller, if on, sets the next step's β
-            metrics.update(self._entropy_metrics(mean_entropy, experience))
-            metrics.update(self._sampler_mismatch(experience))
+            metrics.update(self._entropy_metrics(mean_entropy, experience, update.policy))
+            metrics.update(self._sampler_mismatch(experience, update))
         return metrics
 
     def _generation_round(self, timings: dict[str, float]) -> GenerationRound:
@@ -310,13 +306,15 @@ class Trainer:
             metrics["reward/overlong_penalty"] = (rewards - scores).mean().item()
         return metrics
 
-    def _entropy_metrics(self, mean_entropy: float, experience: Experience) -> dict[str, float]:
+    def _entropy_metrics(
+        self, mean_entropy: float, experience: Experience, policy: PiOld
+    ) -> dict[str, float]:
         """Observed entropy, its change since the last step, and the covariance that predicts it (Eq. 7)."""
         metrics = {
             "entropy/mean": mean_entropy,
             "entropy/cov_logp_pA": entropy_covariance(
-                experience.old_log_prob,
-                experience.advantages.unsqueeze(1).expand_as(experience.old_log_prob),
+                policy.log_prob,
+                experience.advantages.unsqueeze(1).expand_as(policy.log_prob),
                 experience.response_mask,
             ),
         }
@@ -325,21 +323,14 @@ class Trainer:
         self.state["last_entropy"] = mean_entropy
         return metrics
 
-    def _sampler_mismatch(self, experience: Experience) -> dict[str, float]:
-        """How far the sampler's log-probs are from the trainer's recomputation (and the IS weights, if on)."""
-        mask = experience.response_mask
-        metrics = {
-            "rollout/logprob_diff": masked_mean(
-                (experience.old_log_prob - experience.sampler_log_prob).abs(), mask
-            ).item()
-        }
-        weights = self.actor.rollout_is_weights(experience)
-        if weights is not None:
-            metrics["rollout/is_weight_mean"] = masked_mean(weights, mask).item()
-            capped = (experience.old_log_prob - experience.sampler_log_prob) > math.log(
-                self.config.rollout.tis_cap
-            )
-            metrics["rollout/is_capped_frac"] = masked_mean(capped, mask).item()
+    def _sampler_mismatch(self, experience: Experience, update: UpdateResult) -> dict[str, float]:
+        """How far the sampler's log-probs are from the trainer's policy, and the token-level IS weights against
+        it (the rollout correction's, under the names of rollout.tis_cap's metrics)."""
+        mismatch = (update.policy.log_prob - experience.sampler_log_prob).abs()
+        metrics = {"rollout/logprob_diff": masked_mean(mismatch, experience.response_mask).item()}
+        if self.actor.loss_config.rollout_is == "token" and not self.actor.loss.pi_old_from_sampler:
+            metrics["rollout/is_weight_mean"] = update.metrics["actor/rollout_is_mean"]
+            metrics["rollout/is_capped_frac"] = update.metrics["actor/rollout_is_ratio_fraction_high"]
         return metrics
 
     # -- the run --------------------------------------------------------------------------------------
