@@ -5,9 +5,9 @@ sampler), registered once with the loss."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -187,3 +187,18 @@ def policy_loss_needs_entropy(name: str) -> bool:
 def list_policy_losses() -> list[str]:
     """Registered loss names, sorted."""
     return sorted(POLICY_LOSSES)
+
+
+def loss_setting(
+    name: str, overrides: Mapping[str, Any] | None = None, base: PolicyLossConfig | None = None
+) -> PolicyLossConfig:
+    """The settings of the loss ``name``: ``base`` (default: the defaults) with ``overrides`` of its fields,
+    validated; ``ValueError`` naming an unknown field or a required setting left unset."""
+    loss = get_policy_loss(name)
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - set(LOSS_SETTINGS))
+    if unknown:
+        raise ValueError(f"unknown settings {unknown} for policy loss {name!r}: it reads {list(loss.reads)}")
+    config = dataclasses.replace(base or PolicyLossConfig(), **overrides)
+    loss.check(config)
+    return config

@@ -16,15 +16,22 @@ import dataclasses
 import logging
 import math
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel, get_constant_schedule_with_warmup
 
 from cegppo.config import ActorConfig, Config
 from cegppo.dynamics import QuadrantTotals
-from cegppo.losses import PolicyLossConfig, get_policy_loss, high_entropy_threshold, select_high_entropy
+from cegppo.losses import (
+    PolicyLossConfig,
+    get_policy_loss,
+    high_entropy_threshold,
+    loss_setting,
+    select_high_entropy,
+)
 from cegppo.losses.rollout_correction import correction_enabled, rollout_correction
 from cegppo.ops import causal_lm_logprobs_and_entropy
 from cegppo.trainer.batch import Experience, PiOld, PiOldSource, UpdateBatch
@@ -38,7 +45,16 @@ from cegppo.trainer.terms import (
     QuadrantObserver,
 )
 
-__all__ = ["Actor", "ActorSettings", "Experience", "MiniBatchResult", "PiOld", "UpdateBatch", "UpdateResult"]
+__all__ = [
+    "Actor",
+    "ActorSettings",
+    "Experience",
+    "MiniBatchResult",
+    "PiOld",
+    "UpdateBatch",
+    "UpdateResult",
+    "update_once",
+]
 
 log = logging.getLogger(__name__)
 
@@ -124,10 +140,7 @@ class Actor:
         self.scheduler = get_constant_schedule_with_warmup(
             self.optimizer, num_warmup_steps=actor.warmup_steps
         )
-        self.loss = get_policy_loss(actor.policy_loss)
         self.entropy_coefficient = AdaptiveEntropyCoefficient(actor)
-        # The loss settings in force; the trainer replaces β1/β2 here each step (schedules, entropy control).
-        self.loss_config = settings.loss
         # The KL reference: the given frozen model, else the policy as training starts.
         self.ref_model: PreTrainedModel | None = None
         if actor.use_kl_loss:
@@ -135,6 +148,14 @@ class Actor:
         self.skipped_updates = 0
         self.share_prompt = actor.share_prompt and settings.responses_per_prompt > 1
         self.quadrants = QuadrantObserver(settings.prob_threshold)
+        self.set_loss(actor.policy_loss, settings.loss)
+
+    def set_loss(self, name: str, config: PolicyLossConfig) -> None:
+        """Train with the registered policy loss ``name`` and its settings ``config`` from now on (the trainer
+        replaces β1/β2 in ``loss_config`` each step: schedules, entropy control), and rebuild the loss terms."""
+        self.loss = get_policy_loss(name)
+        self.loss.check(config)
+        self.loss_config = config
         self.terms: list[LossTerm] = [
             term for make in LOSS_TERMS.values() if (term := make(self)) is not None
         ]
@@ -456,3 +477,19 @@ class Actor:
     def _micro_batches(self, batch: Experience) -> Iterator[Experience]:
         for rows in self._micro_slices(len(batch)):
             yield batch.select(rows)
+
+
+def update_once(
+    actor: Actor,
+    experience: Experience,
+    group_size: int,
+    loss: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> UpdateResult:
+    """One update of ``experience`` (π_old, then the epochs over its mini-batches) with the registered loss
+    ``loss`` (default: the actor's) and ``overrides`` of its settings on top of the actor's
+    (:func:`cegppo.losses.loss_setting`); the actor keeps that loss afterwards. A caller comparing losses on the
+    same batch gives each its own copy of the model, optimiser and RNG state."""
+    name = loss or actor.loss.name
+    actor.set_loss(name, loss_setting(name, overrides, base=actor.loss_config))
+    return actor.update(actor.old_policy(experience, group_size), group_size)
