@@ -34,7 +34,7 @@ from cegppo.evaluation import evaluate_benchmark, evaluate_examples, load_proble
 from cegppo.losses import masked_mean
 from cegppo.models import disable_dropout, load_model_and_tokenizer
 from cegppo.rewards import RewardErrorGuard, RewardFailure, RewardResult, RewardScorer, overlong_penalty
-from cegppo.rollout import SamplingParams, build_rollout_engine
+from cegppo.rollout import RolloutEngine, SamplingParams, build_rollout_engine
 from cegppo.runfiles import CONFIG_FILE, SUMMARY_FILE
 from cegppo.trainer.actor import Actor, ActorSettings, Experience, PiOld, UpdateResult
 from cegppo.trainer.checkpoint import (
@@ -126,17 +126,7 @@ class Trainer:
         if config.actor.use_kl_loss and checkpoint is not None:  # the reference is the starting policy
             ref_model = disable_dropout(load_model_and_tokenizer(config.model.path)[0]).to(device)
         self.actor = Actor(self.model, ActorSettings.from_config(config), ref_model=ref_model)
-        engine_options: dict[str, Any] = {
-            "batch_size": config.rollout.batch_size,
-            "autocast_dtype": torch.bfloat16 if config.actor.bf16_autocast else None,
-        }
-        if config.rollout.engine == "vllm":
-            engine_options.update(seed=config.trainer.seed, **dataclasses.asdict(config.rollout.vllm))
-        elif config.rollout.engine == "hf":  # vLLM caches shared prefixes itself
-            engine_options["share_prompt"] = config.actor.share_prompt
-        self.engine = build_rollout_engine(
-            config.rollout.engine, self.model, self.tokenizer, **engine_options
-        )
+        self.engine = self._build_engine()
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / CONFIG_FILE).write_text(to_yaml(config))
         random.seed(config.trainer.seed)
@@ -166,6 +156,18 @@ class Trainer:
             run_dir, tensorboard=config.trainer.tensorboard, resume_step=self.step_count
         )
         self._stop_signal: int | None = None
+
+    def _build_engine(self) -> RolloutEngine:
+        config = self.config
+        engine_options: dict[str, Any] = {
+            "batch_size": config.rollout.batch_size,
+            "autocast_dtype": torch.bfloat16 if config.actor.bf16_autocast else None,
+        }
+        if config.rollout.engine == "vllm":
+            engine_options.update(seed=config.trainer.seed, **dataclasses.asdict(config.rollout.vllm))
+        elif config.rollout.engine == "hf":  # vLLM caches shared prefixes itself
+            engine_options["share_prompt"] = config.actor.share_prompt
+        return build_rollout_engine(config.rollout.engine, self.model, self.tokenizer, **engine_options)
 
     def _device(self) -> torch.device:
         device = self.config.trainer.device
