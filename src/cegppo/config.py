@@ -31,8 +31,6 @@ from cegppo.losses import (
 )
 from cegppo.rewards import RewardConfig
 
-_LOSS = PolicyLossConfig()
-
 
 class ConfigError(ValueError):
     """A configuration file or override that is wrong; the message names the key."""
@@ -135,45 +133,38 @@ class EntropyControlConfig:
     beta2_max: float = 1.5
 
 
-@dataclass
-class ActorConfig:
-    """The update. The loss settings are ``PolicyLossConfig``'s fields under verl's flat names, with its defaults."""
+def _loss_settings_section() -> type:
+    """The run config's loss keys: ``policy_loss`` and one per hyperparameter of the loss library (``PolicyLossConfig``'s
+    ``LOSS_SETTINGS``: verl's flat names), with its types and defaults: each is declared, defaulted and validated
+    there, and a registered loss declares which of them it reads. OmegaConf has no float-or-string type, so
+    verl's thresholds (2.0, or "0.5_2.0" for a band) are strings here (``Config.policy_loss_config`` reads a number
+    back as the number it is)."""
+    hints = typing.get_type_hints(PolicyLossConfig)
+    as_text = {"rollout_is_threshold": str, "rollout_rs_threshold": str | None}
+    keys: list[tuple[str, Any, Any]] = [("policy_loss", str, field(default="ce_gppo"))]  # a registered loss
+    for setting in dataclasses.fields(PolicyLossConfig):
+        if setting.name in LOSS_SETTINGS:
+            default = setting.default
+            if setting.name in as_text and default is not None:
+                default = str(default)
+            keys.append(
+                (setting.name, as_text.get(setting.name, hints[setting.name]), field(default=default))
+            )
+    return dataclasses.make_dataclass("LossSettings", keys)
 
-    policy_loss: str = "ce_gppo"
-    clip_ratio_low: float = _LOSS.clip_ratio_low
-    clip_ratio_high: float = _LOSS.clip_ratio_high
-    clip_ratio_c: float | None = _LOSS.clip_ratio_c
-    beta1: float = _LOSS.beta1
-    beta2: float = _LOSS.beta2
+
+LossSettings = _loss_settings_section()
+
+
+@dataclass
+class ActorConfig(LossSettings):
+    """The update. Its loss settings (``clip_ratio_low``, ``beta1``, ``rollout_is``, ...) are the loss library's
+    (:data:`LossSettings`, from ``PolicyLossConfig``: docs/losses.md lists which loss reads which)."""
+
     beta1_schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     beta2_schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     entropy_control: EntropyControlConfig = field(default_factory=EntropyControlConfig)
     loss_agg_mode: str = "token-mean"
-    loss_scale_factor: float | None = _LOSS.loss_scale_factor  # seq-mean-token-sum-norm; None: max_new_tokens
-    clip_cov_ratio: float = _LOSS.clip_cov_ratio
-    clip_cov_lb: float = _LOSS.clip_cov_lb
-    clip_cov_ub: float = _LOSS.clip_cov_ub
-    kl_cov_ratio: float = _LOSS.kl_cov_ratio
-    ppo_kl_coef: float = _LOSS.ppo_kl_coef
-    tau_pos: float = _LOSS.tau_pos  # sapo: gate temperature of A > 0 tokens
-    tau_neg: float = _LOSS.tau_neg  # sapo: of A <= 0 tokens
-    vespo_k_pos: float = _LOSS.vespo_k_pos  # vespo: Gamma weight exponent k and decay λ, A >= 0 ...
-    vespo_lambda_pos: float = _LOSS.vespo_lambda_pos
-    vespo_k_neg: float = _LOSS.vespo_k_neg  # ... and A < 0
-    vespo_lambda_neg: float = _LOSS.vespo_lambda_neg
-    dro_beta: float | None = _LOSS.dro_beta  # dro: quadratic log-ratio penalty (required by dro)
-    # verl's rollout correction against the sampler, for any loss (bypass_mode: inside the loss).
-    rollout_is: str | None = _LOSS.rollout_is  # token | sequence importance weights π_old/π_sampler
-    rollout_is_threshold: str = str(_LOSS.rollout_is_threshold)  # cap u (TIS), or "l_u" (IcePop / masked IS)
-    rollout_is_batch_normalize: bool = _LOSS.rollout_is_batch_normalize
-    rollout_rs: str | None = _LOSS.rollout_rs  # rejection: token_k1, seq_mean_k1 (Geo-RS), seq_mean_k3, ...
-    rollout_rs_threshold: str | None = _LOSS.rollout_rs_threshold
-    bypass_loss_type: str = _LOSS.bypass_loss_type  # bypass_mode: ppo_clip | reinforce
-    # ERC's band (1 - low, 1 + high) on the entropy ratio H/H_old, for the *_erc losses
-    entropy_clip_ratio_low: float = _LOSS.entropy_clip_ratio_low
-    entropy_clip_ratio_high: float = _LOSS.entropy_clip_ratio_high
-    dgpo_n: float = _LOSS.dgpo_n  # DGPO: decay of the ∇π weight past the left boundary, π^n
-    dgpo_m: float = _LOSS.dgpo_m  # ... and past the right boundary, π^(-1/m)
     ppo_epochs: int = 1
     ppo_mini_batch_size: int = 4  # prompts per optimiser update
     # Responses per optimiser update instead (replaces ppo_mini_batch_size): a group may then span two updates,
@@ -547,7 +538,20 @@ def _check_actor(a: ActorConfig) -> None:
         (a.entropy_coeff_min, a.entropy_coeff_max),
         "need 0 <= entropy_coeff_min <= entropy_coeff_max",
     )
-    for name in get_policy_loss(a.policy_loss).required:
+    loss, defaults = get_policy_loss(a.policy_loss), LossSettings()
+    ignored = [
+        f"actor.{name}={getattr(a, name)!r}"
+        for name in LOSS_SETTINGS
+        if name not in loss.reads and getattr(a, name) != getattr(defaults, name)
+    ]
+    if ignored:
+        warnings.warn(
+            f"{', '.join(ignored)}: no effect with actor.policy_loss={a.policy_loss}, which reads "
+            f"{list(loss.settings) or 'none of the loss-specific settings'} besides the shared ones",
+            UserWarning,
+            stacklevel=4,
+        )
+    for name in loss.required:
         _check(
             getattr(a, name) is not None,
             f"actor.{name}",
