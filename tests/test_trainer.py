@@ -732,6 +732,27 @@ def test_mini_batches_counted_in_responses_may_split_groups(monkeypatch):
     assert not torch.equal(split, by_groups)
 
 
+def test_the_lr_warm_up_counts_rl_steps_and_every_update_of_a_step_uses_its_lr(monkeypatch):
+    # verl steps its scheduler once per RL step: lr_warmup_steps=10 with 8 updates a step is ten RL steps
+    tokenizer = tiny_tokenizer()
+    model = tiny_model("llama", tokenizer, seed=1)
+    actor = Actor(
+        model, actor_settings(["actor.bf16_autocast=false", "actor.lr=0.01", "actor.warmup_steps=2"])
+    )
+    step, lrs = actor._update_mini_batch, []
+    monkeypatch.setattr(
+        actor,
+        "_update_mini_batch",
+        lambda mini, **kw: lrs.append(actor.optimizer.param_groups[0]["lr"]) or step(mini, **kw),
+    )
+    reported = []
+    for _ in range(3):  # 8 rows, group size 1, 4 prompts per mini-batch: 2 updates a step
+        batch = actor.old_policy(_experience(model, tokenizer), group_size=1)
+        reported.append(actor.update(batch, group_size=1).metrics["actor/lr"])
+    assert lrs == pytest.approx([0.0, 0.0, 0.005, 0.005, 0.01, 0.01])
+    assert reported == pytest.approx([0.0, 0.005, 0.01])
+
+
 def test_the_arithmetic_task_takes_its_digits_and_held_out_size(tiny_model_dir, tmp_path, short_reward):
     settings = {"data.digits": 3, "data.heldout": "arithmetic", "data.heldout_size": 300}
     config = one_step(tiny_model_dir, tmp_path, short_reward, **settings)

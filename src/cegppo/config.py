@@ -177,6 +177,8 @@ class ActorConfig(LossSettings):
     lr: float = 5e-6
     weight_decay: float = 0.0
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    # Linear warm-up of the lr over this many RL steps (verl's lr_warmup_steps): every optimiser update of a step
+    # uses the step's lr, from 0 at the first step to actor.lr at step warmup_steps + 1
     warmup_steps: int = 0
     grad_clip: float = 1.0
     bf16_autocast: bool = True  # bfloat16 autocast for the update's forward passes (~2.4x faster on CPU)

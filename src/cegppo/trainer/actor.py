@@ -316,7 +316,8 @@ class Actor:
             metrics.update(quadrants.metrics())
         if self.settings.actor.use_adaptive_entropy:
             metrics["actor/adaptive_entropy_coeff"] = self.entropy_coefficient.coeff  # for the next step
-        metrics["actor/lr"] = self.scheduler.get_last_lr()[0]
+        metrics["actor/lr"] = self.scheduler.get_last_lr()[0]  # the lr of this step's updates
+        self.scheduler.step()  # once per RL step, as verl: warm-up counts RL steps
         metrics["actor/num_updates"] = float(updates)
         metrics["actor/skipped_updates"] = float(self.skipped_updates)
         return UpdateResult(metrics, PiOld.concat(measured) if measured else batch.pi_old)
@@ -334,7 +335,6 @@ class Actor:
             result = MiniBatchResult({}, None, False)
         if math.isfinite(grad_norm):
             self.optimizer.step()
-            self.scheduler.step()
         else:
             self.skipped_updates += 1
             log.warning("skipping an update: non-finite loss or gradient norm (%s)", grad_norm)

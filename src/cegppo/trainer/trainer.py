@@ -229,6 +229,8 @@ class Trainer:
             with _timed(timings, "update"):
                 update = self.actor.update(batch, group_size=n)
                 self.engine.sync_weights(self.model)
+        else:  # a step that trains nothing still counts for the lr warm-up (RL steps)
+            self.actor.scheduler.step()
         timings["step"] = time.perf_counter() - step_start
 
         self.step_count += 1
