@@ -14,7 +14,7 @@ import torch
 
 from _tiny import tiny_model, tiny_overrides, tiny_tokenizer
 from cegppo.cli import main
-from cegppo.config import load_config
+from cegppo.config import ConfigError, load_config
 from cegppo.rewards import RewardFailure
 from cegppo.runfiles import read_metrics
 from cegppo.trainer import Interrupted, Trainer, load_run_config
@@ -442,6 +442,47 @@ def compute_score(data_source, solution_str, ground_truth, extra_info=None):
         return 0.0
     return float(row % 2)
 """
+
+
+# One round of 8 prompts x 4 samples: groups 0-2 have signal, the others score 0.
+THREE_GROUPS_WITH_SIGNAL = """
+def compute_score(data_source, solution_str, ground_truth, extra_info=None):
+    compute_score.calls = getattr(compute_score, "calls", -1) + 1
+    return float(compute_score.calls % 2) if compute_score.calls < 12 else 0.0
+"""
+
+
+def test_generation_batch_as_the_release_runs_it_and_the_ragged_mini_batch_is_cut(tiny_model_dir, tmp_path):
+    # gen_batch_size=8 prompts sampled once (max_num_gen_batches=1), at most train_batch_size=4 groups kept:
+    # 3 have signal, and mini-batches of 2 groups leave 1 ragged group, cut as verl cuts it
+    config = one_step(
+        tiny_model_dir,
+        tmp_path,
+        reward_file(tmp_path, "three_groups.py", THREE_GROUPS_WITH_SIGNAL),
+        **{"data.gen_batch_size": 8, "algorithm.filter_groups": True, "algorithm.max_num_gen_batches": 1},
+    )
+    trainer = Trainer(config, run_dir_of(config))
+    trained = []
+    update = trainer.actor.update
+    trainer.actor.update = lambda batch, group_size: trained.append(len(batch)) or update(batch, group_size)
+    trainer.fit()
+    (record,) = read_metrics(run_dir_of(config))
+    assert (record["data/gen_rounds"], record["data/filtered_groups"], record["data/train_groups"]) == (
+        1,
+        5,
+        2,
+    )
+    assert (
+        record["data/ragged_dropped_responses"] == 4 and record["actor/num_updates"] == 1 and trained == [8]
+    )
+    with pytest.raises(
+        ConfigError, match=r"data.gen_batch_size=16 is invalid: .* only with algorithm.filter_groups"
+    ):
+        load_config(None, ["data.gen_batch_size=16"])
+    with pytest.raises(
+        ConfigError, match=r"data.gen_batch_size=4 is invalid: must be >= data.train_batch_size=8"
+    ):
+        load_config(None, ["data.gen_batch_size=4", "algorithm.filter_groups=true"])
 
 
 @pytest.mark.parametrize("max_rounds", [10, 1])

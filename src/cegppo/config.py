@@ -53,6 +53,8 @@ class DataConfig:
     heldout: str | None = "arithmetic"  # greedy accuracy before/after: a benchmark name or a prompt file
     heldout_size: int = 200
     train_batch_size: int = 8  # prompts per step
+    # prompts sampled per generation round with algorithm.filter_groups (verl's); None: train_batch_size
+    gen_batch_size: int | None = None
     system_prompt: str | None = None  # replaces the chat template's default system turn
     question_template: str | None = (
         None  # files/benchmarks, e.g. "{problem} Put the final answer in \\boxed{}."
@@ -93,9 +95,11 @@ class RolloutConfig:
 @dataclass
 class AlgorithmConfig:
     adv_estimator: str = "grpo"  # grpo | dr_grpo | rloo
-    # DAPO's dynamic sampling: drop the groups whose rewards are all equal and sample new prompts until
-    # data.train_batch_size groups have signal, in at most max_num_gen_batches generation rounds per step
-    # (verl's name; 0: no cap; 1: no re-sampling, train on the groups left, as the CE-GPPO release does)
+    # DAPO's dynamic sampling: drop the groups whose rewards are all equal and sample data.gen_batch_size new
+    # prompts a round until data.train_batch_size groups have signal, in at most max_num_gen_batches rounds per
+    # step (verl's name; 0: no cap; 1: no re-sampling, train on the groups left, as the CE-GPPO release does).
+    # The groups kept are cut to a whole number of mini-batches, as verl does: a last, ragged update over a few
+    # groups would be normalised as if it were full (the cut responses: data/ragged_dropped_responses).
     filter_groups: bool = False
     max_num_gen_batches: int = 10
 
@@ -369,6 +373,19 @@ def validate(config: Config) -> None:
         "must be in (0, 1)",
     )
     d, r, a = config.data, config.rollout, config.actor
+    _check(
+        d.gen_batch_size is None or config.algorithm.filter_groups or d.gen_batch_size == d.train_batch_size,
+        "data.gen_batch_size",
+        d.gen_batch_size,
+        "samples more prompts than data.train_batch_size only with algorithm.filter_groups=true (it keeps "
+        "train_batch_size of the groups with signal)",
+    )
+    _check(
+        d.gen_batch_size is None or d.gen_batch_size >= d.train_batch_size,
+        "data.gen_batch_size",
+        d.gen_batch_size,
+        f"must be >= data.train_batch_size={d.train_batch_size}",
+    )
     _check(
         a.ppo_mini_batch_responses is None or (d.train_batch_size * r.n) % a.ppo_mini_batch_responses == 0,
         "actor.ppo_mini_batch_responses",

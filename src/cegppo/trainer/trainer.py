@@ -216,7 +216,8 @@ class Trainer:
         while needs_another_round(rounds, config.data.train_batch_size, max_rounds):
             rounds.append(self._generation_round(timings))
         experience = training_batch(rounds, config.data.train_batch_size, self.tokenizer.pad_token_id)
-        experience = experience.to(self.actor.device)
+        ragged = len(experience) % self.actor.mini_batch_rows(n)  # cut to whole mini-batches, as verl
+        experience = experience.select(slice(0, len(experience) - ragged)).to(self.actor.device)
 
         # 4. Update: π_old (recomputed with the current weights; or, for one on-policy optimiser step and for
         #    bypass_mode, taken from the update's own forward passes), then the clipped policy-gradient epochs.
@@ -238,6 +239,7 @@ class Trainer:
         metrics = {
             **RewardResult.concat([r.scored for r in rounds]).metrics(),
             **self._rollout_metrics(rounds, len(experience) // n),
+            "data/ragged_dropped_responses": float(ragged),
             **(update.metrics if update else {}),
             **{f"timing/{name}_s": seconds for name, seconds in timings.items()},
             "perf/tokens_per_s": sum(r.rollout.attention_mask.sum().item() for r in rounds) / timings["step"],
@@ -250,9 +252,9 @@ class Trainer:
         return metrics
 
     def _generation_round(self, timings: dict[str, float]) -> GenerationRound:
-        """Sample, score and take advantages for ``data.train_batch_size`` new prompts."""
+        """Sample, score and take advantages for ``data.gen_batch_size`` (default ``train_batch_size``) new prompts."""
         config = self.config
-        examples = self.train_data.next_batch(config.data.train_batch_size)
+        examples = self.train_data.next_batch(config.data.gen_batch_size or config.data.train_batch_size)
         n = config.rollout.n
 
         # 1. Sample n responses per prompt.
