@@ -302,8 +302,9 @@ class Actor:
             for start in range(0, len(batch), mini_rows):
                 mini = batch.select(slice(start, start + mini_rows))
                 result = self._update_mini_batch(mini, record=record and epoch == 0)
-                if record and epoch == 0:
-                    # a non-finite value stopped the step: π_old at the weights it met
+                if (
+                    record and epoch == 0
+                ):  # a step stopped by a non-finite value: a pass at the weights it met
                     measured.append(result.measured or self.recompute_pi_old(mini.experience))
                 if result.quadrants is not None:
                     quadrants = result.quadrants if quadrants is None else quadrants + result.quadrants
@@ -338,9 +339,8 @@ class Actor:
         else:
             self.skipped_updates += 1
             log.warning("skipping an update: non-finite loss or gradient norm (%s)", grad_norm)
-        if (
-            result.finite and "actor/entropy" in result.metrics
-        ):  # the coefficient follows every measured update
+        # the adaptive entropy coefficient follows every measured update
+        if result.finite and "actor/entropy" in result.metrics:
             self.entropy_coefficient.observe_entropy(result.metrics["actor/entropy"])
         self.optimizer.zero_grad(set_to_none=True)
         return dataclasses.replace(result, metrics={**result.metrics, "actor/grad_norm": grad_norm})
