@@ -418,16 +418,17 @@ def validate(config: Config) -> None:
         a.rollout_is,
         "rollout.tis_cap is token-level TIS already; set one of them (rollout_is=token, rollout_is_threshold=cap)",
     )
-    # bypass_mode's loss corrects for the sampler itself and ignores the weights other features reach it by.
+    # A loss whose π_old is the sampler's (bypass_mode) corrects for the sampler itself and ignores the weights
+    # other features reach it by.
     for ignored, key, value in (
         (r.tis_cap is not None, "rollout.tis_cap", r.tis_cap),
         (a.top_entropy_quantile < 1, "actor.top_entropy_quantile", a.top_entropy_quantile),
     ):
         _check(
-            not (ignored and a.policy_loss == "bypass_mode"),
+            not (ignored and get_policy_loss(a.policy_loss).pi_old_from_sampler),
             key,
             value,
-            "has no effect with actor.policy_loss=bypass_mode (its loss ignores token weights; use "
+            f"has no effect with actor.policy_loss={a.policy_loss} (its loss ignores token weights; use "
             "actor.rollout_is / rollout_rs for the sampler correction)",
         )
     _check(
