@@ -83,7 +83,9 @@ class Variant:
         started = time.perf_counter()
         self.trainer = Trainer(config, Path(out) / f"bench-{name}")
         if name in FORCED_OLD_LOG_PROB_PASS:
-            self.trainer.actor.old_from_update = lambda num_rows, group_size: False
+            actor = self.trainer.actor
+            old_policy = actor.old_policy
+            actor.old_policy = lambda batch, **kw: (actor.recompute_pi_old(batch), old_policy(batch, **kw))[1]
         self.setup_s = time.perf_counter() - started
         self.rng = torch.get_rng_state()
         self.records: list[dict] = []

@@ -44,6 +44,8 @@ def test_paper_presets_carry_the_recipe(name, beta1):
     assert (actor.lr, actor.ppo_mini_batch_size, actor.loss_agg_mode) == (1e-6, 16, "token-mean")
     assert (config.rollout.n, config.rollout.temperature, config.rollout.max_new_tokens) == (8, 1.0, 16384)
     assert config.data.train_batch_size == 128
+    # gen_batch_size=256 prompts sampled, <= 128 groups with signal kept; lr_warmup_steps=10 RL steps
+    assert (config.data.gen_batch_size, actor.warmup_steps, actor.weight_decay) == (256, 10, 0.1)
     # the release's dynamic sampling drops groups without re-generating (max_num_gen_batches=1)
     assert config.algorithm.filter_groups and config.algorithm.max_num_gen_batches == 1
     assert not actor.use_kl_loss and actor.entropy_coeff == 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
@@ -73,12 +72,14 @@ def call(
     config: PolicyLossConfig | None = None,
     mode: str = "token-mean",
     rollout_is_weights: torch.Tensor | None = None,
+    **selection,
 ):
     return get_policy_loss_fn(name)(
         **batch,
         loss_agg_mode=mode,
         config=config or default_config(),
         rollout_is_weights=rollout_is_weights,
+        **selection,
     )
 
 
@@ -390,20 +391,17 @@ def test_covariance_losses_split_exactly_with_the_whole_batch_selection(name, mo
     for rows in (slice(0, 1), slice(1, 3), slice(3, 6)):  # one row alone has a constant advantage: Cov = 0
         part = {k: v[rows] for k, v in full.items()}
         part["log_prob"] = leaf[rows]
-        part_cfg = dataclasses.replace(
-            config().with_batch_info(
-                batch_num_tokens=int(mask.sum().item()),
-                global_batch_size=int((mask.sum(-1) > 0).sum().item()),
-            ),
-            token_selection=selection[rows],
+        part_cfg = config().with_batch_info(
+            batch_num_tokens=int(mask.sum().item()),
+            global_batch_size=int((mask.sum(-1) > 0).sum().item()),
         )
-        loss, _ = call(name, part, part_cfg, mode)
+        loss, _ = call(name, part, part_cfg, mode, token_selection=selection[rows])
         loss.backward()
         total += loss.item()
     assert total == pytest.approx(loss_full.item(), rel=1e-10, abs=1e-12)
     torch.testing.assert_close(leaf.grad, grad_full, rtol=1e-10, atol=1e-13)
     with pytest.raises(ValueError, match="token_selection must have log_prob's shape"):
-        call(name, full, dataclasses.replace(config(), token_selection=selection[:2]), mode)
+        call(name, full, config(), mode, token_selection=selection[:2])
 
 
 @pytest.mark.parametrize("name", [name for name in SPLITTABLE_LOSSES if name != "bypass_mode"])

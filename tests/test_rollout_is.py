@@ -52,20 +52,20 @@ def run_one_step(tmp_path, tis_cap: float | None):
     trainer = Trainer(load_config(None, overrides), tmp_path / "run")
     before = copy.deepcopy(trainer.model).eval()
     captured, loss_weights = [], []
-    compute_old = trainer.actor.compute_old_log_probs
-    loss_fn = trainer.actor.loss_fn
+    old_policy = trainer.actor.old_policy
+    loss_fn = trainer.actor.policy_gradient.loss_fn
 
     def capture_experience(experience, **kwargs):
         captured.append(experience)
-        return compute_old(experience, **kwargs)
+        return old_policy(experience, **kwargs)
 
     def record_weights(**kwargs):
         weights = kwargs["rollout_is_weights"]
         loss_weights.append(None if weights is None else weights[kwargs["response_mask"].bool()])
         return loss_fn(**kwargs)
 
-    trainer.actor.compute_old_log_probs = capture_experience
-    trainer.actor.loss_fn = record_weights
+    trainer.actor.old_policy = capture_experience
+    trainer.actor.policy_gradient.loss_fn = record_weights
     metrics = trainer.step()
     trainer.close()
     return metrics, captured[0], before, loss_weights

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from cegppo.config import ConfigError, load_config
 from cegppo.ops import causal_lm_logprobs_and_entropy
 from cegppo.ops.shared_prompt import distinct_prompts
 from cegppo.rollout import HFRolloutEngine, SamplingParams
-from cegppo.trainer.actor import Actor, ActorSettings, Experience
+from cegppo.trainer.actor import Actor, ActorSettings, Experience, UpdateBatch
 from test_ops_causal_lm import PAD, VOCAB
 from test_ops_causal_lm import tiny_model as config_model
 
@@ -213,16 +214,20 @@ def test_actor_update_with_shared_prompts_matches_the_plain_update(micro):
         settings = actor_settings(share, f"actor.micro_batch_size={micro}", "actor.use_kl_loss=true")
         actor = Actor(model, settings, ref_model=tiny_model("qwen2", tokenizer, seed=3).double())
         assert actor.share_prompt is share
-        batch = experience(vocab=len(tokenizer))
-        actor.compute_old_log_probs(batch)
-        metrics = actor.update(batch, group_size=3)
-        results.append((batch, metrics, [p.detach().clone() for p in model.parameters()]))
-    (plain, plain_metrics, plain_weights), (shared, shared_metrics, shared_weights) = results
-    real = plain.response_mask.bool()
-    for name in ("old_log_prob", "old_entropy", "ref_log_prob"):
-        torch.testing.assert_close(
-            getattr(shared, name)[real], getattr(plain, name)[real], rtol=1e-5, atol=1e-6
+        batch = actor.old_policy(experience(vocab=len(tokenizer)), group_size=3, recompute=True)
+        metrics = actor.update(batch, group_size=3).metrics
+        old = {"old_log_prob": batch.pi_old.log_prob, "old_entropy": batch.pi_old.entropy}
+        results.append(
+            (
+                {**old, "ref_log_prob": batch.ref_log_prob},
+                metrics,
+                [p.detach().clone() for p in model.parameters()],
+            )
         )
+    (plain, plain_metrics, plain_weights), (shared, shared_metrics, shared_weights) = results
+    real = batch.experience.response_mask.bool()
+    for name in ("old_log_prob", "old_entropy", "ref_log_prob"):
+        torch.testing.assert_close(shared[name][real], plain[name][real], rtol=1e-5, atol=1e-6)
     for key in (
         "actor/pg_loss",
         "actor/kl_loss",
@@ -260,14 +265,17 @@ def test_on_policy_update_takes_old_log_probs_from_its_own_forward():
         actor = Actor(model, actor_settings(True, "actor.micro_batch_size=3"))
         calls = count_policy_passes(actor)
         batch = experience(vocab=len(tokenizer))
-        assert actor.old_from_update(len(batch), group_size=3)
-        actor.compute_old_log_probs(batch, reference_only=skip)
-        assert (batch.old_log_prob is None) is skip
-        metrics = actor.update(batch, group_size=3)
+        assert actor.pi_old_source(len(batch), group_size=3) == "update"
+        batch = actor.old_policy(batch, group_size=3, recompute=not skip)
+        assert (batch.pi_old is None) is skip
+        update = actor.update(batch, group_size=3)
+        metrics = update.metrics
         assert calls == [False] * 3 * (not skip) + [True] * 3  # 3 micro-batches of one group
-        results.append((batch, metrics, [p.detach() for p in model.parameters()]))
+        results.append((update.policy, metrics, [p.detach() for p in model.parameters()]))
     (passed, passed_metrics, passed_weights), (skipped, skipped_metrics, skipped_weights) = results
-    real = passed.response_mask.bool()
+    passed = SimpleNamespace(old_log_prob=passed.log_prob, old_entropy=passed.entropy)
+    skipped = SimpleNamespace(old_log_prob=skipped.log_prob, old_entropy=skipped.entropy)
+    real = batch.experience.response_mask.bool()
     torch.testing.assert_close(skipped.old_log_prob[real], passed.old_log_prob[real], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(skipped.old_entropy[real], passed.old_entropy[real], rtol=1e-6, atol=1e-6)
     assert skipped_metrics["actor/ppo_kl"] == pytest.approx(passed_metrics["actor/ppo_kl"], abs=1e-6)
@@ -288,19 +296,24 @@ def test_off_policy_update_needs_the_old_log_prob_pass():
     for extra in extras:
         actor = Actor(tiny_model("llama", tokenizer), actor_settings(True, *extra))
         batch = experience(vocab=len(tokenizer))
-        assert not actor.old_from_update(len(batch), group_size=3)
-        with pytest.raises(ValueError, match="compute_old_log_probs must run"):
-            actor.update(batch, group_size=3)
+        assert actor.pi_old_source(len(batch), group_size=3) == "recomputed"
+        with pytest.raises(
+            ValueError, match=r"π_old must be computed before this update \(Actor.old_policy\)"
+        ):
+            actor.update(UpdateBatch(batch, None), group_size=3)
 
 
 def test_a_skipped_on_policy_step_still_reports_old_log_probs(monkeypatch):
     tokenizer = tiny_tokenizer()
     actor = Actor(tiny_model("llama", tokenizer), actor_settings(True))
-    batch = experience(vocab=len(tokenizer))
-    monkeypatch.setattr(actor, "loss_fn", lambda **kw: (kw["log_prob"].sum() * float("nan"), {}))
-    metrics = actor.update(batch, group_size=3)
+    batch = actor.old_policy(experience(vocab=len(tokenizer)), group_size=3)
+    monkeypatch.setattr(
+        actor.policy_gradient, "loss_fn", lambda **kw: (kw["log_prob"].sum() * float("nan"), {})
+    )
+    update = actor.update(batch, group_size=3)
+    metrics = update.metrics
     assert metrics["actor/skipped_updates"] == 1
-    assert batch.old_log_prob is not None and batch.old_entropy is not None
+    assert update.policy.log_prob is not None and update.policy.entropy is not None
 
 
 def with_sampler_log_probs(batch: Experience, actor: Actor) -> Experience:
@@ -331,21 +344,26 @@ def test_bypass_mode_takes_old_log_probs_from_the_update_over_several_steps(kl):
         calls = count_policy_passes(actor)
         at_first_visit: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-        def recording(mini, step=step, log_probs=log_probs, model=model, seen=at_first_visit):
+        def recording(mini, step=step, log_probs=log_probs, model=model, seen=at_first_visit, **kw):
             if len(seen) < 3:  # the first epoch: each mini-batch at the weights the update reaches it with
                 with torch.no_grad():
-                    seen.append(log_probs(model, mini, with_entropy=True))
-            return step(mini)
+                    seen.append(log_probs(model, mini.experience, with_entropy=True))
+            return step(mini, **kw)
 
         actor._update_mini_batch = recording
-        assert actor.old_from_update(len(batch), group_size=3)
-        actor.compute_old_log_probs(batch, reference_only=skip)
+        assert actor.pi_old_source(len(batch), group_size=3) == "sampler"
+        # the pass bypass_mode ran before it took its metrics' old log-probs from the update
+        recomputed = None if skip else actor.recompute_pi_old(batch)
+        batch = actor.old_policy(batch, group_size=3)
         assert (batch.ref_log_prob is not None) is kl
-        metrics = actor.update(batch, group_size=3)
+        update = actor.update(batch, group_size=3)
+        metrics = update.metrics
         passes = calls[: calls.index(True)]  # before the update's first forward with gradients
         assert passes == [False] * 3 * (not skip)  # 3 micro-batches of one group each
         assert calls.count(True) == 6  # 3 mini-batches x 2 epochs, one micro-batch each
-        results.append((batch, metrics, [p.detach() for p in model.parameters()], at_first_visit))
+        policy = recomputed or update.policy
+        policy = SimpleNamespace(old_log_prob=policy.log_prob, old_entropy=policy.entropy)
+        results.append((policy, metrics, [p.detach() for p in model.parameters()], at_first_visit))
     (passed, passed_metrics, passed_weights, _), (skipped, skipped_metrics, skipped_weights, seen) = results
     for s, p in zip(skipped_weights, passed_weights, strict=True):
         torch.testing.assert_close(s, p, rtol=1e-6, atol=1e-7)
@@ -353,7 +371,7 @@ def test_bypass_mode_takes_old_log_probs_from_the_update_over_several_steps(kl):
     for key, value in passed_metrics.items():
         assert skipped_metrics[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
     assert skipped_metrics["quadrant/PA&LP/frac"] > 0 and passed_metrics["actor/num_updates"] == 6
-    real = passed.response_mask.bool()
+    real = batch.experience.response_mask.bool()
     expected_log_prob = torch.cat([log_prob for log_prob, _ in seen])
     expected_entropy = torch.cat([entropy for _, entropy in seen])
     torch.testing.assert_close(skipped.old_log_prob[real], expected_log_prob[real], rtol=1e-6, atol=1e-6)
@@ -368,13 +386,13 @@ def test_a_bypass_update_with_a_skipped_step_reports_the_log_probs_each_step_met
     tokenizer = tiny_tokenizer()
     extra = ("actor.policy_loss=bypass_mode", "actor.ppo_mini_batch_size=1", "actor.lr=0.02")
     actor = Actor(tiny_model("llama", tokenizer, seed=4), actor_settings(True, *extra))
-    batch = with_sampler_log_probs(experience(vocab=len(tokenizer)), actor)
-    step, loss_fn, met, losses = actor._update_mini_batch, actor.loss_fn, [], []
+    batch = actor.old_policy(with_sampler_log_probs(experience(vocab=len(tokenizer)), actor), group_size=3)
+    step, loss_fn, met, losses = actor._update_mini_batch, actor.policy_gradient.loss_fn, [], []
 
-    def recording(mini):
+    def recording(mini, **kw):
         with torch.no_grad():
-            met.append(actor.token_log_probs(actor.model, mini, with_entropy=False)[0])
-        return step(mini)
+            met.append(actor.token_log_probs(actor.model, mini.experience, with_entropy=False)[0])
+        return step(mini, **kw)
 
     def nan_in_the_second_mini_batch(**kwargs):  # one micro-batch per mini-batch
         loss, metrics = loss_fn(**kwargs)
@@ -382,12 +400,13 @@ def test_a_bypass_update_with_a_skipped_step_reports_the_log_probs_each_step_met
         return (loss * float("nan"), metrics) if len(losses) == 2 else (loss, metrics)
 
     monkeypatch.setattr(actor, "_update_mini_batch", recording)
-    monkeypatch.setattr(actor, "loss_fn", nan_in_the_second_mini_batch)
-    metrics = actor.update(batch, group_size=3)
+    monkeypatch.setattr(actor.policy_gradient, "loss_fn", nan_in_the_second_mini_batch)
+    update = actor.update(batch, group_size=3)
+    metrics = update.metrics
     assert metrics["actor/skipped_updates"] == 1 and metrics["actor/num_updates"] == 3
-    real = batch.response_mask.bool()
-    torch.testing.assert_close(batch.old_log_prob[real], torch.cat(met)[real], rtol=1e-6, atol=1e-6)
-    assert batch.old_entropy is not None
+    real = batch.experience.response_mask.bool()
+    torch.testing.assert_close(update.policy.log_prob[real], torch.cat(met)[real], rtol=1e-6, atol=1e-6)
+    assert update.policy.entropy is not None
 
 
 # -- generation -----------------------------------------------------------------------------------------

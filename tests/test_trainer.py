@@ -14,11 +14,11 @@ import torch
 
 from _tiny import tiny_model, tiny_overrides, tiny_tokenizer
 from cegppo.cli import main
-from cegppo.config import load_config
+from cegppo.config import ConfigError, load_config
 from cegppo.rewards import RewardFailure
 from cegppo.runfiles import read_metrics
 from cegppo.trainer import Interrupted, Trainer, load_run_config
-from cegppo.trainer.actor import Actor, ActorSettings, Experience
+from cegppo.trainer.actor import Actor, ActorSettings, Experience, PiOld, UpdateBatch
 from cegppo.trainer.checkpoint import STATE_FILE, prune_checkpoints
 
 SHORT_IS_RIGHT = """
@@ -76,7 +76,9 @@ def test_a_run_writes_metrics_samples_checkpoint_and_summary(tiny_model_dir, tmp
     run_dir = run_dir_of(config)
     trainer = Trainer(config, run_dir)
     update, trained = trainer.actor.update, []
-    trainer.actor.update = lambda batch, group_size: trained.append(batch) or update(batch, group_size)
+    trainer.actor.update = lambda batch, group_size: (
+        trained.append(batch.experience) or update(batch, group_size)
+    )
     untrained = Trainer(
         dataclasses.replace(config, trainer=dataclasses.replace(config.trainer, name="other")),
         tmp_path / "other",
@@ -218,8 +220,7 @@ def test_micro_batch_splitting_never_changes_the_gradient(loss, agg):
         ],
     )
     actor = Actor(model, ActorSettings.from_config(config))
-    batch = _experience(model, tokenizer)
-    actor.compute_old_log_probs(batch)
+    batch = actor.old_policy(_experience(model, tokenizer), group_size=1, recompute=True)
     actor._update_mini_batch(batch)  # move the weights, so the ratios leave 1 and clipping acts
 
     grads, clipped = [], []
@@ -227,7 +228,8 @@ def test_micro_batch_splitting_never_changes_the_gradient(loss, agg):
         actor.settings.actor.micro_batch_size = micro
         actor.optimizer.zero_grad()
         torch.manual_seed(0)  # Clip-Cov's random draw among its candidates
-        metrics, _, finite = actor.accumulate_gradients(batch)
+        result = actor.accumulate_gradients(batch)
+        metrics, finite = result.metrics, result.finite
         assert finite
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
         clipped.append(metrics["actor/pg_clipfrac"])
@@ -243,11 +245,12 @@ def test_a_non_finite_loss_skips_the_update(monkeypatch):
     tokenizer = tiny_tokenizer()
     model = tiny_model("llama", tokenizer)
     actor = Actor(model, actor_settings(["actor.bf16_autocast=false"]))
-    batch = _experience(model, tokenizer)
-    actor.compute_old_log_probs(batch)
+    batch = actor.old_policy(_experience(model, tokenizer), group_size=1, recompute=True)
     before = [p.detach().clone() for p in model.parameters()]
-    monkeypatch.setattr(actor, "loss_fn", lambda **kw: (kw["log_prob"].sum() * float("nan"), {}))
-    metrics = actor.update(batch, group_size=1)  # 4 prompts per mini-batch: 2 updates
+    monkeypatch.setattr(
+        actor.policy_gradient, "loss_fn", lambda **kw: (kw["log_prob"].sum() * float("nan"), {})
+    )
+    metrics = actor.update(batch, group_size=1).metrics  # 4 prompts per mini-batch: 2 updates
     assert metrics["actor/skipped_updates"] == 2
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
@@ -346,8 +349,8 @@ def test_kl_entropy_and_nll_terms_match_a_hand_computation():
     )
     actor = Actor(model, ActorSettings.from_config(config), ref_model=reference)
     batch = _experience(model, tokenizer)
-    actor.compute_old_log_probs(batch)
-    metrics, _, finite = actor.accumulate_gradients(batch)
+    result = actor.accumulate_gradients(actor.old_policy(batch, group_size=1, recompute=True))
+    metrics, finite = result.metrics, result.finite
     assert finite
 
     mask = batch.response_mask
@@ -444,6 +447,48 @@ def compute_score(data_source, solution_str, ground_truth, extra_info=None):
 """
 
 
+# One round of 8 prompts x 4 samples: groups 0-2 have signal, the others score 0 (the first 4 calls are the
+# trainer's start-up check of the reward).
+THREE_GROUPS_WITH_SIGNAL = """
+def compute_score(data_source, solution_str, ground_truth, extra_info=None):
+    compute_score.calls = getattr(compute_score, "calls", -5) + 1
+    return float(compute_score.calls % 2) if 0 <= compute_score.calls < 12 else 0.0
+"""
+
+
+def test_generation_batch_as_the_release_runs_it_and_the_ragged_mini_batch_is_cut(tiny_model_dir, tmp_path):
+    # gen_batch_size=8 prompts sampled once (max_num_gen_batches=1), at most train_batch_size=4 groups kept:
+    # 3 have signal, and mini-batches of 2 groups leave 1 ragged group, cut as verl cuts it
+    config = one_step(
+        tiny_model_dir,
+        tmp_path,
+        reward_file(tmp_path, "three_groups.py", THREE_GROUPS_WITH_SIGNAL),
+        **{"data.gen_batch_size": 8, "algorithm.filter_groups": True, "algorithm.max_num_gen_batches": 1},
+    )
+    trainer = Trainer(config, run_dir_of(config))
+    trained = []
+    update = trainer.actor.update
+    trainer.actor.update = lambda batch, group_size: trained.append(len(batch)) or update(batch, group_size)
+    trainer.fit()
+    (record,) = read_metrics(run_dir_of(config))
+    assert (record["data/gen_rounds"], record["data/filtered_groups"], record["data/train_groups"]) == (
+        1,
+        5,
+        2,
+    )
+    assert (
+        record["data/ragged_dropped_responses"] == 4 and record["actor/num_updates"] == 1 and trained == [8]
+    )
+    with pytest.raises(
+        ConfigError, match=r"data.gen_batch_size=16 is invalid: .* only with algorithm.filter_groups"
+    ):
+        load_config(None, ["data.gen_batch_size=16"])
+    with pytest.raises(
+        ConfigError, match=r"data.gen_batch_size=4 is invalid: must be >= data.train_batch_size=8"
+    ):
+        load_config(None, ["data.gen_batch_size=4", "algorithm.filter_groups=true"])
+
+
 @pytest.mark.parametrize("max_rounds", [10, 1])
 def test_dynamic_sampling_refills_the_batch_with_groups_that_have_signal(
     tiny_model_dir, tmp_path, max_rounds
@@ -459,8 +504,8 @@ def test_dynamic_sampling_refills_the_batch_with_groups_that_have_signal(
     )
     trainer = Trainer(config, run_dir_of(config))
     old_log_prob_rows = []
-    compute = trainer.actor.compute_old_log_probs
-    trainer.actor.compute_old_log_probs = lambda batch, **kw: (
+    compute = trainer.actor.recompute_pi_old
+    trainer.actor.recompute_pi_old = lambda batch, **kw: (
         old_log_prob_rows.append(len(batch)) or compute(batch, **kw)
     )
     trainer.fit()
@@ -539,13 +584,13 @@ def test_dropout_is_off_so_the_first_on_policy_ratio_is_exactly_one(tmp_path, sh
     )
     trainer = Trainer(config, run_dir_of(config))
     first_log_ratios = []
-    loss_fn = trainer.actor.loss_fn
+    loss_fn = trainer.actor.policy_gradient.loss_fn
 
     def recording(**kwargs):
         first_log_ratios.append((kwargs["log_prob"] - kwargs["old_log_prob"]) * kwargs["response_mask"])
         return loss_fn(**kwargs)
 
-    trainer.actor.loss_fn = recording
+    trainer.actor.policy_gradient.loss_fn = recording
     trainer.fit()
     assert torch.count_nonzero(first_log_ratios[0]) == 0
 
@@ -574,34 +619,38 @@ def test_an_update_stopped_by_a_non_finite_value_adds_nothing_to_the_metrics():
     batch = _experience(
         model, tokenizer
     )  # 8 rows, group size 1: two mini-batches of 4 rows, 2 micro-batches each
-    actor.compute_old_log_probs(batch)
-    loss_fn, losses = actor.loss_fn, []
+    batch = actor.old_policy(batch, group_size=1, recompute=True)
+    loss_fn, losses = actor.policy_gradient.loss_fn, []
 
     def nan_in_the_second_micro_batch(**kwargs):
         loss, metrics = loss_fn(**kwargs)
         losses.append(loss.item())
         return (loss * float("nan"), metrics) if len(losses) == 2 else (loss, metrics)
 
-    actor.loss_fn = nan_in_the_second_micro_batch
-    metrics = actor.update(batch, group_size=1)
+    actor.policy_gradient.loss_fn = nan_in_the_second_micro_batch
+    metrics = actor.update(batch, group_size=1).metrics
     assert metrics["actor/skipped_updates"] == 1 and len(losses) == 4
     assert metrics["actor/pg_loss"] == pytest.approx(losses[2] + losses[3])  # the second mini-batch only
 
 
-def _grad(actor: Actor, batch: Experience) -> torch.Tensor:
+def _grad(actor: Actor, batch: UpdateBatch) -> torch.Tensor:
     actor.optimizer.zero_grad()
-    metrics, _, finite = actor.accumulate_gradients(batch)
-    assert finite
-    return torch.cat([p.grad.flatten() for p in actor.model.parameters() if p.grad is not None]), metrics
+    result = actor.accumulate_gradients(batch)
+    assert result.finite
+    return torch.cat(
+        [p.grad.flatten() for p in actor.model.parameters() if p.grad is not None]
+    ), result.metrics
 
 
-def _mismatched_experience(model, tokenizer) -> Experience:
+def _mismatched_experience(model, tokenizer) -> UpdateBatch:
     """An experience whose sampler log-probs differ from the recomputed ones, with an outlier in row 1."""
-    batch = _experience(model, tokenizer)
-    Actor(model, actor_settings(["actor.bf16_autocast=false"])).compute_old_log_probs(batch)
-    noise = 0.1 * torch.randn(batch.old_log_prob.shape, generator=torch.Generator().manual_seed(3))
-    batch.sampler_log_prob = batch.old_log_prob + noise
-    batch.sampler_log_prob[1, 0] -= 3.0  # π_old/π_sampler = e^3 on one token
+    experience = _experience(model, tokenizer)
+    batch = Actor(model, actor_settings(["actor.bf16_autocast=false"])).old_policy(
+        experience, group_size=1, recompute=True
+    )
+    noise = 0.1 * torch.randn(batch.pi_old.log_prob.shape, generator=torch.Generator().manual_seed(3))
+    experience.sampler_log_prob = batch.pi_old.log_prob + noise
+    experience.sampler_log_prob[1, 0] -= 3.0  # π_old/π_sampler = e^3 on one token
     return batch
 
 
@@ -617,11 +666,14 @@ def test_rollout_correction_weights_and_rejects_before_any_loss():
     ]
     actor = Actor(model, actor_settings(settings))
     corrected, metrics = actor.correct_for_sampler(batch)
-    assert torch.all(corrected.response_mask[1] == 0) and torch.equal(
-        corrected.response_mask[2:], batch.response_mask[2:]
+    assert torch.all(corrected.experience.response_mask[1] == 0) and torch.equal(
+        corrected.experience.response_mask[2:], batch.experience.response_mask[2:]
     )
-    expected = (batch.old_log_prob - batch.sampler_log_prob).exp().clamp(max=1.5) * batch.response_mask
-    torch.testing.assert_close(corrected.rollout_is_weights, expected)
+    experience = batch.experience
+    expected = (batch.pi_old.log_prob - experience.sampler_log_prob).exp().clamp(
+        max=1.5
+    ) * experience.response_mask
+    torch.testing.assert_close(corrected.is_weights, expected)
     assert metrics["actor/rollout_rs_seq_masked_fraction"] == pytest.approx(1 / 8)
     grads = []
     for micro in (8, 3):
@@ -637,8 +689,12 @@ def test_bypass_mode_takes_the_sampler_log_probs_as_pi_old():
     batch = _mismatched_experience(model, tokenizer)
     bypass = Actor(model, actor_settings(["actor.bf16_autocast=false", "actor.policy_loss=bypass_mode"]))
     vanilla = Actor(model, actor_settings(["actor.bf16_autocast=false", "actor.policy_loss=vanilla"]))
-    two_policies = Experience(**{**vars(batch), "old_log_prob": batch.sampler_log_prob})
-    torch.testing.assert_close(_grad(bypass, batch)[0], _grad(vanilla, two_policies)[0])
+    two_policies = dataclasses.replace(
+        batch, pi_old=PiOld(batch.experience.sampler_log_prob, None, "sampler")
+    )
+    torch.testing.assert_close(
+        _grad(bypass, bypass.old_policy(batch.experience, group_size=1))[0], _grad(vanilla, two_policies)[0]
+    )
     assert not torch.allclose(_grad(vanilla, batch)[0], _grad(vanilla, two_policies)[0])
 
 
@@ -650,11 +706,13 @@ def test_bypass_mode_quadrants_clip_against_the_sampler_as_its_loss_does():
     actor = Actor(
         model, actor_settings(["actor.bf16_autocast=false", "actor.policy_loss=bypass_mode", *clip])
     )
+    batch = actor.old_policy(batch.experience, group_size=1)  # the sampler's π_old, as bypass_mode takes it
     _, metrics = _grad(actor, batch)
-    _, quadrants, _ = actor.accumulate_gradients(batch)
+    quadrants = actor.accumulate_gradients(batch).quadrants
     clipped = quadrants.clipped.sum().item() / quadrants.total_tokens
     assert metrics["actor/pg_clipfrac_low"] + metrics["actor/pg_clipfrac_high"] > 0.2
     assert clipped == pytest.approx(metrics["actor/pg_clipfrac_low"] + metrics["actor/pg_clipfrac_high"])
+    batch = batch.experience
     high_prob = (batch.sampler_log_prob.exp() >= 0.5) & (batch.response_mask > 0)
     assert quadrants.tokens[[0, 2]].sum().item() == high_prob.sum().item()  # HP by the sampler's π_old
 
@@ -697,15 +755,15 @@ def test_mini_batches_counted_in_responses_may_split_groups(monkeypatch):
         actor = Actor(model, actor_settings([*base, *overrides]))
         batch = _experience(model, tokenizer)
         batch.advantages = torch.arange(8.0)  # tags each row, to see which rows each update takes
-        actor.compute_old_log_probs(batch)
+        batch = actor.old_policy(batch, group_size=4, recompute=True)
         seen: list[list[int]] = []
         step = actor._update_mini_batch
         monkeypatch.setattr(
             actor,
             "_update_mini_batch",
-            lambda mini: (seen.append(mini.advantages.int().tolist()), step(mini))[1],
+            lambda mini, **kw: (seen.append(mini.experience.advantages.int().tolist()), step(mini, **kw))[1],
         )
-        metrics = actor.update(batch, group_size=4)
+        metrics = actor.update(batch, group_size=4).metrics
         assert metrics["actor/num_updates"] == len(seen)
         return torch.cat([p.detach().flatten() for p in model.parameters()]), seen
 
@@ -716,6 +774,27 @@ def test_mini_batches_counted_in_responses_may_split_groups(monkeypatch):
     split, halves = updated_weights("actor.ppo_mini_batch_responses=2")
     assert halves == [[0, 1], [2, 3], [4, 5], [6, 7]]  # four updates; each group spans two
     assert not torch.equal(split, by_groups)
+
+
+def test_the_lr_warm_up_counts_rl_steps_and_every_update_of_a_step_uses_its_lr(monkeypatch):
+    # verl steps its scheduler once per RL step: lr_warmup_steps=10 with 8 updates a step is ten RL steps
+    tokenizer = tiny_tokenizer()
+    model = tiny_model("llama", tokenizer, seed=1)
+    actor = Actor(
+        model, actor_settings(["actor.bf16_autocast=false", "actor.lr=0.01", "actor.warmup_steps=2"])
+    )
+    step, lrs = actor._update_mini_batch, []
+    monkeypatch.setattr(
+        actor,
+        "_update_mini_batch",
+        lambda mini, **kw: lrs.append(actor.optimizer.param_groups[0]["lr"]) or step(mini, **kw),
+    )
+    reported = []
+    for _ in range(3):  # 8 rows, group size 1, 4 prompts per mini-batch: 2 updates a step
+        batch = actor.old_policy(_experience(model, tokenizer), group_size=1)
+        reported.append(actor.update(batch, group_size=1).metrics["actor/lr"])
+    assert lrs == pytest.approx([0.0, 0.0, 0.005, 0.005, 0.01, 0.01])
+    assert reported == pytest.approx([0.0, 0.005, 0.01])
 
 
 def test_the_arithmetic_task_takes_its_digits_and_held_out_size(tiny_model_dir, tmp_path, short_reward):

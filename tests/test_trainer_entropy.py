@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -75,8 +76,8 @@ def test_adaptive_coefficient_follows_the_skywork_rule_as_trl_applies_it():
 )
 def test_micro_batch_splitting_never_changes_the_gradient(overrides):
     actor, batch = make_actor("actor.clip_ratio_low=0.01", "actor.clip_ratio_high=0.01", *overrides)
-    actor.compute_old_log_probs(batch)
-    first = actor.accumulate_gradients(batch)[0]  # on-policy: the entropy ratio is 1 everywhere
+    batch = actor.old_policy(batch, group_size=1, recompute=True)
+    first = actor.accumulate_gradients(batch).metrics  # on-policy: the entropy ratio is 1 everywhere
     assert first.get("actor/erc_clipfrac", 0.0) == 0.0
     actor._update_mini_batch(batch)  # move the weights, so ratios and entropies leave their old values
 
@@ -84,7 +85,8 @@ def test_micro_batch_splitting_never_changes_the_gradient(overrides):
     for micro in (8, 3, 1):
         actor.settings.actor.micro_batch_size = micro
         actor.optimizer.zero_grad()
-        micro_metrics, _, finite = actor.accumulate_gradients(batch)
+        result = actor.accumulate_gradients(batch)
+        micro_metrics, finite = result.metrics, result.finite
         assert finite
         grads.append(torch.cat([p.grad.flatten() for p in actor.model.parameters() if p.grad is not None]))
         metrics.append(micro_metrics)
@@ -99,20 +101,21 @@ def test_micro_batch_splitting_never_changes_the_gradient(overrides):
 
 def test_top_entropy_selection_weights_only_the_high_entropy_tokens():
     actor, batch = make_actor("actor.top_entropy_quantile=0.2", "actor.micro_batch_size=3")
-    actor.compute_old_log_probs(batch)
+    batch = actor.old_policy(batch, group_size=1, recompute=True)
     received = []
-    loss_fn = actor.loss_fn
+    loss_fn = actor.policy_gradient.loss_fn
 
     def recording(**kwargs):
         received.append(kwargs["rollout_is_weights"])
         return loss_fn(**kwargs)
 
-    actor.loss_fn = recording
-    metrics, _, _ = actor.accumulate_gradients(batch)
-    threshold = high_entropy_threshold(batch.old_entropy, batch.response_mask, 0.2)
-    expected = select_high_entropy(batch.old_entropy, batch.response_mask, threshold).float()
+    actor.policy_gradient.loss_fn = recording
+    result = actor.accumulate_gradients(batch)
+    metrics, _ = result.metrics, result.finite
+    threshold = high_entropy_threshold(batch.pi_old.entropy, batch.experience.response_mask, 0.2)
+    expected = select_high_entropy(batch.pi_old.entropy, batch.experience.response_mask, threshold).float()
     torch.testing.assert_close(torch.cat(received), expected)
-    kept = expected.sum().item() / batch.response_mask.sum().item()
+    kept = expected.sum().item() / batch.experience.response_mask.sum().item()
     assert metrics["actor/top_entropy_kept_frac"] == pytest.approx(kept)
     assert 0.15 < kept < 0.3
     assert metrics["actor/top_entropy_threshold"] == pytest.approx(threshold.item())
@@ -121,25 +124,25 @@ def test_top_entropy_selection_weights_only_the_high_entropy_tokens():
 def test_losses_that_need_entropy_get_both_entropies_and_others_get_neither():
     for loss, expect in (("grpo_erc", True), ("vanilla", False)):
         actor, batch = make_actor(f"actor.policy_loss={loss}")
-        actor.compute_old_log_probs(batch)
+        batch = actor.old_policy(batch, group_size=1, recompute=True)
         seen = []
-        loss_fn = actor.loss_fn
+        loss_fn = actor.policy_gradient.loss_fn
 
         def recording(loss_fn=loss_fn, seen=seen, **kwargs):
             seen.append(kwargs)
             return loss_fn(**kwargs)
 
-        actor.loss_fn = recording
+        actor.policy_gradient.loss_fn = recording
         actor.accumulate_gradients(batch)
         assert all(("entropy" in kwargs) == expect and ("old_entropy" in kwargs) == expect for kwargs in seen)
         if expect:
             torch.testing.assert_close(
-                torch.cat([kwargs["old_entropy"] for kwargs in seen]), batch.old_entropy
+                torch.cat([kwargs["old_entropy"] for kwargs in seen]), batch.pi_old.entropy
             )
             # on-policy, the update's forward gives back π_old's entropy
             torch.testing.assert_close(
                 torch.cat([kwargs["entropy"].detach() for kwargs in seen]),
-                batch.old_entropy,
+                batch.pi_old.entropy,
                 rtol=1e-5,
                 atol=1e-5,
             )
@@ -185,8 +188,8 @@ def test_adaptive_coefficient_is_logged_checkpointed_and_resumed(tiny_model_dir,
 
 def test_missing_old_entropy_is_reported():
     actor, batch = make_actor("actor.policy_loss=gppo_erc")
-    actor.compute_old_log_probs(batch)
-    batch.old_entropy = None
+    batch = actor.old_policy(batch, group_size=1, recompute=True)
+    batch = dataclasses.replace(batch, pi_old=dataclasses.replace(batch.pi_old, entropy=None))
     with pytest.raises(ValueError, match="old_entropy is missing"):
         actor.accumulate_gradients(batch)
 
@@ -195,6 +198,7 @@ def test_trainer_option_works_with_every_registered_token_loss(tmp_path: Path):
     # top_entropy_quantile is a trainer option: any loss that honours per-token weights takes it
     for loss in ("vanilla", "cispo", "gspo", "gpg", "gppo_erc"):
         actor, batch = make_actor(f"actor.policy_loss={loss}", "actor.top_entropy_quantile=0.3")
-        actor.compute_old_log_probs(batch)
-        metrics, _, finite = actor.accumulate_gradients(batch)
+        batch = actor.old_policy(batch, group_size=1, recompute=True)
+        result = actor.accumulate_gradients(batch)
+        metrics, finite = result.metrics, result.finite
         assert finite and 0 < metrics["actor/top_entropy_kept_frac"] < 0.5

@@ -13,6 +13,7 @@ import math
 import re
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,17 +25,15 @@ from omegaconf.errors import OmegaConfBaseException
 from cegppo import presets
 from cegppo.advantages import ADVANTAGE_REGISTRY
 from cegppo.data.benchmark import ARITHMETIC
-from cegppo.losses import KL_ESTIMATORS, LOSS_AGG_MODES, PolicyLossConfig, list_policy_losses
-from cegppo.rewards import RewardConfig
-
-_LOSS = PolicyLossConfig()
-# The PolicyLossConfig fields a run sets under actor.*; the batch-size fields are set per mini-batch.
-LOSS_SETTINGS = tuple(
-    f.name
-    for f in dataclasses.fields(PolicyLossConfig)
-    if f.name not in ("dp_size", "batch_num_tokens", "global_batch_size", "generator", "token_selection")
+from cegppo.losses import (
+    KL_ESTIMATORS,
+    LOSS_AGG_MODES,
+    LOSS_SETTINGS,
+    PolicyLossConfig,
+    get_policy_loss,
+    list_policy_losses,
 )
-
+from cegppo.rewards import RewardConfig
 
 # data.task / data.heldout: follow the training data (resolved when a config is loaded, see resolve_data)
 AUTO = "auto"
@@ -64,6 +63,8 @@ class DataConfig:
     heldout: str | None = AUTO
     heldout_size: int = 200
     train_batch_size: int = 8  # prompts per step
+    # prompts sampled per generation round with algorithm.filter_groups (verl's); None: train_batch_size
+    gen_batch_size: int | None = None
     system_prompt: str | None = None  # replaces the chat template's default system turn
     question_template: str | None = (
         None  # files/benchmarks, e.g. "{problem} Put the final answer in \\boxed{}."
@@ -96,8 +97,7 @@ class RolloutConfig:
     top_k: int = -1  # -1: off
     max_new_tokens: int = 32
     batch_size: int | None = None  # generation micro-batch in sequences (None: all at once)
-    # Truncated importance sampling against the sampler/trainer mismatch (verl's rollout_is, TRL's
-    # vllm_importance_sampling_cap): each token's loss is weighted by min(π_old/π_sampler, tis_cap).
+    # Deprecated: actor.rollout_is=token with actor.rollout_is_threshold=<cap> (verl's Token-TIS), which it maps to.
     tis_cap: float | None = None
     vllm: VLLMEngineConfig = field(default_factory=VLLMEngineConfig)
 
@@ -105,10 +105,12 @@ class RolloutConfig:
 @dataclass
 class AlgorithmConfig:
     adv_estimator: str = "grpo"  # grpo | dr_grpo | rloo
-    # DAPO's dynamic sampling: drop the groups whose rewards are all equal and sample new prompts until
-    # data.train_batch_size groups have signal, in at most max_num_gen_batches generation rounds per step
-    # (verl's name; 0: no cap, but 20 rounds in a row without a group with signal stop the run; 1: no re-sampling,
-    # train on the groups left, as the CE-GPPO release does)
+    # DAPO's dynamic sampling: drop the groups whose rewards are all equal and sample data.gen_batch_size new
+    # prompts a round until data.train_batch_size groups have signal, in at most max_num_gen_batches rounds per
+    # step (verl's name; 0: no cap, but 20 rounds in a row without a group with signal stop the run; 1: no
+    # re-sampling, train on the groups left, as the CE-GPPO release does). The groups kept are cut to a whole
+    # number of mini-batches, as verl does: a last, ragged update over a few groups would be normalised as if it
+    # were full (the cut responses: data/ragged_dropped_responses).
     filter_groups: bool = False
     max_num_gen_batches: int = 10
 
@@ -146,45 +148,38 @@ class EntropyControlConfig:
     beta2_max: float = 1.5
 
 
-@dataclass
-class ActorConfig:
-    """The update. The loss settings are ``PolicyLossConfig``'s fields under verl's flat names, with its defaults."""
+def _loss_settings_section() -> type:
+    """The run config's loss keys: ``policy_loss`` and one per hyperparameter of the loss library (``PolicyLossConfig``'s
+    ``LOSS_SETTINGS``: verl's flat names), with its types and defaults: each is declared, defaulted and validated
+    there, and a registered loss declares which of them it reads. OmegaConf has no float-or-string type, so
+    verl's thresholds (2.0, or "0.5_2.0" for a band) are strings here (``Config.policy_loss_config`` reads a number
+    back as the number it is)."""
+    hints = typing.get_type_hints(PolicyLossConfig)
+    as_text = {"rollout_is_threshold": str, "rollout_rs_threshold": str | None}
+    keys: list[tuple[str, Any, Any]] = [("policy_loss", str, field(default="ce_gppo"))]  # a registered loss
+    for setting in dataclasses.fields(PolicyLossConfig):
+        if setting.name in LOSS_SETTINGS:
+            default = setting.default
+            if setting.name in as_text and default is not None:
+                default = str(default)
+            keys.append(
+                (setting.name, as_text.get(setting.name, hints[setting.name]), field(default=default))
+            )
+    return dataclasses.make_dataclass("LossSettings", keys)
 
-    policy_loss: str = "ce_gppo"
-    clip_ratio_low: float = _LOSS.clip_ratio_low
-    clip_ratio_high: float = _LOSS.clip_ratio_high
-    clip_ratio_c: float | None = _LOSS.clip_ratio_c
-    beta1: float = _LOSS.beta1
-    beta2: float = _LOSS.beta2
+
+LossSettings = _loss_settings_section()
+
+
+@dataclass
+class ActorConfig(LossSettings):
+    """The update. Its loss settings (``clip_ratio_low``, ``beta1``, ``rollout_is``, ...) are the loss library's
+    (:data:`LossSettings`, from ``PolicyLossConfig``: docs/losses.md lists which loss reads which)."""
+
     beta1_schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     beta2_schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     entropy_control: EntropyControlConfig = field(default_factory=EntropyControlConfig)
     loss_agg_mode: str = "token-mean"
-    loss_scale_factor: float | None = _LOSS.loss_scale_factor  # seq-mean-token-sum-norm; None: max_new_tokens
-    clip_cov_ratio: float = _LOSS.clip_cov_ratio
-    clip_cov_lb: float = _LOSS.clip_cov_lb
-    clip_cov_ub: float = _LOSS.clip_cov_ub
-    kl_cov_ratio: float = _LOSS.kl_cov_ratio
-    ppo_kl_coef: float = _LOSS.ppo_kl_coef
-    tau_pos: float = _LOSS.tau_pos  # sapo: gate temperature of A > 0 tokens
-    tau_neg: float = _LOSS.tau_neg  # sapo: of A <= 0 tokens
-    vespo_k_pos: float = _LOSS.vespo_k_pos  # vespo: Gamma weight exponent k and decay λ, A >= 0 ...
-    vespo_lambda_pos: float = _LOSS.vespo_lambda_pos
-    vespo_k_neg: float = _LOSS.vespo_k_neg  # ... and A < 0
-    vespo_lambda_neg: float = _LOSS.vespo_lambda_neg
-    dro_beta: float | None = _LOSS.dro_beta  # dro: quadratic log-ratio penalty (required by dro)
-    # verl's rollout correction against the sampler, for any loss (bypass_mode: inside the loss).
-    rollout_is: str | None = _LOSS.rollout_is  # token | sequence importance weights π_old/π_sampler
-    rollout_is_threshold: str = str(_LOSS.rollout_is_threshold)  # cap u (TIS), or "l_u" (IcePop / masked IS)
-    rollout_is_batch_normalize: bool = _LOSS.rollout_is_batch_normalize
-    rollout_rs: str | None = _LOSS.rollout_rs  # rejection: token_k1, seq_mean_k1 (Geo-RS), seq_mean_k3, ...
-    rollout_rs_threshold: str | None = _LOSS.rollout_rs_threshold
-    bypass_loss_type: str = _LOSS.bypass_loss_type  # bypass_mode: ppo_clip | reinforce
-    # ERC's band (1 - low, 1 + high) on the entropy ratio H/H_old, for the *_erc losses
-    entropy_clip_ratio_low: float = _LOSS.entropy_clip_ratio_low
-    entropy_clip_ratio_high: float = _LOSS.entropy_clip_ratio_high
-    dgpo_n: float = _LOSS.dgpo_n  # DGPO: decay of the ∇π weight past the left boundary, π^n
-    dgpo_m: float = _LOSS.dgpo_m  # ... and past the right boundary, π^(-1/m)
     ppo_epochs: int = 1
     ppo_mini_batch_size: int = 4  # prompts per optimiser update
     # Responses per optimiser update instead (replaces ppo_mini_batch_size): a group may then span two updates,
@@ -197,6 +192,8 @@ class ActorConfig:
     lr: float = 5e-6
     weight_decay: float = 0.0
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    # Linear warm-up of the lr over this many RL steps (verl's lr_warmup_steps): every optimiser update of a step
+    # uses the step's lr, from 0 at the first step to actor.lr at step warmup_steps + 1
     warmup_steps: int = 0
     grad_clip: float = 1.0
     bf16_autocast: bool = True  # bfloat16 autocast for the update's forward passes (~2.4x faster on CPU)
@@ -300,6 +297,8 @@ class Config:
         would scale the learning rate by 1/(longest response), the length bias Dr. GRPO removes.
         """
         settings = {name: getattr(self.actor, name) for name in LOSS_SETTINGS}
+        if self.rollout.tis_cap is not None:  # the older spelling of token-level TIS
+            settings.update(rollout_is="token", rollout_is_threshold=self.rollout.tis_cap)
         if settings["loss_scale_factor"] is None and self.actor.loss_agg_mode == "seq-mean-token-sum-norm":
             settings["loss_scale_factor"] = self.rollout.max_new_tokens
         # OmegaConf has no float-or-string type, so verl's thresholds (2.0, or "0.5_2.0" for a band) are strings
@@ -445,6 +444,19 @@ def validate(config: Config) -> None:
         "it keeps the groups whose rewards differ, and with rollout.n=1 a group is one response: every group would "
         "be dropped and nothing trained; set rollout.n >= 2",
     )
+    _check(
+        d.gen_batch_size is None or config.algorithm.filter_groups or d.gen_batch_size == d.train_batch_size,
+        "data.gen_batch_size",
+        d.gen_batch_size,
+        "samples more prompts than data.train_batch_size only with algorithm.filter_groups=true (it keeps "
+        "train_batch_size of the groups with signal)",
+    )
+    _check(
+        d.gen_batch_size is None or d.gen_batch_size >= d.train_batch_size,
+        "data.gen_batch_size",
+        d.gen_batch_size,
+        f"must be >= data.train_batch_size={d.train_batch_size}",
+    )
     responses, mini, mini_responses = (
         d.train_batch_size * r.n,
         a.ppo_mini_batch_size,
@@ -473,22 +485,31 @@ def validate(config: Config) -> None:
         a.share_prompt,
         "set it to false with model.gradient_checkpointing=true (checkpointed layers drop the KV cache)",
     )
+    if r.tis_cap is not None:
+        warnings.warn(
+            f"rollout.tis_cap={r.tis_cap} is deprecated: it is verl's token-level TIS, now spelled "
+            f"actor.rollout_is=token actor.rollout_is_threshold={r.tis_cap} (the same weights, logged as "
+            "actor/rollout_is_*)",
+            FutureWarning,
+            stacklevel=3,
+        )
     _check(
         r.tis_cap is None or a.rollout_is is None,
         "actor.rollout_is",
         a.rollout_is,
         "rollout.tis_cap is token-level TIS already; set one of them (rollout_is=token, rollout_is_threshold=cap)",
     )
-    # bypass_mode's loss corrects for the sampler itself and ignores the weights other features reach it by.
+    # A loss whose π_old is the sampler's (bypass_mode) corrects for the sampler itself and ignores the weights
+    # other features reach it by.
     for ignored, key, value in (
         (r.tis_cap is not None, "rollout.tis_cap", r.tis_cap),
         (a.top_entropy_quantile < 1, "actor.top_entropy_quantile", a.top_entropy_quantile),
     ):
         _check(
-            not (ignored and a.policy_loss == "bypass_mode"),
+            not (ignored and get_policy_loss(a.policy_loss).pi_old_from_sampler),
             key,
             value,
-            "has no effect with actor.policy_loss=bypass_mode (its loss ignores token weights; use "
+            f"has no effect with actor.policy_loss={a.policy_loss} (its loss ignores token weights; use "
             "actor.rollout_is / rollout_rs for the sampler correction)",
         )
     _check(
@@ -725,12 +746,26 @@ def _check_actor(a: ActorConfig) -> None:
         (a.entropy_coeff_min, a.entropy_coeff_max),
         "need 0 <= entropy_coeff_min <= entropy_coeff_max",
     )
-    _check(
-        a.policy_loss != "dro" or a.dro_beta is not None,
-        "actor.dro_beta",
-        a.dro_beta,
-        "actor.policy_loss=dro needs a penalty dro_beta > 0",
-    )
+    loss, defaults = get_policy_loss(a.policy_loss), LossSettings()
+    ignored = [
+        f"actor.{name}={getattr(a, name)!r}"
+        for name in LOSS_SETTINGS
+        if name not in loss.reads and getattr(a, name) != getattr(defaults, name)
+    ]
+    if ignored:
+        warnings.warn(
+            f"{', '.join(ignored)}: no effect with actor.policy_loss={a.policy_loss}, which reads "
+            f"{list(loss.settings) or 'none of the loss-specific settings'} besides the shared ones",
+            UserWarning,
+            stacklevel=4,
+        )
+    for name in loss.required:
+        _check(
+            getattr(a, name) is not None,
+            f"actor.{name}",
+            None,
+            f"actor.policy_loss={a.policy_loss} needs it (see docs/losses.md)",
+        )
     for name in ("beta1_schedule", "beta2_schedule"):
         _check_schedule(f"actor.{name}", getattr(a, name))
     if a.entropy_control.enabled:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cegppo.losses.ratio import clip_boundaries
 from cegppo.runfiles import QUADRANTS
 
 
@@ -75,7 +76,7 @@ def quadrant_totals(
         high_prob = old_log_prob.exp() >= prob_threshold
         positive, negative = advantages > 0, advantages < 0
         ratio = (log_prob.float() - old_log_prob.float()).exp()
-        beyond = torch.where(positive, ratio > 1 + clip_ratio_high, ratio < 1 - clip_ratio_low)
+        beyond = torch.logical_or(*clip_boundaries(ratio, advantages, clip_ratio_low, clip_ratio_high))
         members = [positive & high_prob, positive & ~high_prob, negative & high_prob, negative & ~high_prob]
         weight = loss_grad.float().abs()
         tokens, clipped, grad_weight = [], [], []

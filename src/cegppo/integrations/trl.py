@@ -58,6 +58,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without trl
     ) from exc
 
 from cegppo.losses import LOSS_AGG_MODES, PolicyLossConfig, agg_loss, get_policy_loss_fn, list_policy_losses
+from cegppo.losses.ratio import clip_boundaries
 
 _DEFAULTS = PolicyLossConfig()
 warn_if_untested("trl", trl.__version__)
@@ -361,8 +362,13 @@ class CEGPPOTrainer(GRPOTrainer):
         metrics = self._metrics[mode]
         metrics["entropy"].append(self._global_token_mean(entropies, mask))
         ratio = torch.exp(per_token_logps.detach() - old_per_token_logps)
-        low = ((ratio < 1 - self.policy_loss_settings.clip_ratio_low) & (advantages < 0)).float()
-        high = ((ratio > 1 + self.policy_loss_settings.clip_ratio_high) & (advantages > 0)).float()
+        settings = self.policy_loss_settings
+        low, high = (
+            region.float()
+            for region in clip_boundaries(
+                ratio, advantages, settings.clip_ratio_low, settings.clip_ratio_high
+            )
+        )
         metrics["clip_ratio/low_mean"].append(self._global_token_mean(low, mask))
         metrics["clip_ratio/high_mean"].append(self._global_token_mean(high, mask))
         metrics["clip_ratio/region_mean"].append(self._global_token_mean(torch.maximum(low, high), mask))

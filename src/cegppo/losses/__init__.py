@@ -8,8 +8,9 @@
 Registered: ``ce_gppo``, ``gppo``, ``vanilla`` (PPO-clip; GRPO and DAPO are configurations),
 ``cispo``, ``gspo``, ``luspo``, ``geo_mean``, ``sapo``, ``dppo_tv``, ``dppo_kl``, ``vespo``, ``dro``,
 ``clip_cov``, ``kl_cov``, ``gpg``, ``bypass_mode``, ``dgpo``, and the entropy-ratio-clipped ``grpo_erc``,
-``gppo_erc``, ``ce_gppo_erc`` (these also take ``entropy=`` and ``old_entropy=``:
-:func:`policy_loss_needs_entropy`). ``docs/losses.md`` explains each; the rollout correction (importance weights
+``gppo_erc``, ``ce_gppo_erc`` (these also take ``entropy=`` and ``old_entropy=``). Each is registered with its
+properties (:class:`PolicyLoss`: the settings it reads, whether it needs the entropy, selects tokens or takes π_old
+from the sampler; :func:`get_policy_loss`). ``docs/losses.md`` explains each; the rollout correction (importance weights
 and rejection against the sampler) is :mod:`cegppo.losses.rollout_correction`.
 """
 
@@ -30,15 +31,19 @@ from cegppo.losses import (  # noqa: F401  (register the losses)
     vespo,
 )
 from cegppo.losses.aggregation import agg_loss, masked_mean
-from cegppo.losses.config import LOSS_AGG_MODES, PolicyLossConfig
+from cegppo.losses.config import LOSS_AGG_MODES, LOSS_SETTINGS, SHARED_SETTINGS, PolicyLossConfig
 from cegppo.losses.kl import KL_ESTIMATORS, kl_penalty
 from cegppo.losses.registry import (
     POLICY_LOSS_REGISTRY,
+    POLICY_LOSSES,
+    PolicyLoss,
     PolicyLossFn,
     TokenSelector,
+    get_policy_loss,
     get_policy_loss_fn,
     get_token_selector,
     list_policy_losses,
+    loss_setting,
     policy_loss_needs_entropy,
     register_policy_loss,
     register_token_selector,
@@ -48,16 +53,22 @@ from cegppo.losses.selection import high_entropy_threshold, select_high_entropy
 __all__ = [
     "KL_ESTIMATORS",
     "LOSS_AGG_MODES",
+    "LOSS_SETTINGS",
+    "POLICY_LOSSES",
     "POLICY_LOSS_REGISTRY",
+    "SHARED_SETTINGS",
+    "PolicyLoss",
     "PolicyLossConfig",
     "PolicyLossFn",
     "TokenSelector",
     "agg_loss",
+    "get_policy_loss",
     "get_policy_loss_fn",
     "get_token_selector",
     "high_entropy_threshold",
     "kl_penalty",
     "list_policy_losses",
+    "loss_setting",
     "masked_mean",
     "policy_loss_needs_entropy",
     "register_policy_loss",

@@ -8,9 +8,7 @@ import torch
 
 from cegppo.losses.aggregation import accumulation_dtype, agg_loss, masked_mean
 from cegppo.losses.config import PolicyLossConfig, validate_loss_agg_mode
-
-# verl clamps log δ to this range before exp so that a stale token cannot overflow the ratio.
-LOG_RATIO_CLAMP = 20.0
+from cegppo.losses.ratio import clamp_log_ratio, clip_boundaries
 
 
 @dataclass
@@ -31,7 +29,7 @@ class PolicyInputs:
     @property
     def ratio(self) -> torch.Tensor:
         """δ = π/π_old with log δ clamped to ±20 (differentiable)."""
-        return torch.exp(self.log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+        return torch.exp(clamp_log_ratio(self.log_ratio))
 
     def ppo_kl(self) -> float:
         """k1 estimate of KL(π_old || π) over the valid tokens."""
@@ -113,8 +111,7 @@ def clip_regions(
     """
     ratio = ratio.detach()
     advantages = inputs.advantages
-    low = (ratio < 1 - config.clip_ratio_low) & (advantages < 0)
-    high = (ratio > 1 + config.clip_ratio_high) & (advantages > 0)
+    low, high = clip_boundaries(ratio, advantages, config.clip_ratio_low, config.clip_ratio_high)
     if config.clip_ratio_c is None or not dual_clip:
         dual = torch.zeros_like(low)
     else:

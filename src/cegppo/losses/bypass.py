@@ -13,7 +13,7 @@ from cegppo.losses.registry import register_policy_loss
 from cegppo.losses.rollout_correction import rollout_correction
 
 
-@register_policy_loss("bypass_mode")
+@register_policy_loss("bypass_mode", settings=("bypass_loss_type",), pi_old_from_sampler=True)
 def compute_policy_loss_bypass_mode(
     old_log_prob: torch.Tensor,
     log_prob: torch.Tensor,

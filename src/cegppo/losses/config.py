@@ -44,7 +44,8 @@ class PolicyLossConfig:
     (1-low, 1+high); 0.05 is what the ERC authors' released recipes use (arXiv 2512.05591). ``dgpo_n``/``dgpo_m``
     set how fast DGPO's probability-gradient weight decays past the left/right boundary (arXiv 2603.14389).
 
-    The batch-size fields are set per mini-batch by a trainer that splits a batch into micro-batches
+    Each loss declares which of these it reads (:class:`cegppo.losses.registry.PolicyLoss`); ``SHARED_SETTINGS``
+    are read by every loss or by the trainer around it. The batch-size fields are set per mini-batch by a trainer that splits a batch into micro-batches
     (or data-parallel ranks), so that every micro-batch loss is normalised by the *global* token or
     sequence count and accumulated gradients equal the full-batch gradient (verl's ``global_batch_info``).
     """
@@ -80,10 +81,8 @@ class PolicyLossConfig:
     dp_size: int = 1
     batch_num_tokens: int | None = None
     global_batch_size: int | None = None
+    # Clip-Cov's random draw (for reproducibility; None: the global generator)
     generator: torch.Generator | None = field(default=None, repr=False, compare=False)
-    # Clip-Cov/KL-Cov: the tokens their selector chose over the whole mini-batch, these rows of it
-    # ([batch, response_len] bool); None: choose among the tensors passed to the loss
-    token_selection: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in (
@@ -222,6 +221,27 @@ class PolicyLossConfig:
         return dataclasses.replace(
             self, batch_num_tokens=batch_num_tokens, global_batch_size=global_batch_size
         )
+
+
+# The fields of PolicyLossConfig a run sets (its hyperparameters); the others are per mini-batch or per run.
+LOSS_SETTINGS = tuple(
+    f.name
+    for f in dataclasses.fields(PolicyLossConfig)
+    if f.name not in ("dp_size", "batch_num_tokens", "global_batch_size", "generator")
+)
+# The settings every loss reads (the trust interval, dual-clip, the aggregation's divisor), or the trainer applies
+# around any loss (the rollout correction against the sampler).
+SHARED_SETTINGS = (
+    "clip_ratio_low",
+    "clip_ratio_high",
+    "clip_ratio_c",
+    "loss_scale_factor",
+    "rollout_is",
+    "rollout_is_threshold",
+    "rollout_is_batch_normalize",
+    "rollout_rs",
+    "rollout_rs_threshold",
+)
 
 
 def _parse_bounds(spec: object, name: str) -> tuple[float | None, float]:

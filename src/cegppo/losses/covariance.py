@@ -11,6 +11,9 @@ from cegppo.losses.aggregation import masked_mean
 from cegppo.losses.config import PolicyLossConfig
 from cegppo.losses.registry import TokenSelector, register_policy_loss, register_token_selector
 
+SETTINGS_CLIP_COV = ("clip_cov_ratio", "clip_cov_lb", "clip_cov_ub")
+SETTINGS_KL_COV = ("kl_cov_ratio", "ppo_kl_coef")
+
 # How a loss chooses its special tokens among the (validated) tensors it is given.
 Choice = Callable[[PolicyInputs, PolicyLossConfig], torch.Tensor]
 
@@ -70,23 +73,20 @@ def _selector(choose: Choice) -> TokenSelector:
     return select
 
 
-select_clip_cov_tokens = register_token_selector("clip_cov")(_selector(_clip_cov_tokens))
-select_kl_cov_tokens = register_token_selector("kl_cov")(_selector(_kl_cov_tokens))
-
-
-def _given_or_chosen(inputs: PolicyInputs, config: PolicyLossConfig, choose: Choice) -> torch.Tensor:
-    if config.token_selection is None:
+def _given_or_chosen(
+    inputs: PolicyInputs, config: PolicyLossConfig, choose: Choice, selection: torch.Tensor | None
+) -> torch.Tensor:
+    if selection is None:
         return choose(inputs, config)
-    selection = config.token_selection
     if selection.shape != inputs.mask.shape:
         raise ValueError(
-            f"config.token_selection must have log_prob's shape {tuple(inputs.mask.shape)}, "
+            f"token_selection must have log_prob's shape {tuple(inputs.mask.shape)}, "
             f"got {tuple(selection.shape)}"
         )
     return selection.to(torch.bool) & (inputs.mask > 0)
 
 
-@register_policy_loss("clip_cov")
+@register_policy_loss("clip_cov", settings=SETTINGS_CLIP_COV)
 def compute_policy_loss_clip_cov(
     old_log_prob: torch.Tensor,
     log_prob: torch.Tensor,
@@ -95,6 +95,8 @@ def compute_policy_loss_clip_cov(
     loss_agg_mode: str = "token-mean",
     config: PolicyLossConfig | None = None,
     rollout_is_weights: torch.Tensor | None = None,
+    *,
+    token_selection: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clip-Cov ("The Entropy Mechanism of RL for Reasoning LMs", arXiv 2505.22617, §4.2).
 
@@ -102,7 +104,7 @@ def compute_policy_loss_clip_cov(
     those with ω_low < Cov(y_i) < ω_high (``clip_cov_lb``/``clip_cov_ub``) that PPO does not already
     clip have their gradient removed. Paper: r = 2e-4, ω = (1, 5). The draw uses
     ``config.generator`` when set, for reproducibility. The tokens are chosen among the tensors passed,
-    unless ``config.token_selection`` gives them (chosen by :func:`select_clip_cov_tokens` over a whole
+    unless ``token_selection`` gives them (chosen by :func:`select_clip_cov_tokens` over a whole
     mini-batch that is passed here one micro-batch at a time).
     """
     inputs, config = prepare_inputs(
@@ -112,7 +114,7 @@ def compute_policy_loss_clip_cov(
     unclipped = -inputs.advantages * ratio
     clipped = -inputs.advantages * ratio.clamp(1 - config.clip_ratio_low, 1 + config.clip_ratio_high)
     regions = clip_regions(ratio, inputs, config, dual_clip=False)
-    detached = _given_or_chosen(inputs, config, _clip_cov_tokens)
+    detached = _given_or_chosen(inputs, config, _clip_cov_tokens, token_selection)
     pg_losses = torch.where(detached, torch.zeros_like(unclipped), torch.maximum(unclipped, clipped))
     loss = aggregate(pg_losses, inputs, loss_agg_mode, config)
     metrics = clip_metrics(regions, regions["low"] | regions["high"] | detached, inputs)
@@ -120,7 +122,7 @@ def compute_policy_loss_clip_cov(
     return loss, metrics
 
 
-@register_policy_loss("kl_cov")
+@register_policy_loss("kl_cov", settings=SETTINGS_KL_COV)
 def compute_policy_loss_kl_cov(
     old_log_prob: torch.Tensor,
     log_prob: torch.Tensor,
@@ -129,6 +131,8 @@ def compute_policy_loss_kl_cov(
     loss_agg_mode: str = "token-mean",
     config: PolicyLossConfig | None = None,
     rollout_is_weights: torch.Tensor | None = None,
+    *,
+    token_selection: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """KL-Cov ("The Entropy Mechanism of RL for Reasoning LMs", arXiv 2505.22617, §4.2).
 
@@ -138,14 +142,14 @@ def compute_policy_loss_kl_cov(
         loss = -δ·A + β·|log δ|   for the selected tokens,   -δ·A otherwise
 
     Paper: k = 2e-3 (Qwen2.5-7B) or 2e-4 (32B), β = 1 (``ppo_kl_coef``; verl defaults to 0.1).
-    The selection is deterministic, among the tensors passed unless ``config.token_selection`` gives it
+    The selection is deterministic, among the tensors passed unless ``token_selection`` gives it
     (chosen by :func:`select_kl_cov_tokens` over the whole mini-batch).
     """
     inputs, config = prepare_inputs(
         old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights
     )
     ratio = inputs.ratio
-    penalised = _given_or_chosen(inputs, config, _kl_cov_tokens)
+    penalised = _given_or_chosen(inputs, config, _kl_cov_tokens, token_selection)
     kl_penalty = config.ppo_kl_coef * inputs.log_ratio.abs()
     pg_losses = -inputs.advantages * ratio + torch.where(penalised, kl_penalty, torch.zeros_like(kl_penalty))
     regions = clip_regions(ratio, inputs, config, dual_clip=False)
@@ -154,3 +158,7 @@ def compute_policy_loss_kl_cov(
     metrics = clip_metrics(no_clip, penalised, inputs)
     metrics["actor/kl_cov_frac"] = masked_mean(penalised, inputs.mask).item()
     return loss, metrics
+
+
+select_clip_cov_tokens = register_token_selector("clip_cov")(_selector(_clip_cov_tokens))
+select_kl_cov_tokens = register_token_selector("kl_cov")(_selector(_kl_cov_tokens))

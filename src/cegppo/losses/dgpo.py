@@ -11,7 +11,7 @@ from cegppo.losses.config import PolicyLossConfig
 from cegppo.losses.registry import register_policy_loss
 
 
-@register_policy_loss("dgpo")
+@register_policy_loss("dgpo", settings=("dgpo_n", "dgpo_m"))
 def compute_policy_loss_dgpo(
     old_log_prob: torch.Tensor,
     log_prob: torch.Tensor,

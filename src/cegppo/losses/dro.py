@@ -10,7 +10,7 @@ from cegppo.losses.config import PolicyLossConfig
 from cegppo.losses.registry import register_policy_loss
 
 
-@register_policy_loss("dro")
+@register_policy_loss("dro", settings=("dro_beta",), required=("dro_beta",))
 def compute_policy_loss_dro(
     old_log_prob: torch.Tensor,
     log_prob: torch.Tensor,

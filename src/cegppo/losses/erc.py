@@ -102,7 +102,9 @@ def entropy_ratio_clipped_loss(
     return loss, metrics
 
 
-def entropy_ratio_clipped(name: str, base: PolicyLossFn, doc: str) -> PolicyLossFn:
+def entropy_ratio_clipped(
+    name: str, base: PolicyLossFn, doc: str, base_settings: tuple[str, ...] = ()
+) -> PolicyLossFn:
     """Register ``base`` with ERC under ``name``: verl's signature plus the keyword-only entropies."""
 
     def loss(
@@ -124,7 +126,8 @@ def entropy_ratio_clipped(name: str, base: PolicyLossFn, doc: str) -> PolicyLoss
 
     loss.__name__ = loss.__qualname__ = f"compute_policy_loss_{name}"
     loss.__doc__ = doc
-    return register_policy_loss(name, needs_entropy=True)(loss)
+    settings = (*base_settings, "entropy_clip_ratio_low", "entropy_clip_ratio_high")
+    return register_policy_loss(name, settings=settings, needs_entropy=True)(loss)
 
 
 compute_policy_loss_grpo_erc = entropy_ratio_clipped(
@@ -147,4 +150,5 @@ compute_policy_loss_ce_gppo_erc = entropy_ratio_clipped(
     """ERC on CE-GPPO with the config's β1/β2: the two mechanisms of the same team composed (the ERC paper
     runs ERC on DAPO and GPPO only; with β1 = β2 = 1 this is ``gppo_erc``). Needs ``entropy`` and
     ``old_entropy``.""",
+    base_settings=("beta1", "beta2"),
 )

@@ -42,7 +42,7 @@ def gradient_preserving_loss(
     return loss, metrics
 
 
-@register_policy_loss("ce_gppo")
+@register_policy_loss("ce_gppo", settings=("beta1", "beta2"))
 def compute_policy_loss_ce_gppo(
     old_log_prob: torch.Tensor,
     log_prob: torch.Tensor,

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import torch
 
+from cegppo.losses.ratio import clamp_log_ratio
+
 KL_ESTIMATORS = ("k1", "k2", "k3", "low_var_kl")
 
-# verl's clamps: the log-ratio before exp, and the k3 value, so one token cannot blow up the penalty.
-_LOG_RATIO_CLAMP = 20.0
+# verl's clamp of the k3 value (after the log-ratio's, before exp), so one token cannot blow up the penalty.
 _K3_CLAMP = 10.0
 
 
@@ -27,5 +28,5 @@ def kl_penalty(
         return log_ratio
     if estimator == "k2":
         return 0.5 * log_ratio.square()
-    ref_over_policy = (-log_ratio).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+    ref_over_policy = clamp_log_ratio(-log_ratio)
     return (ref_over_policy.exp() - ref_over_policy - 1).clamp(-_K3_CLAMP, _K3_CLAMP)

@@ -1,13 +1,17 @@
-"""Name -> policy-loss function registry, with verl's ``PolicyLossFn`` signature."""
+"""Name -> policy loss registry: each loss with verl's ``PolicyLossFn`` signature and the properties a trainer
+reads from it (the settings it takes, whether it needs the entropy, selects tokens, or takes π_old from the
+sampler), registered once with the loss."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Protocol
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
-from cegppo.losses.config import PolicyLossConfig
+from cegppo.losses.config import LOSS_SETTINGS, SHARED_SETTINGS, PolicyLossConfig
 
 
 class PolicyLossFn(Protocol):
@@ -16,8 +20,9 @@ class PolicyLossFn(Protocol):
     Tensors are [batch, response_len]; returns the scalar loss to minimise (= -objective) and a
     ``dict[str, float]`` of metrics with verl's ``actor/`` prefix. A loss registered with
     ``needs_entropy=True`` also takes the keyword arguments ``entropy`` (the current policy's per-token
-    entropy) and ``old_entropy`` (π_old's), both [batch, response_len]; the others never receive them, so
-    every loss written to verl's signature keeps working.
+    entropy) and ``old_entropy`` (π_old's), both [batch, response_len]; a loss registered with a token selector
+    takes ``token_selection`` (its tokens of the whole mini-batch, these rows of it). The others receive none of
+    them, so every loss written to verl's signature keeps working.
     """
 
     def __call__(
@@ -37,7 +42,7 @@ class TokenSelector(Protocol):
 
     A loss that treats a few tokens of the batch specially (Clip-Cov, KL-Cov) exposes its choice as a
     selector, so that a trainer splitting a mini-batch into micro-batches can choose over the whole
-    mini-batch and pass each micro-batch its rows as ``PolicyLossConfig.token_selection``: the gradient
+    mini-batch and pass each micro-batch its rows as the loss's ``token_selection=`` argument: the gradient
     is then the same for every micro-batch size.
     """
 
@@ -51,60 +56,149 @@ class TokenSelector(Protocol):
     ) -> torch.Tensor: ...
 
 
-POLICY_LOSS_REGISTRY: dict[str, PolicyLossFn] = {}
-TOKEN_SELECTORS: dict[str, TokenSelector] = {}
-# Names of the losses that take entropy= and old_entropy= (the trainer computes them only for these).
-_NEEDS_ENTROPY: set[str] = set()
+@dataclass(frozen=True)
+class PolicyLoss:
+    """A registered loss and what a trainer needs to know to call it.
 
-
-def register_policy_loss(name: str, *, needs_entropy: bool = False) -> Callable[[PolicyLossFn], PolicyLossFn]:
-    """Decorator registering a policy loss under ``name`` (re-registering a name replaces it).
-
-    ``needs_entropy=True`` declares that the loss takes ``entropy=`` and ``old_entropy=`` keyword arguments.
+    ``settings``: the :class:`PolicyLossConfig` fields it reads besides the ones every loss shares
+    (``SHARED_SETTINGS``); ``required``: those of them that have no default (``None``) and must be set.
+    ``needs_entropy``: it takes ``entropy=`` and ``old_entropy=``. ``token_selector``: it selects tokens over the
+    whole mini-batch and takes ``token_selection=``. ``pi_old_from_sampler``: its π_old is the sampler's
+    log-probs, and it corrects for the sampler itself (verl's ``bypass_mode``).
     """
 
+    name: str
+    fn: PolicyLossFn
+    settings: tuple[str, ...] = ()
+    required: tuple[str, ...] = ()
+    needs_entropy: bool = False
+    token_selector: TokenSelector | None = None
+    pi_old_from_sampler: bool = False
+
+    def __post_init__(self) -> None:
+        unknown = [name for name in (*self.settings, *self.required) if name not in LOSS_SETTINGS]
+        if unknown:
+            raise ValueError(
+                f"policy loss {self.name!r} declares settings {unknown} that PolicyLossConfig does not have"
+            )
+
+    @property
+    def reads(self) -> tuple[str, ...]:
+        """Every setting the loss reads: the shared ones and its own."""
+        return (*SHARED_SETTINGS, *self.settings)
+
+    def check(self, config: PolicyLossConfig) -> None:
+        """``ValueError`` naming a required setting left unset."""
+        for name in self.required:
+            if getattr(config, name) is None:
+                raise ValueError(
+                    f"PolicyLossConfig.{name}=None is invalid: policy loss {self.name!r} needs it"
+                )
+
+
+POLICY_LOSSES: dict[str, PolicyLoss] = {}
+
+
+class _LossFunctions(MutableMapping[str, PolicyLossFn]):
+    """``POLICY_LOSSES`` as name -> loss function, verl's registry shape (deleting a name unregisters it;
+    setting one registers a loss without properties)."""
+
+    def __getitem__(self, name: str) -> PolicyLossFn:
+        return POLICY_LOSSES[name].fn
+
+    def __setitem__(self, name: str, fn: PolicyLossFn) -> None:
+        register_policy_loss(name)(fn)
+
+    def __delitem__(self, name: str) -> None:
+        del POLICY_LOSSES[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(POLICY_LOSSES)
+
+    def __len__(self) -> int:
+        return len(POLICY_LOSSES)
+
+
+POLICY_LOSS_REGISTRY: MutableMapping[str, PolicyLossFn] = _LossFunctions()
+
+
+def register_policy_loss(
+    name: str,
+    *,
+    settings: tuple[str, ...] = (),
+    required: tuple[str, ...] = (),
+    needs_entropy: bool = False,
+    pi_old_from_sampler: bool = False,
+) -> Callable[[PolicyLossFn], PolicyLossFn]:
+    """Decorator registering a policy loss under ``name`` with its properties (re-registering a name replaces
+    it; a token selector registered for the name before stays). See :class:`PolicyLoss` for the properties."""
+
     def decorator(fn: PolicyLossFn) -> PolicyLossFn:
-        POLICY_LOSS_REGISTRY[name] = fn
-        if needs_entropy:
-            _NEEDS_ENTROPY.add(name)
-        else:
-            _NEEDS_ENTROPY.discard(name)
+        previous = POLICY_LOSSES.get(name)
+        POLICY_LOSSES[name] = PolicyLoss(
+            name,
+            fn,
+            settings=tuple(settings),
+            required=tuple(required),
+            needs_entropy=needs_entropy,
+            token_selector=previous.token_selector if previous else None,
+            pi_old_from_sampler=pi_old_from_sampler,
+        )
         return fn
 
     return decorator
 
 
 def register_token_selector(name: str) -> Callable[[TokenSelector], TokenSelector]:
-    """Decorator registering the token selection of the policy loss ``name``."""
+    """Decorator registering the token selection of the (already registered) policy loss ``name``."""
 
     def decorator(fn: TokenSelector) -> TokenSelector:
-        TOKEN_SELECTORS[name] = fn
+        POLICY_LOSSES[name] = dataclasses.replace(get_policy_loss(name), token_selector=fn)
         return fn
 
     return decorator
 
 
-def get_token_selector(name: str) -> TokenSelector | None:
-    """The token selector of the policy loss ``name``, or None if it selects no tokens."""
-    return TOKEN_SELECTORS.get(name)
-
-
-def get_policy_loss_fn(name: str) -> PolicyLossFn:
-    """The policy loss registered under ``name``; ``ValueError`` listing the known names otherwise."""
+def get_policy_loss(name: str) -> PolicyLoss:
+    """The loss registered under ``name`` with its properties; ``ValueError`` listing the known names otherwise."""
     try:
-        return POLICY_LOSS_REGISTRY[name]
+        return POLICY_LOSSES[name]
     except KeyError:
         raise ValueError(
             f"unknown policy loss {name!r}: registered losses are {list_policy_losses()}"
         ) from None
 
 
+def get_policy_loss_fn(name: str) -> PolicyLossFn:
+    """The loss function registered under ``name``; ``ValueError`` listing the known names otherwise."""
+    return get_policy_loss(name).fn
+
+
+def get_token_selector(name: str) -> TokenSelector | None:
+    """The token selector of the policy loss ``name``, or None if it selects no tokens."""
+    return get_policy_loss(name).token_selector
+
+
 def policy_loss_needs_entropy(name: str) -> bool:
     """Whether the loss ``name`` takes the per-token ``entropy`` and ``old_entropy`` of the policy."""
-    get_policy_loss_fn(name)  # unknown names fail as everywhere else
-    return name in _NEEDS_ENTROPY
+    return get_policy_loss(name).needs_entropy
 
 
 def list_policy_losses() -> list[str]:
     """Registered loss names, sorted."""
-    return sorted(POLICY_LOSS_REGISTRY)
+    return sorted(POLICY_LOSSES)
+
+
+def loss_setting(
+    name: str, overrides: Mapping[str, Any] | None = None, base: PolicyLossConfig | None = None
+) -> PolicyLossConfig:
+    """The settings of the loss ``name``: ``base`` (default: the defaults) with ``overrides`` of its fields,
+    validated; ``ValueError`` naming an unknown field or a required setting left unset."""
+    loss = get_policy_loss(name)
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - set(LOSS_SETTINGS))
+    if unknown:
+        raise ValueError(f"unknown settings {unknown} for policy loss {name!r}: it reads {list(loss.reads)}")
+    config = dataclasses.replace(base or PolicyLossConfig(), **overrides)
+    loss.check(config)
+    return config

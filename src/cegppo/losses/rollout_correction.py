@@ -7,9 +7,9 @@ and a rejection mask that removes tokens or whole sequences from the loss. ``byp
 the loss, with the current policy as π_train.
 
 - Importance sampling (``rollout_is``): ``token`` weights r_t, or ``sequence`` weights Π_t r_t (one per
-  response), with log r clamped to ±20. ``rollout_is_threshold`` u caps them at u (truncated IS, TIS: verl's
-  Token-TIS / Seq-TIS); ``"l_u"`` zeroes weights outside [l, u] instead (IcePop; with ``sequence`` this is
-  sequence masked IS, Seq-MIS). ``rollout_is_batch_normalize`` rescales them to mean 1 over the batch passed.
+  response), with log r clamped to ±20 (``LOG_RATIO_CLAMP``). ``rollout_is_threshold`` u caps them at u
+  (truncated IS, TIS: verl's Token-TIS / Seq-TIS); ``"l_u"`` zeroes weights outside [l, u] instead (IcePop;
+  with ``sequence`` this is sequence masked IS, Seq-MIS). ``rollout_is_batch_normalize`` rescales them to mean 1 over the batch passed.
 - Rejection (``rollout_rs``, comma-separated, all must pass): a divergence per token (``token_*``) or per
   sequence (``seq_sum_*``, ``seq_mean_*``, ``seq_max_*``) with the K1 = −log r, K2 = ½(log r)², K3 = r − 1 − log r
   estimators, bounded by ``rollout_rs_threshold``. ``seq_mean_k1`` bounds the geometric mean of the sequence's
@@ -29,8 +29,7 @@ import torch
 
 from cegppo.losses.aggregation import accumulation_dtype, masked_mean, sequence_mean
 from cegppo.losses.config import PolicyLossConfig
-
-SAFETY_BOUND = 20.0  # |log r| (or |Σ log r|) is clamped to this before exp, as verl
+from cegppo.losses.ratio import clamp_log_ratio
 
 
 @dataclass
@@ -84,7 +83,7 @@ def _importance_weights(
     else:
         level_log_ratio = (log_ratio * mask).sum(-1, keepdim=True)
         level_mask = (mask.sum(-1, keepdim=True) > 0).to(mask.dtype)
-    raw = torch.exp(level_log_ratio.clamp(-SAFETY_BOUND, SAFETY_BOUND)).expand_as(log_ratio) * mask
+    raw = torch.exp(clamp_log_ratio(level_log_ratio)).expand_as(log_ratio) * mask
     if lower is None:
         weights = raw.clamp(max=upper)
     else:
@@ -114,7 +113,7 @@ def _passes(
     option: str, bounds: tuple[float | None, float], log_ratio: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:
     """Boolean [batch, response_len]: the tokens that ``option`` keeps."""
-    safe = log_ratio.clamp(-SAFETY_BOUND, SAFETY_BOUND)
+    safe = clamp_log_ratio(log_ratio)
     estimator = option[-2:]
     if estimator == "k1":
         divergence = -safe

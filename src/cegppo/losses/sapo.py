@@ -10,7 +10,7 @@ from cegppo.losses.config import PolicyLossConfig
 from cegppo.losses.registry import register_policy_loss
 
 
-@register_policy_loss("sapo")
+@register_policy_loss("sapo", settings=("tau_pos", "tau_neg"))
 def compute_policy_loss_sapo(
     old_log_prob: torch.Tensor,
     log_prob: torch.Tensor,

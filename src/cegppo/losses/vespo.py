@@ -6,9 +6,10 @@ import math
 
 import torch
 
-from cegppo.losses._common import LOG_RATIO_CLAMP, clip_metrics, no_regions, prepare_inputs
+from cegppo.losses._common import clip_metrics, no_regions, prepare_inputs
 from cegppo.losses.aggregation import agg_loss, masked_mean, sequence_mean
 from cegppo.losses.config import PolicyLossConfig
+from cegppo.losses.ratio import LOG_RATIO_CLAMP, clamp_log_ratio
 from cegppo.losses.registry import register_policy_loss
 
 # The sequence ratio w is kept in [1e-8, e^20] (the authors' and TRL's bounds) before φ(w) is formed.
@@ -17,7 +18,9 @@ LOG_MIN_SEQ_RATIO = math.log(1e-8)
 MIN_LAMBDA = 1e-4
 
 
-@register_policy_loss("vespo")
+@register_policy_loss(
+    "vespo", settings=("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg")
+)
 def compute_policy_loss_vespo(
     old_log_prob: torch.Tensor,
     log_prob: torch.Tensor,
@@ -45,7 +48,7 @@ def compute_policy_loss_vespo(
         old_log_prob, log_prob, advantages, response_mask, loss_agg_mode, config, rollout_is_weights
     )
     mask = inputs.mask
-    token_log_ratio = inputs.log_ratio.detach().clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    token_log_ratio = clamp_log_ratio(inputs.log_ratio.detach())
     if inputs.rollout_is_weights is not None:
         token_log_ratio = token_log_ratio + inputs.rollout_is_weights.log().clamp(
             LOG_MIN_SEQ_RATIO, LOG_RATIO_CLAMP

@@ -1,4 +1,5 @@
-"""The policy update: recompute old log-probs, then PPO epochs over mini-batches of micro-batches.
+"""The policy update: π_old, then PPO epochs over mini-batches of micro-batches, each micro-batch's loss a sum of
+terms (:mod:`cegppo.trainer.terms`).
 
 With ``actor.share_prompt`` every forward pass runs each distinct prompt of a micro-batch once and its
 responses against the prompt's KV cache (:func:`cegppo.ops.causal_lm_logprobs_and_entropy`), with the same
@@ -15,73 +16,48 @@ import dataclasses
 import logging
 import math
 from collections import defaultdict
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel, get_constant_schedule_with_warmup
 
 from cegppo.config import ActorConfig, Config
-from cegppo.dynamics import QuadrantTotals, quadrant_totals
+from cegppo.dynamics import QuadrantTotals
 from cegppo.losses import (
     PolicyLossConfig,
-    agg_loss,
-    get_policy_loss_fn,
-    get_token_selector,
+    get_policy_loss,
     high_entropy_threshold,
-    kl_penalty,
-    policy_loss_needs_entropy,
+    loss_setting,
     select_high_entropy,
 )
 from cegppo.losses.rollout_correction import correction_enabled, rollout_correction
 from cegppo.ops import causal_lm_logprobs_and_entropy
+from cegppo.trainer.batch import Experience, PiOld, PiOldSource, UpdateBatch
+from cegppo.trainer.optim import build_optimizer, trained_parameters
 from cegppo.trainer.steering import AdaptiveEntropyCoefficient
+from cegppo.trainer.terms import (
+    LOSS_TERMS,
+    LossTerm,
+    MicroBatch,
+    MiniBatchCounts,
+    PolicyGradientTerm,
+    QuadrantObserver,
+)
+
+__all__ = [
+    "Actor",
+    "ActorSettings",
+    "Experience",
+    "MiniBatchResult",
+    "PiOld",
+    "UpdateBatch",
+    "UpdateResult",
+    "update_once",
+]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Experience:
-    """What the update needs about each sampled response, one row per response.
-
-    ``advantages`` is per response ([N]); ``old_log_prob`` and ``old_entropy`` are filled by
-    :meth:`Actor.compute_old_log_probs`, or by :meth:`Actor.update` from its own forward passes
-    (on-policy and in ``bypass_mode``: :meth:`Actor.old_from_update`).
-    """
-
-    input_ids: torch.Tensor  # [N, P+R], prompt left-padded, response right-padded
-    attention_mask: torch.Tensor  # [N, P+R]
-    response_mask: torch.Tensor  # [N, R], float
-    advantages: torch.Tensor  # [N]
-    correct: torch.Tensor  # [N], bool
-    sampler_log_prob: torch.Tensor | None = None  # [N, R], from the rollout engine
-    old_log_prob: torch.Tensor | None = None  # [N, R]
-    old_entropy: torch.Tensor | None = None  # [N, R], π_old's entropy at each response position
-    ref_log_prob: torch.Tensor | None = None  # [N, R]
-    rollout_is_weights: torch.Tensor | None = None  # [N, R], set by Actor.correct_for_sampler
-    token_selection: torch.Tensor | None = None  # [N, R] bool, Clip-Cov/KL-Cov's tokens of the mini-batch
-
-    @property
-    def response_len(self) -> int:
-        return self.response_mask.shape[1]
-
-    def __len__(self) -> int:
-        return self.input_ids.shape[0]
-
-    def select(self, rows: slice | torch.Tensor) -> Experience:
-        return self._map(lambda tensor: tensor[rows])
-
-    def to(self, device: torch.device) -> Experience:
-        return self._map(lambda tensor: tensor.to(device))
-
-    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> Experience:
-        return Experience(
-            **{
-                f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))
-                for f in fields(self)
-            }
-        )
 
 
 @dataclass(frozen=True)
@@ -93,7 +69,6 @@ class ActorSettings:
     loss: PolicyLossConfig  # the actor's loss settings, validated (Config.policy_loss_config)
     temperature: float  # rollout.temperature: log-probs are the sampler's, at its temperature
     responses_per_prompt: int  # rollout.n: a prompt is shared only by a group of more than one response
-    tis_cap: float | None  # rollout.tis_cap
     fused_logprobs: bool  # model.fused_logprobs
     logprob_chunk_size: int  # model.logprob_chunk_size
     prob_threshold: float  # analysis.prob_threshold: HP vs LP tokens in the quadrant metrics
@@ -105,11 +80,68 @@ class ActorSettings:
             loss=config.policy_loss_config(),
             temperature=config.rollout.temperature,
             responses_per_prompt=config.rollout.n,
-            tis_cap=config.rollout.tis_cap,
             fused_logprobs=config.model.fused_logprobs,
             logprob_chunk_size=config.model.logprob_chunk_size,
             prob_threshold=config.analysis.prob_threshold,
         )
+
+
+@dataclass(frozen=True)
+class TokenSelections:
+    """The tokens a mini-batch trains on specially, chosen over the whole mini-batch so that they do not depend
+    on ``micro_batch_size``: the 80/20 high-entropy tokens (None: every token) and the loss's own (Clip-Cov,
+    KL-Cov; None: it selects none)."""
+
+    high_entropy: torch.Tensor | None  # [N, R] float
+    loss_tokens: torch.Tensor | None  # [N, R] bool
+
+    def select(self, rows: slice) -> TokenSelections:
+        return TokenSelections(
+            None if self.high_entropy is None else self.high_entropy[rows],
+            None if self.loss_tokens is None else self.loss_tokens[rows],
+        )
+
+
+@dataclass(frozen=True)
+class MiniBatchResult:
+    """One mini-batch's gradient: its metrics and quadrants, whether everything was finite (if not, the gradients
+    are incomplete: skip the step), and π_old from its first forward passes when the update takes it there."""
+
+    metrics: dict[str, float]
+    quadrants: QuadrantTotals | None
+    finite: bool
+    measured: PiOld | None = None
+
+
+@dataclass
+class _Tally:
+    """Mini-batch metrics summed for their means, quadrants summed, optimiser updates counted."""
+
+    totals: dict[str, float] = dataclasses.field(default_factory=lambda: defaultdict(float))
+    counts: dict[str, int] = dataclasses.field(default_factory=lambda: defaultdict(int))
+    quadrants: QuadrantTotals | None = None
+    updates: int = 0
+
+    def add(self, result: MiniBatchResult) -> None:
+        if result.quadrants is not None:
+            self.quadrants = result.quadrants if self.quadrants is None else self.quadrants + result.quadrants
+        self.updates += 1
+        for key, value in result.metrics.items():
+            self.totals[key] += value
+            self.counts[key] += 1
+
+    def metrics(self) -> dict[str, float]:
+        means = {key: self.totals[key] / self.counts[key] for key in self.totals}
+        return means | (self.quadrants.metrics() if self.quadrants is not None else {})
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    """An update's metrics, and the policy's log-probs and entropies at its start (``policy.source``: recomputed
+    before it, or from its own first forward passes), which the step's entropy and mismatch metrics read."""
+
+    metrics: dict[str, float]
+    policy: PiOld
 
 
 class Actor:
@@ -122,29 +154,33 @@ class Actor:
         self.settings = settings
         self.device = next(model.parameters()).device
         actor = settings.actor
-        self.optimizer = torch.optim.AdamW(
-            [p for p in model.parameters() if p.requires_grad],
-            lr=actor.lr,
-            betas=tuple(actor.adam_betas),
-            weight_decay=actor.weight_decay,
-        )
+        self.optimizer = build_optimizer(model.parameters(), actor)
         self.scheduler = get_constant_schedule_with_warmup(
             self.optimizer, num_warmup_steps=actor.warmup_steps
         )
-        self.loss_fn = get_policy_loss_fn(actor.policy_loss)
-        self.token_selector = get_token_selector(actor.policy_loss)
-        self.loss_needs_entropy = policy_loss_needs_entropy(actor.policy_loss)
         self.entropy_coefficient = AdaptiveEntropyCoefficient(actor)
-        # The loss settings in force; the trainer replaces β1/β2 here each step (schedules, entropy control).
-        self.loss_config = settings.loss
-        # bypass_mode: the sampler's log-probs are π_old (verl's two-policy mode).
-        self.bypass = actor.policy_loss == "bypass_mode"
         # The KL reference: the given frozen model, else the policy as training starts.
         self.ref_model: PreTrainedModel | None = None
         if actor.use_kl_loss:
             self.ref_model = (ref_model or copy.deepcopy(model)).eval().requires_grad_(False)
         self.skipped_updates = 0
         self.share_prompt = actor.share_prompt and settings.responses_per_prompt > 1
+        self.quadrants = QuadrantObserver(settings.prob_threshold)
+        self.set_loss(actor.policy_loss, settings.loss)
+
+    def set_loss(self, name: str, config: PolicyLossConfig) -> None:
+        """Train with the registered policy loss ``name`` and its settings ``config`` from now on (the trainer
+        replaces β1/β2 in ``loss_config`` each step: schedules, entropy control), and rebuild the loss terms."""
+        self.loss = get_policy_loss(name)
+        self.loss.check(config)
+        self.loss_config = config
+        self.terms: list[LossTerm] = [
+            term for make in LOSS_TERMS.values() if (term := make(self)) is not None
+        ]
+        self.policy_gradient = next(term for term in self.terms if isinstance(term, PolicyGradientTerm))
+        self.policy_gradient.observers.append(self.quadrants)
+        # Measured over the tokens trained on whenever a term reads it: the adaptive coefficient's input.
+        self.measures_entropy = any(term.needs_entropy for term in self.terms)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(
@@ -168,323 +204,314 @@ class Actor:
                 share_prompt=self.share_prompt,
             )
 
-    def old_from_update(self, num_rows: int, group_size: int) -> bool:
-        """Whether the update of ``num_rows`` rows takes π_old's log-probs and entropies from its own forward
-        passes, so that :meth:`compute_old_log_probs` has only the reference's to compute.
+    # -- π_old ----------------------------------------------------------------------------------------
 
-        - On-policy, one optimiser step (one epoch, one mini-batch): π_old is the policy itself under a
-          stop-gradient (as in verl's actor), so the separate pass would compute nothing new.
-        - ``bypass_mode``, any number of steps: its π_old is the sampler's (verl runs no recomputation pass in
-          this mode either). ``old_log_prob``/``old_entropy`` then feed only metrics (the quadrants take the
-          sampler's, as the loss does): each mini-batch's come from its first forward pass, at the weights the
-          update reaches it with, which are π_old's for the first mini-batch and a step or more on after it.
+    def pi_old_source(self, num_rows: int, group_size: int) -> PiOldSource:
+        """Where the update of ``num_rows`` rows takes π_old from.
 
-        Not with rollout correction outside ``bypass_mode``, Clip-Cov/KL-Cov's token selection, the
-        high-entropy token selection or a loss that reads π_old's entropy: they need π_old of the whole
-        (mini-)batch before its forward pass.
+        - ``sampler``: the loss takes the sampler's log-probs (``bypass_mode``; verl runs no recomputation pass
+          in this mode either). The step's metrics then read each mini-batch's first forward pass, at the weights
+          the update reaches it with (π_old's for the first mini-batch, a step or more on after it).
+        - ``update``: on-policy, one optimiser step (one epoch, one mini-batch): π_old is the policy itself under a
+          stop-gradient (as in verl's actor), so a separate pass would compute nothing new.
+        - ``recomputed`` otherwise, and whenever π_old of the whole (mini-)batch is needed before its forward
+          pass: rollout correction, Clip-Cov/KL-Cov's or the 80/20 token selection, a loss that reads π_old's
+          entropy.
         """
+        if self.loss.pi_old_from_sampler:
+            return "sampler"
         actor = self.settings.actor
         needs_old_first = (
-            self.token_selector is not None
-            or (not self.bypass and correction_enabled(self.loss_config))
+            self.loss.token_selector is not None
+            or correction_enabled(self.loss_config)
             or actor.top_entropy_quantile < 1
-            or self.loss_needs_entropy
+            or self.loss.needs_entropy
         )
         one_step = actor.ppo_epochs == 1 and num_rows <= self.mini_batch_rows(group_size)
-        return not needs_old_first and (self.bypass or one_step)
+        return "update" if one_step and not needs_old_first else "recomputed"
 
     def mini_batch_rows(self, group_size: int) -> int:
         """Responses per optimiser update: ``ppo_mini_batch_responses``, else ``ppo_mini_batch_size`` groups."""
         actor = self.settings.actor
         return actor.ppo_mini_batch_responses or actor.ppo_mini_batch_size * group_size
 
+    def old_policy(self, batch: Experience, group_size: int, *, recompute: bool = False) -> UpdateBatch:
+        """The update's inputs: π_old from its source (:meth:`pi_old_source`; None when the update takes it from
+        its own forward passes) and the reference's log-probs. ``recompute``: the separate pass even where the
+        update could take π_old from its own forward (for a caller that moves the weights before the update);
+        a loss whose π_old is the sampler's keeps the sampler's."""
+        source = self.pi_old_source(len(batch), group_size)
+        if recompute and source == "update":
+            source = "recomputed"
+        pi_old = None
+        if source == "recomputed":
+            pi_old = self.recompute_pi_old(batch)
+        elif source == "sampler":
+            pi_old = PiOld(batch.sampler_log_prob, None, "sampler")
+        return UpdateBatch(batch, pi_old, self.reference_log_probs(batch))
+
     @torch.no_grad()
-    def compute_old_log_probs(
-        self, batch: Experience, *, reference_only: bool = False
-    ) -> torch.Tensor | None:
-        """Fill ``batch.old_log_prob``, ``old_entropy`` (and ``ref_log_prob``) with the current weights; return
-        the entropy.
+    def recompute_pi_old(self, batch: Experience) -> PiOld:
+        """π_old's log-probs and entropies with the current weights, one pass without gradients.
 
         The sampler's own log-probs differ numerically from a training forward pass (other kernels,
         KV cache, autocast), so the ratio is taken against this recomputation: on-policy it is exactly 1.
-        ``reference_only``: only the reference log-probs; :meth:`update` takes π_old from its own forward
-        passes (:meth:`old_from_update`).
         """
-        if reference_only and self.ref_model is None:
-            return
         self.model.eval()
-        log_probs, entropies, ref_log_probs = [], [], []
+        log_probs, entropies = [], []
         for micro in self._micro_batches(batch):
-            if not reference_only:
-                log_prob, entropy = self.token_log_probs(self.model, micro, with_entropy=True)
-                log_probs.append(log_prob.float())
-                entropies.append(entropy.float())
-            if self.ref_model is not None:
-                ref_log_probs.append(
-                    self.token_log_probs(self.ref_model, micro, with_entropy=False)[0].float()
-                )
+            log_prob, entropy = self.token_log_probs(self.model, micro, with_entropy=True)
+            log_probs.append(log_prob.float())
+            entropies.append(entropy.float())
         self.model.train()
-        if not reference_only:
-            batch.old_log_prob, batch.old_entropy = torch.cat(log_probs), torch.cat(entropies)
-        if self.ref_model is not None:
-            batch.ref_log_prob = torch.cat(ref_log_probs)
-        return batch.old_entropy
+        return PiOld(torch.cat(log_probs), torch.cat(entropies), "recomputed")
 
-    def rollout_is_weights(self, batch: Experience) -> torch.Tensor | None:
-        """Truncated importance weights min(π_old/π_sampler, cap) per token, or None when not configured."""
-        if batch.rollout_is_weights is not None:
-            return batch.rollout_is_weights
-        cap = self.settings.tis_cap
-        if cap is None or batch.sampler_log_prob is None or batch.old_log_prob is None:
+    @torch.no_grad()
+    def reference_log_probs(self, batch: Experience) -> torch.Tensor | None:
+        """The KL reference's log-probs of the batch (None without ``actor.use_kl_loss``)."""
+        if self.ref_model is None:
             return None
-        log_ratio = (batch.old_log_prob - batch.sampler_log_prob).clamp(max=math.log(cap))
-        return log_ratio.exp() * batch.response_mask
+        return torch.cat(
+            [
+                self.token_log_probs(self.ref_model, micro, with_entropy=False)[0].float()
+                for micro in self._micro_batches(batch)
+            ]
+        )
 
-    def correct_for_sampler(self, batch: Experience) -> tuple[Experience, dict[str, float]]:
+    def correct_for_sampler(self, batch: UpdateBatch) -> tuple[UpdateBatch, dict[str, float]]:
         """verl's decoupled rollout correction (``actor.rollout_is``/``rollout_rs``) over the whole batch: IS
         weights π_old/π_sampler and the rejection mask, for any loss (``bypass_mode`` corrects inside its loss)."""
-        if self.bypass or not correction_enabled(self.loss_config) or batch.sampler_log_prob is None:
+        experience = batch.experience
+        if (
+            self.loss.pi_old_from_sampler
+            or not correction_enabled(self.loss_config)
+            or experience.sampler_log_prob is None
+        ):
             return batch, {}
         correction = rollout_correction(
-            batch.old_log_prob, batch.sampler_log_prob, batch.response_mask, self.loss_config
+            batch.pi_old.log_prob, experience.sampler_log_prob, experience.response_mask, self.loss_config
         )
+        corrected = dataclasses.replace(experience, response_mask=correction.mask)
         return dataclasses.replace(
-            batch, response_mask=correction.mask, rollout_is_weights=correction.weights
+            batch, experience=corrected, is_weights=correction.weights
         ), correction.metrics
 
-    def update(self, batch: Experience, group_size: int) -> dict[str, float]:
+    # -- the update -----------------------------------------------------------------------------------
+
+    def update(
+        self,
+        batch: UpdateBatch,
+        group_size: int,
+        *,
+        after_epoch: Callable[[int, dict[str, float]], None] | None = None,
+    ) -> UpdateResult:
         """``ppo_epochs`` passes over mini-batches of :meth:`mini_batch_rows` responses; one optimiser step each.
 
-        Without ``batch.old_log_prob`` the update must take π_old from its own forward passes
-        (:meth:`old_from_update`); it then fills ``old_log_prob`` and ``old_entropy`` from each mini-batch's
-        first forward pass.
+        Without ``batch.pi_old`` the update takes π_old from its own forward passes (:meth:`pi_old_source`).
+        ``after_epoch(epoch, metrics)``, if given, is called after each pass (1, 2, ...) with that pass's own
+        metrics (the paired probe measures there).
         """
-        if batch.old_log_prob is None and not self.old_from_update(len(batch), group_size):
+        if batch.pi_old is None and self.pi_old_source(len(batch), group_size) != "update":
             raise ValueError(
-                "compute_old_log_probs must run before this update: it reads π_old before its forward passes "
-                "or takes more than one optimiser step (actor.ppo_epochs > 1 or more than one mini-batch)"
+                "π_old must be computed before this update (Actor.old_policy): it reads π_old before its forward "
+                "passes or takes more than one optimiser step (actor.ppo_epochs > 1 or more than one mini-batch)"
             )
         batch, correction_metrics = self.correct_for_sampler(batch)
-        actor = self.settings.actor
         self.model.train()
-        totals: dict[str, float] = defaultdict(float)
-        weights: dict[str, float] = defaultdict(float)
-        quadrants: QuadrantTotals | None = None
+        tally = _Tally()
+        measured: list[PiOld] = []
         mini_rows = self.mini_batch_rows(group_size)
-        updates = 0
-        for _ in range(actor.ppo_epochs):
-            minis = []
+        record = batch.pi_old is None or batch.pi_old.source == "sampler"  # the step's metrics read π_old
+        for epoch in range(self.settings.actor.ppo_epochs):
+            epoch_tally = _Tally()
             for start in range(0, len(batch), mini_rows):
                 mini = batch.select(slice(start, start + mini_rows))
-                metrics, mini_quadrants = self._update_mini_batch(mini)
-                if mini.old_log_prob is None:  # a non-finite value stopped the step: the weights it met
-                    self.compute_old_log_probs(mini)
-                minis.append(mini)
-                if mini_quadrants is not None:
-                    quadrants = mini_quadrants if quadrants is None else quadrants + mini_quadrants
-                updates += 1
-                for key, value in metrics.items():
-                    totals[key] += value
-                    weights[key] += 1
-            if batch.old_log_prob is None:  # from the first epoch's forward passes (old_from_update)
-                batch.old_log_prob = torch.cat([mini.old_log_prob for mini in minis])
-                batch.old_entropy = torch.cat([mini.old_entropy for mini in minis])
-        result = {key: totals[key] / weights[key] for key in totals} | correction_metrics
-        if quadrants is not None:
-            result.update(quadrants.metrics())
+                result = self._update_mini_batch(mini, record=record and epoch == 0)
+                if (
+                    record and epoch == 0
+                ):  # a step stopped by a non-finite value: a pass at the weights it met
+                    measured.append(result.measured or self.recompute_pi_old(mini.experience))
+                tally.add(result)
+                epoch_tally.add(result)
+            if after_epoch is not None:
+                after_epoch(epoch + 1, epoch_tally.metrics())
+        metrics = tally.metrics() | correction_metrics
         if self.settings.actor.use_adaptive_entropy:
-            result["actor/adaptive_entropy_coeff"] = self.entropy_coefficient.coeff  # for the next step
-        result["actor/lr"] = self.scheduler.get_last_lr()[0]
-        result["actor/num_updates"] = float(updates)
-        result["actor/skipped_updates"] = float(self.skipped_updates)
-        return result
+            metrics["actor/adaptive_entropy_coeff"] = self.entropy_coefficient.coeff  # for the next step
+        metrics["actor/lr"] = self.scheduler.get_last_lr()[0]  # the lr of this step's updates
+        self.scheduler.step()  # once per RL step, as verl: warm-up counts RL steps
+        metrics["actor/num_updates"] = float(tally.updates)
+        metrics["actor/skipped_updates"] = float(self.skipped_updates)
+        return UpdateResult(metrics, PiOld.concat(measured) if measured else batch.pi_old)
 
-    def _update_mini_batch(self, mini: Experience) -> tuple[dict[str, float], QuadrantTotals | None]:
+    def _update_mini_batch(self, mini: UpdateBatch, *, record: bool | None = None) -> MiniBatchResult:
         """Accumulate the mini-batch gradient, clip it, and take one optimiser step (skipped if non-finite)."""
         self.optimizer.zero_grad(set_to_none=True)
-        metrics, quadrants, finite = self.accumulate_gradients(mini)
+        result = self.accumulate_gradients(mini, record=record)
         grad_norm = float("nan")
-        if finite:
+        if result.finite:
+            # The optimiser's tensors: with float32 masters the model's own gradients are already released.
             grad_norm = torch.nn.utils.clip_grad_norm_(
-                self.model.parameters(), self.settings.actor.grad_clip
+                trained_parameters(self.optimizer), self.settings.actor.grad_clip
             ).item()
         else:  # sums over the micro-batches before the non-finite one would skew the step's means
-            metrics, quadrants = {}, None
+            result = MiniBatchResult({}, None, False)
         if math.isfinite(grad_norm):
             self.optimizer.step()
-            self.scheduler.step()
         else:
             self.skipped_updates += 1
             log.warning("skipping an update: non-finite loss or gradient norm (%s)", grad_norm)
-        if finite and "actor/entropy" in metrics:  # the adaptive coefficient follows every measured update
-            self.entropy_coefficient.observe_entropy(metrics["actor/entropy"])
+        # the adaptive entropy coefficient follows every measured update
+        if result.finite and "actor/entropy" in result.metrics:
+            self.entropy_coefficient.observe_entropy(result.metrics["actor/entropy"])
         self.optimizer.zero_grad(set_to_none=True)
-        metrics["actor/grad_norm"] = grad_norm
-        return metrics, quadrants
+        return dataclasses.replace(result, metrics={**result.metrics, "actor/grad_norm": grad_norm})
 
-    def accumulate_gradients(self, mini: Experience) -> tuple[dict[str, float], QuadrantTotals | None, bool]:
-        """Backward the mini-batch loss one micro-batch at a time.
-
-        Every micro-batch loss is normalised by the *mini-batch's* token and sequence counts, so the
-        accumulated gradient is the mini-batch gradient whatever ``micro_batch_size`` is. Returns the
-        metrics, the token-quadrant totals, and whether everything was finite (if not, the gradients are
-        incomplete: skip the step). Without ``mini.old_log_prob`` (:meth:`old_from_update`), π_old is each
-        micro-batch's log-prob under a stop-gradient, and ``mini.old_log_prob``/``old_entropy`` are filled once
-        complete.
-        """
-        actor = self.settings.actor
-        num_tokens = int(mini.response_mask.sum().item())
-        num_seqs = int((mini.response_mask.sum(-1) > 0).sum().item())
-        loss_config = self.loss_config.with_batch_info(
-            batch_num_tokens=num_tokens, global_batch_size=num_seqs
-        )
-        agg = loss_config.global_batch_info
-        num_positive_tokens = int((mini.response_mask * mini.correct.unsqueeze(1)).sum().item())
-        bonus = self.entropy_coefficient
-        entropy_coeff = bonus.applied()
-        want_entropy = bonus.enabled or self.loss_needs_entropy
-        select = actor.top_entropy_quantile < 1
-        if (select or self.loss_needs_entropy) and mini.old_entropy is None:
-            raise ValueError("compute_old_log_probs must run before update: old_entropy is missing")
-        threshold, trained_agg, selection_metrics = self._high_entropy_selection(mini, loss_config)
-        entropy_sum = 0.0
-        fill_old = mini.old_log_prob is None
-        if self.token_selector is not None:
-            mini = self._select_tokens(mini, loss_config)
-            if mini.token_selection is None:
-                return {}, None, False
-
-        metrics: dict[str, float] = defaultdict(float)
-        quadrants: QuadrantTotals | None = None
-        micros = []
-        for micro in self._micro_batches(mini):
-            share = micro.response_mask.sum().item() / max(num_tokens, 1)
-            log_prob, entropy = self.token_log_probs(self.model, micro, with_entropy=want_entropy or fill_old)
-            if not torch.isfinite(log_prob).all():
-                return dict(metrics), quadrants, False
-            if fill_old:
-                micro.old_log_prob, micro.old_entropy = log_prob.detach().float(), entropy.detach().float()
-                micros.append(micro)
-            # The π_old the loss's ratio is taken against, and so the quadrants' clip boundaries.
-            pi_old = micro.sampler_log_prob if self.bypass else micro.old_log_prob
-            trained_mask, weights = micro.response_mask, self.rollout_is_weights(micro)
-            if select:
-                trained_mask = select_high_entropy(micro.old_entropy, micro.response_mask, threshold).float()
-                # TRL multiplies the per-token loss by the selection and normalises as without it: a token weight.
-                # The entropy bonus below acts on the same tokens, as in TRL.
-                weights = trained_mask if weights is None else weights * trained_mask
-            entropy_inputs = (
-                {"entropy": entropy, "old_entropy": micro.old_entropy} if self.loss_needs_entropy else {}
-            )
-            pg_loss, pg_metrics = self.loss_fn(
-                old_log_prob=pi_old,
-                log_prob=log_prob,
-                advantages=micro.advantages.unsqueeze(1).expand_as(log_prob),
-                response_mask=micro.response_mask,
-                loss_agg_mode=actor.loss_agg_mode,
-                config=dataclasses.replace(loss_config, token_selection=micro.token_selection),
-                rollout_is_weights=weights,
-                **entropy_inputs,
-            )
-            # ∂pg_loss/∂log π per token is the loss's own gradient weight (−F·A/N): it places each token's
-            # share of the update in the entropy quadrants, through the loss ops only, not the model.
-            (loss_grad,) = torch.autograd.grad(pg_loss, log_prob, retain_graph=True)
-            micro_quadrants = quadrant_totals(
-                pi_old,
-                log_prob,
-                loss_grad,
-                micro.advantages.unsqueeze(1).expand_as(log_prob),
-                micro.response_mask,
-                prob_threshold=self.settings.prob_threshold,
-                clip_ratio_low=loss_config.clip_ratio_low,
-                clip_ratio_high=loss_config.clip_ratio_high,
-            )
-            quadrants = micro_quadrants if quadrants is None else quadrants + micro_quadrants
-            loss = pg_loss
-            metrics["actor/pg_loss"] += pg_loss.item()
-            if want_entropy:
-                entropy_sum += (entropy.detach().float() * trained_mask).sum().item()
-            if bonus.enabled:
-                entropy_term = agg_loss(entropy, trained_mask, actor.loss_agg_mode, **trained_agg)
-                loss = loss - entropy_coeff * entropy_term
-                metrics["actor/entropy_loss"] += entropy_term.item()
-            if micro.ref_log_prob is not None:
-                kl = kl_penalty(log_prob.float(), micro.ref_log_prob, actor.kl_loss_type)
-                kl_term = agg_loss(kl, micro.response_mask, actor.loss_agg_mode, **agg)
-                loss = loss + actor.kl_loss_coef * kl_term
-                metrics["actor/kl_loss"] += kl_term.item()
-            if actor.positive_loss_coeff > 0:
-                positive_mask = micro.response_mask * micro.correct.unsqueeze(1)
-                nll = agg_loss(
-                    -log_prob.float(), positive_mask, "token-mean", batch_num_tokens=num_positive_tokens
+    def accumulate_gradients(self, mini: UpdateBatch, *, record: bool | None = None) -> MiniBatchResult:
+        """Backward the mini-batch loss, the sum of the terms (:mod:`cegppo.trainer.terms`), one micro-batch at a
+        time. Every term is normalised by the *mini-batch's* counts, so the accumulated gradient is the
+        mini-batch gradient whatever ``micro_batch_size`` is. ``record``: return π_old from the forward passes
+        (default: when ``mini.pi_old`` does not give the policy's own, i.e. is None or the sampler's)."""
+        if record is None:
+            record = mini.pi_old is None or mini.pi_old.source == "sampler"
+        selections, metrics = self._select_tokens(mini)
+        if selections is None:
+            return MiniBatchResult({}, None, False)
+        counts = self._counts(mini, selections)
+        totals: dict[str, float] = defaultdict(float)
+        entropy_sum, measured = 0.0, []
+        self.quadrants.totals = None
+        for rows in self._micro_slices(len(mini)):
+            micro = self._forward(mini.select(rows), counts, selections.select(rows), record)
+            if micro is None:
+                return MiniBatchResult({}, None, False)
+            if record:
+                measured.append(
+                    PiOld(micro.log_prob.detach().float(), micro.entropy.detach().float(), "update")
                 )
-                loss = loss + actor.positive_loss_coeff * nll
-                metrics["actor/positive_nll"] += nll.item()
+            contributions = [term(micro) for term in self.terms]
+            loss = contributions[0][0]
+            for term_loss, _ in contributions[1:]:
+                loss = loss + term_loss
             if not torch.isfinite(loss):
-                return dict(metrics), quadrants, False
+                return MiniBatchResult({}, None, False)
             loss.backward()
-            for key, value in pg_metrics.items():
-                metrics[key] += value * share
-        if (
-            want_entropy
-        ):  # the current policy's mean entropy over the tokens trained on (the controller's input)
-            metrics["actor/entropy"] = entropy_sum / max(trained_agg["batch_num_tokens"], 1)
-        if bonus.enabled:
-            metrics["actor/entropy_coeff"] = entropy_coeff
-        metrics.update(selection_metrics)
-        if fill_old:
-            mini.old_log_prob = torch.cat([micro.old_log_prob for micro in micros])
-            mini.old_entropy = torch.cat([micro.old_entropy for micro in micros])
-        return dict(metrics), quadrants, True
+            for _, term_metrics in contributions:
+                for key, value in term_metrics.items():
+                    totals[key] += value
+            if self.measures_entropy:
+                entropy_sum += (micro.entropy.detach().float() * micro.trained_mask).sum().item()
+        if self.measures_entropy:  # the current policy's mean entropy over the tokens trained on
+            metrics["actor/entropy"] = entropy_sum / max(counts.trained_agg["batch_num_tokens"], 1)
+        if self.entropy_coefficient.enabled:
+            metrics["actor/entropy_coeff"] = self.entropy_coefficient.applied()
+        measured_pi_old = PiOld.concat(measured) if record else None
+        return MiniBatchResult(dict(totals) | metrics, self.quadrants.totals, True, measured_pi_old)
+
+    def _forward(
+        self, rows: UpdateBatch, counts: MiniBatchCounts, selections: TokenSelections, record: bool
+    ) -> MicroBatch | None:
+        """The micro-batch's forward pass with gradients, as the terms read it; None if a log-prob is not finite."""
+        with_entropy = record or self.measures_entropy
+        log_prob, entropy = self.token_log_probs(self.model, rows.experience, with_entropy=with_entropy)
+        if not torch.isfinite(log_prob).all():
+            return None
+        if rows.pi_old is None:  # on-policy: π_old is this forward pass under a stop-gradient
+            pi_old = PiOld(log_prob.detach().float(), entropy.detach().float(), "update")
+        else:
+            pi_old = rows.pi_old
+        high_entropy = selections.high_entropy
+        return MicroBatch(
+            rows=rows,
+            log_prob=log_prob,
+            entropy=entropy,
+            pi_old=pi_old.log_prob,
+            pi_old_entropy=pi_old.entropy,
+            trained_mask=rows.experience.response_mask if high_entropy is None else high_entropy,
+            high_entropy=high_entropy,
+            token_selection=selections.loss_tokens,
+            counts=counts,
+        )
+
+    def _counts(self, mini: UpdateBatch, selections: TokenSelections) -> MiniBatchCounts:
+        mask = mini.experience.response_mask
+        loss_config = self._with_counts(mask)
+        trained_agg = loss_config.global_batch_info
+        if selections.high_entropy is not None:
+            trained_agg = self._with_counts(selections.high_entropy).global_batch_info
+        positive = int((mask * mini.experience.correct.unsqueeze(1)).sum().item())
+        return MiniBatchCounts(loss_config, int(mask.sum().item()), trained_agg, positive)
+
+    def _with_counts(self, mask: torch.Tensor) -> PolicyLossConfig:
+        """The loss settings in force, normalising by the tokens and sequences of ``mask``."""
+        return self.loss_config.with_batch_info(
+            batch_num_tokens=int(mask.sum().item()), global_batch_size=int((mask.sum(-1) > 0).sum().item())
+        )
+
+    def _select_tokens(self, mini: UpdateBatch) -> tuple[TokenSelections | None, dict[str, float]]:
+        """The 80/20 rule's high-entropy tokens (π_old's entropy over the whole mini-batch sets the threshold) and
+        the loss's own tokens, with the selection's metrics; None if the loss's selection met a non-finite value."""
+        quantile = self.settings.actor.top_entropy_quantile
+        if (quantile < 1 or self.loss.needs_entropy) and (mini.pi_old is None or mini.pi_old.entropy is None):
+            raise ValueError("π_old must be recomputed before this update: old_entropy is missing")
+        metrics, high_entropy, loss_tokens = {}, None, None
+        mask = mini.experience.response_mask
+        if quantile < 1:
+            threshold = high_entropy_threshold(mini.pi_old.entropy, mask, quantile)
+            trained = select_high_entropy(mini.pi_old.entropy, mask, threshold)
+            metrics["actor/top_entropy_kept_frac"] = trained.sum().item() / max(mask.sum().item(), 1)
+            if threshold is not None:
+                metrics["actor/top_entropy_threshold"] = threshold.item()
+            high_entropy = trained.float()
+        if self.loss.token_selector is not None:
+            loss_tokens = self._loss_tokens(mini)
+            if loss_tokens is None:
+                return None, {}
+        return TokenSelections(high_entropy, loss_tokens), metrics
 
     @torch.no_grad()
-    def _select_tokens(self, mini: Experience, loss_config: PolicyLossConfig) -> Experience:
+    def _loss_tokens(self, mini: UpdateBatch) -> torch.Tensor | None:
         """The loss's special tokens (Clip-Cov, KL-Cov) chosen over the whole mini-batch, not per micro-batch:
         a micro-batch of one sequence has a constant advantage, so its covariance is 0 everywhere. Costs one
-        forward pass without gradients; ``token_selection`` stays None if a log-prob is not finite."""
-        assert self.token_selector is not None
+        forward pass without gradients; None if a log-prob is not finite."""
+        experience = mini.experience
         log_prob = torch.cat(
             [
                 self.token_log_probs(self.model, micro, with_entropy=False)[0].float()
-                for micro in self._micro_batches(mini)
+                for micro in self._micro_batches(experience)
             ]
         )
         if not torch.isfinite(log_prob).all():
-            return mini
-        selection = self.token_selector(
-            old_log_prob=mini.old_log_prob,
+            return None
+        return self.loss.token_selector(
+            old_log_prob=mini.pi_old.log_prob,
             log_prob=log_prob,
-            advantages=mini.advantages.unsqueeze(1).expand_as(log_prob),
-            response_mask=mini.response_mask,
-            config=loss_config,
+            advantages=experience.advantages.unsqueeze(1).expand_as(log_prob),
+            response_mask=experience.response_mask,
+            config=self._with_counts(experience.response_mask),
         )
-        return dataclasses.replace(mini, token_selection=selection)
 
-    def _high_entropy_selection(
-        self, mini: Experience, loss_config: PolicyLossConfig
-    ) -> tuple[torch.Tensor | None, dict[str, Any], dict[str, float]]:
-        """The 80/20 rule's entropy threshold, the aggregation counts of the tokens trained on, and its metrics.
-
-        π_old's entropy over the whole mini-batch sets the threshold, so which tokens are trained does not depend
-        on ``micro_batch_size``. Without the selection every token is trained on.
-        """
-        quantile = self.settings.actor.top_entropy_quantile
-        if quantile >= 1:
-            return None, loss_config.global_batch_info, {}
-        threshold = high_entropy_threshold(mini.old_entropy, mini.response_mask, quantile)
-        trained = select_high_entropy(mini.old_entropy, mini.response_mask, threshold)
-        counts = loss_config.with_batch_info(
-            batch_num_tokens=int(trained.sum().item()),
-            global_batch_size=int((trained.sum(-1) > 0).sum().item()),
-        ).global_batch_info
-        metrics = {
-            "actor/top_entropy_kept_frac": trained.sum().item() / max(mini.response_mask.sum().item(), 1)
-        }
-        if threshold is not None:
-            metrics["actor/top_entropy_threshold"] = threshold.item()
-        return threshold, counts, metrics
+    def _micro_slices(self, num_rows: int) -> Iterator[slice]:
+        size = self.settings.actor.micro_batch_size
+        for start in range(0, num_rows, size):
+            yield slice(start, start + size)
 
     def _micro_batches(self, batch: Experience) -> Iterator[Experience]:
-        size = self.settings.actor.micro_batch_size
-        for start in range(0, len(batch), size):
-            yield batch.select(slice(start, start + size))
+        for rows in self._micro_slices(len(batch)):
+            yield batch.select(rows)
+
+
+def update_once(
+    actor: Actor,
+    experience: Experience,
+    group_size: int,
+    loss: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> UpdateResult:
+    """One update of ``experience`` (π_old, then the epochs over its mini-batches) with the registered loss
+    ``loss`` (default: the actor's) and ``overrides`` of its settings on top of the actor's
+    (:func:`cegppo.losses.loss_setting`); the actor keeps that loss afterwards. A caller comparing losses on the
+    same batch gives each its own copy of the model, optimiser and RNG state."""
+    name = loss or actor.loss.name
+    actor.set_loss(name, loss_setting(name, overrides, base=actor.loss_config))
+    return actor.update(actor.old_policy(experience, group_size), group_size)

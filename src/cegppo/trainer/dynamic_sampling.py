@@ -3,7 +3,9 @@
 A group whose n responses all score the same has zero advantage everywhere: it costs a forward and backward
 pass and teaches nothing. DAPO (Yu et al. 2025, arXiv 2503.14476, §3.2) drops such groups and keeps sampling
 new prompts until ``train_batch_size`` groups have signal; verl caps the generation rounds with
-``max_num_gen_batches``. When the cap is reached first, the step trains on the groups it has.
+``max_num_gen_batches``. Each round samples ``data.gen_batch_size`` prompts (the CE-GPPO release: 256 for a
+training batch of 128, one round). When the cap is reached first, the step trains on the groups it has, cut to a
+whole number of mini-batches (as verl; the trainer does the cut).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch.nn.functional as F
 from cegppo.data import PromptExample
 from cegppo.rewards import RewardResult
 from cegppo.rollout import RolloutBatch
-from cegppo.trainer.actor import Experience
+from cegppo.trainer.batch import Experience
 
 
 @dataclass

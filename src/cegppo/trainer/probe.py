@@ -47,7 +47,8 @@ from cegppo.data import PromptExample
 from cegppo.losses import kl_penalty, masked_mean
 from cegppo.rollout import RolloutEngine, SamplingParams
 from cegppo.runfiles import QUADRANTS
-from cegppo.trainer.actor import Actor, ActorSettings, Experience
+from cegppo.trainer.actor import Actor, ActorSettings
+from cegppo.trainer.batch import Experience, PiOld, UpdateBatch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,24 +91,27 @@ class Probe:
         return every > 0 and step % every == 0
 
     def run(
-        self, step: int, seed: int, batch: Experience, actor: Actor, group_size: int
+        self, step: int, seed: int, batch: UpdateBatch, actor: Actor, group_size: int
     ) -> list[dict[str, Any]]:
         """Every variant's update of ``batch`` from ``actor``'s state, measured; that state is restored after.
 
-        ``batch`` is left as it was (each variant gets its own copy), ``actor`` is only read, and the weights,
-        the train/eval mode and every RNG are as before the call.
+        ``actor`` is only read (each variant has an actor of its own), and the weights, the train/eval mode and
+        every RNG are as before the call.
         """
         model = actor.model
         with _rng_preserved(actor.device), _weights_restored(model):
             probe_set = self._probe_set(step, seed, actor.device)
-            before = _policy(actor, probe_set)
-            train = _copy(batch)
-            if train.old_log_prob is None:
-                actor.compute_old_log_probs(train)
+            before = actor.recompute_pi_old(probe_set)
+            # π_old of the batch at these weights, once for every variant that recomputes it (the run's own
+            # update may have been about to take it from its first forward pass).
+            pi_old = (
+                batch.pi_old if batch.pi_old is not None and batch.pi_old.source == "recomputed" else None
+            )
+            pi_old = pi_old or actor.recompute_pi_old(batch.experience)
             rows = []
             for variant in self.variants:
                 with _weights_restored(model):
-                    rows += self._probe_variant(variant, actor, train, group_size, probe_set, before)
+                    rows += self._probe_variant(variant, actor, batch, pi_old, group_size, probe_set, before)
         for row in rows:
             row.update(step=step, seed=seed)
         return rows
@@ -116,31 +120,38 @@ class Probe:
         self,
         variant: ProbeVariant,
         run_actor: Actor,
-        batch: Experience,
+        batch: UpdateBatch,
+        pi_old: PiOld,
         group_size: int,
         probe_set: Experience,
-        before: tuple[torch.Tensor, torch.Tensor],
+        before: PiOld,
     ) -> list[dict[str, Any]]:
-        settings = variant.settings or run_actor.settings
-        epochs = self.config.analysis.probe_epochs or settings.actor.ppo_epochs
-        actor = _actor_like(run_actor, settings)
+        actor = _actor_like(
+            run_actor, variant.settings or run_actor.settings, self.config.analysis.probe_epochs
+        )
         if variant.settings is None:  # β as the run's schedule or controller set them for this step
-            actor.loss_config = run_actor.loss_config
-        batch = _copy(batch)
-        rows = []
-        for epoch in range(1, epochs + 1):
-            metrics = actor.update(batch, group_size)
-            after = _policy(actor, probe_set)
+            actor.set_loss(run_actor.loss.name, run_actor.loss_config)
+        experience = batch.experience
+        if actor.pi_old_source(len(experience), group_size) == "sampler":
+            batch = dataclasses.replace(batch, pi_old=PiOld(experience.sampler_log_prob, None, "sampler"))
+        else:
+            batch = dataclasses.replace(batch, pi_old=pi_old)
+        rows: list[dict[str, Any]] = []
+
+        def measure(epoch: int, metrics: dict[str, float]) -> None:
+            after = actor.recompute_pi_old(probe_set)
             rows.append(
                 {
                     "variant": variant.name,
                     "epoch": epoch,
                     **_probe_set_change(before, after, probe_set.response_mask),
-                    **_batch_change(actor, batch),
+                    **_batch_change(actor.recompute_pi_old(experience), pi_old, experience),
                     **{f"clipped/{q}": metrics.get(f"quadrant/{q}/clipped", 0.0) for q in QUADRANTS},
                     **{k: v for k, v in metrics.items() if k.startswith(("actor/", "quadrant/"))},
                 }
             )
+
+        actor.update(batch, group_size, after_epoch=measure)
         return rows
 
     def _probe_set(self, step: int, seed: int, device: torch.device) -> Experience:
@@ -168,11 +179,12 @@ class Probe:
         ).to(device)
 
 
-def _actor_like(run_actor: Actor, settings: ActorSettings) -> Actor:
-    """An actor with ``settings`` that makes one pass per :meth:`Actor.update`, starting from a deep copy of the
-    run actor's optimiser, scheduler and entropy-coefficient state (so the run's own state is never touched)."""
-    one_pass = dataclasses.replace(settings, actor=dataclasses.replace(settings.actor, ppo_epochs=1))
-    actor = Actor(run_actor.model, one_pass, ref_model=run_actor.ref_model)
+def _actor_like(run_actor: Actor, settings: ActorSettings, epochs: int | None) -> Actor:
+    """An actor with ``settings`` (and ``epochs`` passes, if given) that starts from a deep copy of the run
+    actor's optimiser, scheduler and entropy-coefficient state, so the run's own state is never touched."""
+    if epochs is not None:
+        settings = dataclasses.replace(settings, actor=dataclasses.replace(settings.actor, ppo_epochs=epochs))
+    actor = Actor(run_actor.model, settings, ref_model=run_actor.ref_model)
     # load_state_dict keeps tensors of the right dtype and device as they are: without the deep copy the
     # variant's AdamW would update the run's moments in place.
     actor.optimizer.load_state_dict(copy.deepcopy(run_actor.optimizer.state_dict()))
@@ -181,49 +193,27 @@ def _actor_like(run_actor: Actor, settings: ActorSettings) -> Actor:
     return actor
 
 
-def _copy(batch: Experience) -> Experience:
-    """A copy whose tensors are the batch's own copies (index selection copies)."""
-    return batch.select(torch.arange(len(batch), device=batch.input_ids.device))
-
-
-@torch.no_grad()
-def _policy(actor: Actor, batch: Experience) -> tuple[torch.Tensor, torch.Tensor]:
-    """The current policy's log-probs and entropies of ``batch``'s response tokens (teacher-forced), [N, R]."""
-    measured = dataclasses.replace(_copy(batch), old_log_prob=None, old_entropy=None, ref_log_prob=None)
-    ref_model, actor.ref_model = actor.ref_model, None  # only the policy is wanted here
-    try:
-        actor.compute_old_log_probs(measured)
-    finally:
-        actor.ref_model = ref_model
-    assert measured.old_log_prob is not None and measured.old_entropy is not None
-    return measured.old_log_prob, measured.old_entropy
-
-
-def _probe_set_change(
-    before: tuple[torch.Tensor, torch.Tensor], after: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor
-) -> dict[str, float]:
-    entropy_before = masked_mean(before[1], mask).item()
-    entropy_after = masked_mean(after[1], mask).item()
+def _probe_set_change(before: PiOld, after: PiOld, mask: torch.Tensor) -> dict[str, float]:
+    entropy_before = masked_mean(before.entropy, mask).item()
+    entropy_after = masked_mean(after.entropy, mask).item()
     return {
         "entropy_before": entropy_before,
         "entropy_after": entropy_after,
         "delta_log_entropy": math.log(entropy_after / entropy_before) if entropy_before > 0 else math.nan,
         # kl_penalty(logp, ref_logp, "low_var_kl") is k3 of KL(π ‖ ref) on tokens drawn from π: here π is π_before.
-        "kl_from_before": masked_mean(kl_penalty(before[0], after[0], "low_var_kl"), mask).item(),
+        "kl_from_before": masked_mean(kl_penalty(before.log_prob, after.log_prob, "low_var_kl"), mask).item(),
     }
 
 
-def _batch_change(actor: Actor, batch: Experience) -> dict[str, float]:
+def _batch_change(now: PiOld, pi_old: PiOld, experience: Experience) -> dict[str, float]:
     """Mean change in log-prob of the batch's positive- and negative-advantage responses' tokens since π_old."""
-    log_prob, _ = _policy(actor, batch)
-    change = log_prob - batch.old_log_prob
-    sign = batch.advantages.sign().unsqueeze(1)
-    return {
-        f"dlogp_{name}": masked_mean(change, batch.response_mask * (sign == value)).item()
-        if bool(((sign == value) & (batch.response_mask > 0)).any())
-        else math.nan
-        for name, value in (("pos", 1), ("neg", -1))
-    }
+    change = now.log_prob - pi_old.log_prob
+    sign = experience.advantages.sign().unsqueeze(1)
+    changes = {}
+    for name, value in (("pos", 1), ("neg", -1)):
+        mask = experience.response_mask * (sign == value)
+        changes[f"dlogp_{name}"] = masked_mean(change, mask).item() if bool((mask > 0).any()) else math.nan
+    return changes
 
 
 @contextlib.contextmanager

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import random
 import shutil
 import signal
@@ -37,9 +36,9 @@ from cegppo.evaluation import evaluate_benchmark, evaluate_examples, load_proble
 from cegppo.losses import masked_mean
 from cegppo.models import disable_dropout, load_model_and_tokenizer
 from cegppo.rewards import RewardErrorGuard, RewardFailure, RewardResult, RewardScorer, overlong_penalty
-from cegppo.rollout import SamplingParams, build_rollout_engine
+from cegppo.rollout import RolloutEngine, SamplingParams, build_rollout_engine
 from cegppo.runfiles import CONFIG_FILE, RUN_DIR_RULE, SAMPLES_FILE, SUMMARY_FILE, is_run_dir
-from cegppo.trainer.actor import Actor, ActorSettings, Experience
+from cegppo.trainer.actor import Actor, ActorSettings, Experience, PiOld, UpdateResult
 from cegppo.trainer.checkpoint import (
     MODEL_DIR,
     latest_checkpoint,
@@ -56,7 +55,7 @@ from cegppo.trainer.dynamic_sampling import (
     training_batch,
 )
 from cegppo.trainer.memory import MemoryEstimate, ModelShape, check_fits, device_memory, estimate_memory
-from cegppo.trainer.optim import MasterWeightAdamW, allocate_state
+from cegppo.trainer.optim import allocate_state
 from cegppo.trainer.probe import Probe
 from cegppo.trainer.progress import Progress
 from cegppo.trainer.steering import BetaSteering
@@ -203,27 +202,10 @@ class Trainer:
             ref_model = disable_dropout(load_model_and_tokenizer(config.model.path, dtype=param_dtype)[0])
             ref_model.to(device)
         self.actor = Actor(self.model, ActorSettings.from_config(config), ref_model=ref_model)
-        masters_needed = config.actor.param_dtype != "float32" or config.actor.optimizer_offload
-        if masters_needed and not isinstance(self.actor.optimizer, MasterWeightAdamW):
-            raise ValueError(
-                "actor.param_dtype=bfloat16 and actor.optimizer_offload need the actor's optimizer from "
-                "cegppo.trainer.optim.build_optimizer (float32 master weights), which this version's actor "
-                "does not build yet; leave them at float32/false"
-            )
         # Before the rollout engine starts: vLLM sizes itself against what is left, and AdamW would otherwise
         # create its state inside the first update, in the blocks a sleeping vLLM gave back.
         allocate_state(self.actor.optimizer)
-        engine_options: dict[str, Any] = {
-            "batch_size": config.rollout.batch_size,
-            "autocast_dtype": torch.bfloat16 if config.actor.bf16_autocast else None,
-        }
-        if config.rollout.engine == "vllm":
-            engine_options.update(seed=config.trainer.seed, **dataclasses.asdict(config.rollout.vllm))
-        elif config.rollout.engine == "hf":  # vLLM caches shared prefixes itself
-            engine_options["share_prompt"] = config.actor.share_prompt
-        self.engine = build_rollout_engine(
-            config.rollout.engine, self.model, self.tokenizer, **engine_options
-        )
+        self.engine = self._build_engine()
         self._check_reward()
         self.probe = (
             Probe(config, self.engine, self.heldout, self._render) if config.analysis.probe_every else None
@@ -293,6 +275,18 @@ class Trainer:
                 weight_decay=actor.weight_decay,
                 betas=tuple(actor.adam_betas),
             )
+
+    def _build_engine(self) -> RolloutEngine:
+        config = self.config
+        engine_options: dict[str, Any] = {
+            "batch_size": config.rollout.batch_size,
+            "autocast_dtype": torch.bfloat16 if config.actor.bf16_autocast else None,
+        }
+        if config.rollout.engine == "vllm":
+            engine_options.update(seed=config.trainer.seed, **dataclasses.asdict(config.rollout.vllm))
+        elif config.rollout.engine == "hf":  # vLLM caches shared prefixes itself
+            engine_options["share_prompt"] = config.actor.share_prompt
+        return build_rollout_engine(config.rollout.engine, self.model, self.tokenizer, **engine_options)
 
     def _device(self) -> torch.device:
         device = self.config.trainer.device
@@ -387,26 +381,25 @@ class Trainer:
         n = config.rollout.n
 
         # 1-3. Sample, score and take advantages.
-        rounds, experience = self._sample_batch(timings)
+        rounds, experience, ragged = self._sample_batch(timings)
 
-        # 4. Update: old log-probs with the current weights, then the clipped policy-gradient epochs. One
-        #    optimiser step over every row is on-policy, and bypass_mode's π_old is the sampler's: the update's
-        #    own forward passes then give the old log-probs the metrics read.
+        # 4. Update: π_old (recomputed with the current weights; or, for one on-policy optimiser step and for
+        #    bypass_mode, taken from the update's own forward passes), then the clipped policy-gradient epochs.
         beta1, beta2 = self.steering.betas(self.step_count + 1)
         self.actor.loss_config = dataclasses.replace(self.actor.loss_config, beta1=beta1, beta2=beta2)
-        update_metrics: dict[str, float] = {}
+        update: UpdateResult | None = None
         if len(experience):
             with _timed(timings, "old_logprob"):
-                self.actor.compute_old_log_probs(
-                    experience, reference_only=self.actor.old_from_update(len(experience), n)
-                )
+                batch = self.actor.old_policy(experience, group_size=n)
             if self.probe is not None and self.probe.due(self.step_count + 1):
                 with _timed(timings, "probe"):  # every variant's update from here, then back to here
-                    rows = self.probe.run(self.step_count + 1, config.trainer.seed, experience, self.actor, n)
+                    rows = self.probe.run(self.step_count + 1, config.trainer.seed, batch, self.actor, n)
                 self.tracker.log_probe(rows)
             with _timed(timings, "update"):
-                update_metrics = self.actor.update(experience, group_size=n)
+                update = self.actor.update(batch, group_size=n)
                 self.engine.sync_weights(self.model)
+        else:  # a step that trains nothing still counts for the lr warm-up (RL steps)
+            self.actor.scheduler.step()
         timings["step"] = time.perf_counter() - step_start
 
         self.step_count += 1
@@ -414,20 +407,22 @@ class Trainer:
         metrics = {
             **RewardResult.concat([r.scored for r in rounds]).metrics(),
             **self._rollout_metrics(rounds, len(experience) // n),
-            **update_metrics,
+            "data/ragged_dropped_responses": float(ragged),
+            **(update.metrics if update else {}),
             **{f"timing/{name}_s": seconds for name, seconds in timings.items()},
             "perf/tokens_per_s": sum(r.rollout.attention_mask.sum().item() for r in rounds) / timings["step"],
         }
-        if len(experience):
-            mean_entropy = masked_mean(experience.old_entropy, experience.response_mask).item()
+        if update is not None:
+            mean_entropy = masked_mean(update.policy.entropy, experience.response_mask).item()
             self.steering.observe_entropy(mean_entropy)  # the controller, if on, sets the next step's β
-            metrics.update(self._entropy_metrics(mean_entropy, experience))
-            metrics.update(self._sampler_mismatch(experience))
+            metrics.update(self._entropy_metrics(mean_entropy, experience, update.policy))
+            metrics.update(self._sampler_mismatch(experience, update))
         return metrics
 
-    def _sample_batch(self, timings: dict[str, float]) -> tuple[list[GenerationRound], Experience]:
-        """The step's generation rounds and training batch. DAPO's dynamic sampling repeats the round on new
-        prompts until train_batch_size groups have reward signal (or algorithm.max_num_gen_batches rounds)."""
+    def _sample_batch(self, timings: dict[str, float]) -> tuple[list[GenerationRound], Experience, int]:
+        """The step's generation rounds, its training batch, and the responses cut from it. DAPO's dynamic
+        sampling repeats the round on new prompts until train_batch_size groups have reward signal (or
+        algorithm.max_num_gen_batches rounds); the groups kept are cut to whole mini-batches, as verl does."""
         config = self.config
         max_rounds = config.algorithm.max_num_gen_batches if config.algorithm.filter_groups else 1
         rounds: list[GenerationRound] = []
@@ -435,7 +430,8 @@ class Trainer:
             rounds.append(self._generation_round(timings))
             check_signal(rounds)
         experience = training_batch(rounds, config.data.train_batch_size, self.tokenizer.pad_token_id)
-        return rounds, experience.to(self.actor.device)
+        ragged = len(experience) % self.actor.mini_batch_rows(config.rollout.n)
+        return rounds, experience.select(slice(0, len(experience) - ragged)).to(self.actor.device), ragged
 
     def probe_from_here(self, seeds: Sequence[int]) -> Iterator[list[dict[str, Any]]]:
         """``cegppo probe``: for each seed, a batch sampled with that seed (prompts in that seed's order) from the
@@ -449,17 +445,17 @@ class Trainer:
             self.train_data = PromptDataset(
                 self.train_data.examples, seed=seed, shuffle=self.config.data.shuffle
             )
-            _, experience = self._sample_batch({})
+            _, experience, _ = self._sample_batch({})
             if not len(experience):
                 log.warning("probe seed %d: no group with reward signal, nothing to probe", seed)
                 continue
-            self.actor.compute_old_log_probs(experience)
-            yield self.probe.run(self.step_count, seed, experience, self.actor, n)
+            batch = self.actor.old_policy(experience, group_size=n, recompute=True)
+            yield self.probe.run(self.step_count, seed, batch, self.actor, n)
 
     def _generation_round(self, timings: dict[str, float]) -> GenerationRound:
-        """Sample, score and take advantages for ``data.train_batch_size`` new prompts."""
+        """Sample, score and take advantages for ``data.gen_batch_size`` (default ``train_batch_size``) new prompts."""
         config = self.config
-        examples = self.train_data.next_batch(config.data.train_batch_size)
+        examples = self.train_data.next_batch(config.data.gen_batch_size or config.data.train_batch_size)
         n = config.rollout.n
 
         # 1. Sample n responses per prompt.
@@ -521,13 +517,15 @@ class Trainer:
             metrics["reward/overlong_penalty"] = (rewards - scores).mean().item()
         return metrics
 
-    def _entropy_metrics(self, mean_entropy: float, experience: Experience) -> dict[str, float]:
+    def _entropy_metrics(
+        self, mean_entropy: float, experience: Experience, policy: PiOld
+    ) -> dict[str, float]:
         """Observed entropy, its change since the last step, and the covariance that predicts it (Eq. 7)."""
         metrics = {
             "entropy/mean": mean_entropy,
             "entropy/cov_logp_pA": entropy_covariance(
-                experience.old_log_prob,
-                experience.advantages.unsqueeze(1).expand_as(experience.old_log_prob),
+                policy.log_prob,
+                experience.advantages.unsqueeze(1).expand_as(policy.log_prob),
                 experience.response_mask,
             ),
         }
@@ -536,21 +534,14 @@ class Trainer:
         self.state["last_entropy"] = mean_entropy
         return metrics
 
-    def _sampler_mismatch(self, experience: Experience) -> dict[str, float]:
-        """How far the sampler's log-probs are from the trainer's recomputation (and the IS weights, if on)."""
-        mask = experience.response_mask
-        metrics = {
-            "rollout/logprob_diff": masked_mean(
-                (experience.old_log_prob - experience.sampler_log_prob).abs(), mask
-            ).item()
-        }
-        weights = self.actor.rollout_is_weights(experience)
-        if weights is not None:
-            metrics["rollout/is_weight_mean"] = masked_mean(weights, mask).item()
-            capped = (experience.old_log_prob - experience.sampler_log_prob) > math.log(
-                self.config.rollout.tis_cap
-            )
-            metrics["rollout/is_capped_frac"] = masked_mean(capped, mask).item()
+    def _sampler_mismatch(self, experience: Experience, update: UpdateResult) -> dict[str, float]:
+        """How far the sampler's log-probs are from the trainer's policy, and the token-level IS weights against
+        it (the rollout correction's, under the names of rollout.tis_cap's metrics)."""
+        mismatch = (update.policy.log_prob - experience.sampler_log_prob).abs()
+        metrics = {"rollout/logprob_diff": masked_mean(mismatch, experience.response_mask).item()}
+        if self.actor.loss_config.rollout_is == "token" and not self.actor.loss.pi_old_from_sampler:
+            metrics["rollout/is_weight_mean"] = update.metrics["actor/rollout_is_mean"]
+            metrics["rollout/is_capped_frac"] = update.metrics["actor/rollout_is_ratio_fraction_high"]
         return metrics
 
     # -- the run --------------------------------------------------------------------------------------
