@@ -174,3 +174,28 @@ def test_fused_refuses_a_head_that_rescales_logits():
     input_ids, attention_mask, response_len = batch()
     with pytest.raises(ValueError, match=r"final_logit_softcapping=30\.0.*fused=False"):
         causal_lm_logprobs_and_entropy(model, input_ids, attention_mask, response_len)
+
+
+@pytest.mark.parametrize("share_prompt", [False, True])
+def test_columns_no_row_uses_are_not_run(model, share_prompt, monkeypatch):
+    """A micro-batch padded to the step's longest row (extra prompt padding on the left, response padding on the
+    right) gives the values and gradients of the tight batch, runs only the tight batch's positions, and scores
+    the extra response columns as 0."""
+    tight = batch(prompt_lens=(4, 3), response_lens=(3, 2), prompt_width=4, response_width=3)
+    wide = batch(prompt_lens=(4, 3), response_lens=(3, 2), prompt_width=7, response_width=9)
+    assert torch.equal(wide[0][:, 3:10], tight[0]) and torch.equal(wide[1][:, 3:10], tight[1])
+    widths = []
+    forward = type(model.model).forward
+    monkeypatch.setattr(
+        type(model.model),
+        "forward",
+        lambda self, input_ids=None, **kw: widths.append(input_ids.shape[1]) or forward(self, input_ids, **kw),
+    )
+    want = causal_lm_logprobs_and_entropy(model, *tight, share_prompt=share_prompt)
+    tight_widths, widths[:] = list(widths), []
+    got = causal_lm_logprobs_and_entropy(model, *wide, share_prompt=share_prompt)
+    assert widths == tight_widths
+    assert_same(
+        values_and_grads(model, got[0][:, :3], got[1][:, :3]), values_and_grads(model, want[0], want[1])
+    )
+    assert not got[0][:, 3:].any() and not got[1][:, 3:].any()

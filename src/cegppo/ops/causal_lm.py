@@ -74,8 +74,9 @@ def causal_lm_logprobs_and_entropy(
         )
     if fused:
         _reject_logit_transforms(model)
+    input_ids, attention_mask, first = _trim_padding(input_ids, attention_mask, seq_len - response_len)
     features, labels = (_shared_prompt_features if share_prompt else _features)(
-        model, input_ids, attention_mask, seq_len - response_len, fused
+        model, input_ids, attention_mask, first, fused
     )
     if fused:
         head = model.get_output_embeddings()
@@ -89,9 +90,25 @@ def causal_lm_logprobs_and_entropy(
         )
     else:
         logp, entropy = logprobs_and_entropy(features, labels, temperature=temperature, chunk_size=chunk_size)
-    if labels.shape[1] < response_len:  # the shared pass stops at the longest response
+    if labels.shape[1] < response_len:  # the pass stopped at the batch's longest response
         logp, entropy = (nn.functional.pad(x, (0, response_len - labels.shape[1])) for x in (logp, entropy))
     return logp, entropy if with_entropy else None
+
+
+def _trim_padding(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, first: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The batch without the columns no row uses: the prompts' leading padding and the responses' trailing
+    padding beyond this batch's longest row (a micro-batch is padded to the longest row of the whole step).
+    Positions follow the attention mask, so every real token keeps its position; returns the new ``first``."""
+    used = attention_mask.any(dim=0)
+    prompt_used = used[:first].nonzero()
+    start = int(prompt_used[0]) if len(prompt_used) else first - 1
+    response_used = used[first:].nonzero()
+    stop = first + (int(response_used[-1]) + 1 if len(response_used) else 1)
+    if start == 0 and stop == input_ids.shape[1]:
+        return input_ids, attention_mask, first
+    return input_ids[:, start:stop], attention_mask[:, start:stop], first - start
 
 
 def _features(

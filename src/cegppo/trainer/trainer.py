@@ -90,6 +90,28 @@ def new_run_dir(config: Config) -> Path:
     return run_dir
 
 
+def _checkpoint_to_resume(run_dir: Path) -> Path:
+    checkpoint = latest_checkpoint(run_dir / "checkpoints")
+    if checkpoint is None:
+        raise ValueError(
+            f"nothing to resume in {run_dir}: no complete checkpoint under checkpoints/ (the run stopped before "
+            f"its first save; trainer.save_every=0 saves only at the end): delete {run_dir} to start it again"
+        )
+    return checkpoint
+
+
+def _check_new_run_dir(run_dir: Path) -> None:
+    """A new run's directory must not exist, nor lie inside another run's, nor below a file."""
+    if run_dir.exists():
+        raise ValueError(f"run directory {run_dir} already exists: resume it, or choose another name")
+    _check_not_inside_a_run(run_dir)
+    blocking = next((path for path in run_dir.parents if path.exists() and not path.is_dir()), None)
+    if blocking is not None:
+        raise ValueError(
+            f"trainer.output_dir: {blocking} is a file, so run directory {run_dir} cannot be created"
+        )
+
+
 def _check_not_inside_a_run(run_dir: Path) -> None:
     """A run directory is never created inside another run's (``trainer.output_dir`` naming a run, as TRL's
     ``output_dir`` would)."""
@@ -158,22 +180,10 @@ class Trainer:
         self.run_dir = run_dir
         if config.trainer.num_threads:
             torch.set_num_threads(config.trainer.num_threads)
-        checkpoint = latest_checkpoint(run_dir / "checkpoints") if resume else None
-        if resume and checkpoint is None:
-            raise ValueError(
-                f"nothing to resume in {run_dir}: no complete checkpoint under checkpoints/ (the run stopped before "
-                f"its first save; trainer.save_every=0 saves only at the end): delete {run_dir} to start it again"
-            )
-        if not resume and run_dir.exists():
-            raise ValueError(f"run directory {run_dir} already exists: resume it, or choose another name")
         if not resume:
-            _check_not_inside_a_run(run_dir)
+            _check_new_run_dir(run_dir)
+        checkpoint = _checkpoint_to_resume(run_dir) if resume else None
         self.resumed = checkpoint is not None
-        blocking = next((path for path in run_dir.parents if path.exists() and not path.is_dir()), None)
-        if blocking is not None:
-            raise ValueError(
-                f"trainer.output_dir: {blocking} is a file, so run directory {run_dir} cannot be created"
-            )
         # Everything a bad input can break is loaded before the run directory exists (or, resumed, is written to).
         self.resume_changes = _resume_changes(load_run_config(run_dir), config) if checkpoint else []
         self.train_data, self.heldout = self._load_data()
@@ -188,23 +198,7 @@ class Trainer:
                 ) from None
         self.scorer = RewardScorer(config.reward)
         self.reward_guard = RewardErrorGuard(config.reward)
-        device = self._device()
-        param_dtype = getattr(torch, config.actor.param_dtype)
-        self.model, self.tokenizer = load_model_and_tokenizer(
-            str(checkpoint / MODEL_DIR if checkpoint else config.model.path), dtype=param_dtype
-        )
-        self.memory_estimate = self._check_memory(device)  # before anything is allocated on the device
-        disable_dropout(self.model).to(device)
-        if config.model.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
-        ref_model = None
-        if config.actor.use_kl_loss and checkpoint is not None:  # the reference is the starting policy
-            ref_model = disable_dropout(load_model_and_tokenizer(config.model.path, dtype=param_dtype)[0])
-            ref_model.to(device)
-        self.actor = Actor(self.model, ActorSettings.from_config(config), ref_model=ref_model)
-        # Before the rollout engine starts: vLLM sizes itself against what is left, and AdamW would otherwise
-        # create its state inside the first update, in the blocks a sleeping vLLM gave back.
-        allocate_state(self.actor.optimizer)
+        self._load_policy(checkpoint)
         self.engine = self._build_engine()
         self._check_reward()
         self.probe = (
@@ -224,21 +218,48 @@ class Trainer:
             "last_entropy": None,
         }
         if saved is not None:
-            self.actor.optimizer.load_state_dict(saved["optimizer"])
-            self.actor.scheduler.load_state_dict(saved["scheduler"])
-            if self.resume_changes:
-                self._apply_optimiser_settings()
-            self.actor.skipped_updates = saved["trainer"]["skipped_updates"]
-            self.steering.load_state_dict(saved["trainer"]["steering"])
-            if "entropy_coeff" in saved["trainer"]:  # absent in checkpoints before the adaptive coefficient
-                self.actor.entropy_coefficient.load_state_dict(saved["trainer"]["entropy_coeff"])
-            self.state = saved["trainer"]["state"]
-            self.step_count = saved["step"]
-            set_rng_state(saved["rng"])
+            self._restore(saved)
         self.tracker = RunTracker(
             run_dir, tensorboard=config.trainer.tensorboard, resume_step=self.step_count
         )
         self._stop_signal: int | None = None
+
+    def _load_policy(self, checkpoint: Path | None) -> None:
+        """``model`` (the checkpoint's when resuming), checked against the device's memory before anything is put
+        there, ``tokenizer``, and ``actor`` with its optimiser state allocated."""
+        config = self.config
+        device = self._device()
+        param_dtype = getattr(torch, config.actor.param_dtype)
+        self.model, self.tokenizer = load_model_and_tokenizer(
+            str(checkpoint / MODEL_DIR if checkpoint else config.model.path), dtype=param_dtype
+        )
+        self.memory_estimate = self._check_memory(device)
+        model = self.model
+        disable_dropout(model).to(device)
+        if config.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        ref_model = None
+        if config.actor.use_kl_loss and checkpoint is not None:  # the reference is the starting policy
+            ref_model = disable_dropout(load_model_and_tokenizer(config.model.path, dtype=param_dtype)[0])
+            ref_model.to(device)
+        self.actor = Actor(model, ActorSettings.from_config(config), ref_model=ref_model)
+        # Before the rollout engine starts: vLLM sizes itself against what is left, and AdamW would otherwise
+        # create its state inside the first update, in the blocks a sleeping vLLM gave back.
+        allocate_state(self.actor.optimizer)
+
+    def _restore(self, saved: dict[str, Any]) -> None:
+        """The optimiser, schedule, steering, counters and RNG states of a checkpoint's trainer state."""
+        self.actor.optimizer.load_state_dict(saved["optimizer"])
+        self.actor.scheduler.load_state_dict(saved["scheduler"])
+        if self.resume_changes:
+            self._apply_optimiser_settings()
+        self.actor.skipped_updates = saved["trainer"]["skipped_updates"]
+        self.steering.load_state_dict(saved["trainer"]["steering"])
+        if "entropy_coeff" in saved["trainer"]:  # absent in checkpoints before the adaptive coefficient
+            self.actor.entropy_coefficient.load_state_dict(saved["trainer"]["entropy_coeff"])
+        self.state = saved["trainer"]["state"]
+        self.step_count = saved["step"]
+        set_rng_state(saved["rng"])
 
     def _check_memory(self, device: torch.device) -> MemoryEstimate:
         """The run's memory estimate against the device (:mod:`cegppo.trainer.memory`): raises ValueError with
