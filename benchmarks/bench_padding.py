@@ -43,7 +43,8 @@ def step_batch(longest: int, prompt: int, groups: int, group_size: int, seed: in
 
 
 def run(model, ids, mask, response_len, group_size, trim: bool) -> tuple[float, int]:
-    """Seconds for forward+backward over every micro-batch, and the positions the backbone ran."""
+    """CPU seconds for forward+backward over micro-batches of ``group_size`` consecutive rows, and the positions
+    the backbone ran."""
     positions = 0
     forward = type(model.model).forward
 
@@ -89,11 +90,18 @@ def main() -> None:
     )
     model = LlamaForCausalLM(config)
     ids, mask, response_len = step_batch(args.longest, args.prompt, groups=4, group_size=4)
-    times: dict[str, list[float]] = {"padded": [], "trimmed": []}
+    # grouped: the rows sorted by length first, as actor.micro_batch_tokens packs them (here 4 rows a micro-batch)
+    order = torch.argsort(mask.sum(-1))
+    cases = {
+        "padded": (ids, mask, False),
+        "trimmed": (ids, mask, True),
+        "grouped": (ids[order], mask[order], True),
+    }
+    times: dict[str, list[float]] = {name: [] for name in cases}
     positions: dict[str, int] = {}
     for _ in range(args.repeats):
-        for name in times:  # interleaved
-            seconds, positions[name] = run(model, ids, mask, response_len, 4, trim=name == "trimmed")
+        for name, (case_ids, case_mask, trim) in cases.items():  # interleaved
+            seconds, positions[name] = run(model, case_ids, case_mask, response_len, 4, trim=trim)
             times[name].append(seconds)
     medians = {name: statistics.median(values) for name, values in times.items()}
     print(
@@ -105,8 +113,10 @@ def main() -> None:
                 "real_tokens": int(mask.sum()),
                 "positions": positions,
                 "cpu_s_median": medians,
-                "time_ratio_trimmed_over_padded": medians["trimmed"] / medians["padded"],
-                "positions_ratio": positions["trimmed"] / positions["padded"],
+                "time_ratio_over_padded": {name: medians[name] / medians["padded"] for name in cases},
+                "positions_ratio_over_padded": {
+                    name: positions[name] / positions["padded"] for name in cases
+                },
             }
         )
     )

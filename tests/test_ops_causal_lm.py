@@ -189,7 +189,9 @@ def test_columns_no_row_uses_are_not_run(model, share_prompt, monkeypatch):
     monkeypatch.setattr(
         type(model.model),
         "forward",
-        lambda self, input_ids=None, **kw: widths.append(input_ids.shape[1]) or forward(self, input_ids, **kw),
+        lambda self, input_ids=None, **kw: (
+            widths.append(input_ids.shape[1]) or forward(self, input_ids, **kw)
+        ),
     )
     want = causal_lm_logprobs_and_entropy(model, *tight, share_prompt=share_prompt)
     tight_widths, widths[:] = list(widths), []

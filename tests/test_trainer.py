@@ -224,8 +224,10 @@ def test_micro_batch_splitting_never_changes_the_gradient(loss, agg):
     actor._update_mini_batch(batch)  # move the weights, so the ratios leave 1 and clipping acts
 
     grads, clipped = [], []
-    for micro in (8, 3, 1):
+    # rows, or a token budget (rows sorted by length, packed): 12 positions fit one row, 30 two or three
+    for micro, budget in ((8, None), (3, None), (1, None), (8, 30), (8, 12)):
         actor.settings.actor.micro_batch_size = micro
+        actor.settings.actor.micro_batch_tokens = budget
         actor.optimizer.zero_grad()
         torch.manual_seed(0)  # Clip-Cov's random draw among its candidates
         result = actor.accumulate_gradients(batch)
@@ -238,7 +240,31 @@ def test_micro_batch_splitting_never_changes_the_gradient(loss, agg):
     assert clipped[0] > 0
     for other in grads[1:]:  # float32; with actor.share_prompt the prompt runs apart from its responses
         torch.testing.assert_close(other, grads[0], rtol=1e-4, atol=1e-6)
-    assert clipped[1] == pytest.approx(clipped[0]) and clipped[2] == pytest.approx(clipped[0])
+    assert all(other == pytest.approx(clipped[0]) for other in clipped[1:])
+
+
+def test_a_token_budget_packs_rows_by_length_and_keeps_the_batch_order():
+    tokenizer = tiny_tokenizer()
+    model = tiny_model("llama", tokenizer, seed=1)
+    actor = Actor(model, ActorSettings.from_config(load_config(None, ["actor.bf16_autocast=false"])))
+    experience = _experience(model, tokenizer)
+    by_rows = actor.recompute_pi_old(experience)
+    actor.settings.actor.micro_batch_tokens = 25
+    micro_rows = actor._micro_rows(experience)
+    lengths = experience.attention_mask.sum(-1)
+    assert sorted(torch.cat(micro_rows).tolist()) == list(range(len(experience)))
+    assert [lengths[rows].tolist() for rows in micro_rows] == [
+        sorted(lengths[rows].tolist()) for rows in micro_rows
+    ]  # each micro-batch holds rows of neighbouring lengths
+    responses = experience.attention_mask[:, -experience.response_len :].sum(-1)
+    prompts = lengths - responses
+    assert len(micro_rows) > 1
+    for rows in micro_rows:  # within the budget once trimmed: rows × (longest prompt + longest response)
+        assert len(rows) == 1 or len(rows) * int(prompts[rows].max() + responses[rows].max()) <= 25
+    by_budget = actor.recompute_pi_old(experience)
+    mask = experience.response_mask  # past its own longest response a micro-batch scores 0
+    for got, want in ((by_budget.log_prob, by_rows.log_prob), (by_budget.entropy, by_rows.entropy)):
+        torch.testing.assert_close(got * mask, want * mask, rtol=1e-5, atol=1e-6)
 
 
 def test_a_non_finite_loss_skips_the_update(monkeypatch):

@@ -186,6 +186,9 @@ class ActorConfig(LossSettings):
     # as with TRL's completion-counted batches; more updates per rollout batch from fewer prompts.
     ppo_mini_batch_responses: int | None = None
     micro_batch_size: int = 8  # sequences per forward/backward (memory only: never changes the gradient)
+    # verl's use_dynamic_bsz with ppo_max_token_len_per_gpu: micro-batches of at most this many positions (rows ×
+    # their longest prompt + longest response), rows grouped by length; replaces micro_batch_size. None: off
+    micro_batch_tokens: int | None = None
     # Run each prompt once per group (and micro-batch) in the update, the log-prob passes and hf generation,
     # with its KV cache repeated to the n responses: the same numbers, ~1/n of the prompt work (rollout.n > 1).
     share_prompt: bool = True
@@ -700,6 +703,7 @@ def _check_algorithm(al: AlgorithmConfig) -> None:
 
 def _check_actor(a: ActorConfig) -> None:
     _positive("actor", a, "ppo_epochs", "ppo_mini_batch_size", "micro_batch_size", "lr", "grad_clip")
+    _positive("actor", a, "micro_batch_tokens", optional=True)
     _positive("actor", a, "ppo_mini_batch_responses", optional=True)
     _non_negative(
         "actor",

@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import math
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,7 +95,7 @@ class TokenSelections:
     high_entropy: torch.Tensor | None  # [N, R] float
     loss_tokens: torch.Tensor | None  # [N, R] bool
 
-    def select(self, rows: slice) -> TokenSelections:
+    def select(self, rows: slice | torch.Tensor) -> TokenSelections:
         return TokenSelections(
             None if self.high_entropy is None else self.high_entropy[rows],
             None if self.loss_tokens is None else self.loss_tokens[rows],
@@ -258,25 +258,16 @@ class Actor:
         KV cache, autocast), so the ratio is taken against this recomputation: on-policy it is exactly 1.
         """
         self.model.eval()
-        log_probs, entropies = [], []
-        for micro in self._micro_batches(batch):
-            log_prob, entropy = self.token_log_probs(self.model, micro, with_entropy=True)
-            log_probs.append(log_prob.float())
-            entropies.append(entropy.float())
+        log_prob, entropy = self._micro_batched_log_probs(self.model, batch, with_entropy=True)
         self.model.train()
-        return PiOld(torch.cat(log_probs), torch.cat(entropies), "recomputed")
+        return PiOld(log_prob, entropy, "recomputed")
 
     @torch.no_grad()
     def reference_log_probs(self, batch: Experience) -> torch.Tensor | None:
         """The KL reference's log-probs of the batch (None without ``actor.use_kl_loss``)."""
         if self.ref_model is None:
             return None
-        return torch.cat(
-            [
-                self.token_log_probs(self.ref_model, micro, with_entropy=False)[0].float()
-                for micro in self._micro_batches(batch)
-            ]
-        )
+        return self._micro_batched_log_probs(self.ref_model, batch, with_entropy=False)[0]
 
     def correct_for_sampler(self, batch: UpdateBatch) -> tuple[UpdateBatch, dict[str, float]]:
         """verl's decoupled rollout correction (``actor.rollout_is``/``rollout_rs``) over the whole batch: IS
@@ -338,7 +329,7 @@ class Actor:
         metrics = tally.metrics() | correction_metrics
         if self.settings.actor.use_adaptive_entropy:
             metrics["actor/adaptive_entropy_coeff"] = self.entropy_coefficient.coeff  # for the next step
-        metrics["actor/lr"] = self.scheduler.get_last_lr()[0]  # the lr of this step's updates
+        metrics["actor/lr"] = self.optimizer.param_groups[0]["lr"]  # the lr of this step's updates
         self.scheduler.step()  # once per RL step, as verl: warm-up counts RL steps
         metrics["actor/num_updates"] = float(tally.updates)
         metrics["actor/skipped_updates"] = float(self.skipped_updates)
@@ -381,14 +372,13 @@ class Actor:
         totals: dict[str, float] = defaultdict(float)
         entropy_sum, measured = 0.0, []
         self.quadrants.totals = None
-        for rows in self._micro_slices(len(mini)):
+        micro_rows = self._micro_rows(mini.experience)
+        for rows in micro_rows:
             micro = self._forward(mini.select(rows), counts, selections.select(rows), record)
             if micro is None:
                 return MiniBatchResult({}, None, False)
             if record:
-                measured.append(
-                    PiOld(micro.log_prob.detach().float(), micro.entropy.detach().float(), "update")
-                )
+                measured.append((micro.log_prob.detach().float(), micro.entropy.detach().float()))
             contributions = [term(micro) for term in self.terms]
             loss = contributions[0][0]
             for term_loss, _ in contributions[1:]:
@@ -405,7 +395,13 @@ class Actor:
             metrics["actor/entropy"] = entropy_sum / max(counts.trained_agg["batch_num_tokens"], 1)
         if self.entropy_coefficient.enabled:
             metrics["actor/entropy_coeff"] = self.entropy_coefficient.applied()
-        measured_pi_old = PiOld.concat(measured) if record else None
+        measured_pi_old = None
+        if record:
+            measured_pi_old = PiOld(
+                in_batch_order(micro_rows, [log_prob for log_prob, _ in measured]),
+                in_batch_order(micro_rows, [entropy for _, entropy in measured]),
+                "update",
+            )
         return MiniBatchResult(dict(totals) | metrics, self.quadrants.totals, True, measured_pi_old)
 
     def _forward(
@@ -475,12 +471,7 @@ class Actor:
         a micro-batch of one sequence has a constant advantage, so its covariance is 0 everywhere. Costs one
         forward pass without gradients; None if a log-prob is not finite."""
         experience = mini.experience
-        log_prob = torch.cat(
-            [
-                self.token_log_probs(self.model, micro, with_entropy=False)[0].float()
-                for micro in self._micro_batches(experience)
-            ]
-        )
+        log_prob = self._micro_batched_log_probs(self.model, experience, with_entropy=False)[0]
         if not torch.isfinite(log_prob).all():
             return None
         return self.loss.token_selector(
@@ -491,14 +482,52 @@ class Actor:
             config=self._with_counts(experience.response_mask),
         )
 
-    def _micro_slices(self, num_rows: int) -> Iterator[slice]:
-        size = self.settings.actor.micro_batch_size
-        for start in range(0, num_rows, size):
-            yield slice(start, start + size)
+    def _micro_rows(self, batch: Experience) -> list[slice | torch.Tensor]:
+        """Each micro-batch's rows: ``micro_batch_size`` rows in order, or, with ``micro_batch_tokens``, rows
+        sorted by length and packed while the micro-batch's positions (its rows × their longest prompt plus
+        longest response, what a forward pass runs once padding is trimmed) stay within the budget; a row longer
+        than the budget goes alone."""
+        budget = self.settings.actor.micro_batch_tokens
+        if budget is None:
+            size = self.settings.actor.micro_batch_size
+            return [slice(start, start + size) for start in range(0, len(batch), size)]
+        responses = batch.attention_mask[:, -batch.response_len :].sum(-1)
+        prompts = batch.attention_mask.sum(-1) - responses
+        order = torch.argsort(prompts + responses, stable=True).tolist()
+        micro_rows: list[slice | torch.Tensor] = []
+        rows: list[int] = []
+        prompt = response = 0
+        for row in order:
+            wider = (max(prompt, int(prompts[row])), max(response, int(responses[row])))
+            if rows and (len(rows) + 1) * sum(wider) > budget:
+                micro_rows.append(torch.tensor(rows))
+                rows, wider = [], (int(prompts[row]), int(responses[row]))
+            rows.append(row)
+            prompt, response = wider
+        micro_rows.append(torch.tensor(rows))
+        return micro_rows
 
-    def _micro_batches(self, batch: Experience) -> Iterator[Experience]:
-        for rows in self._micro_slices(len(batch)):
-            yield batch.select(rows)
+    def _micro_batched_log_probs(
+        self, model: PreTrainedModel, batch: Experience, *, with_entropy: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """:meth:`token_log_probs` of the whole batch, a micro-batch at a time, in float32 and the batch's row order."""
+        micro_rows = self._micro_rows(batch)
+        outputs = [
+            self.token_log_probs(model, batch.select(rows), with_entropy=with_entropy) for rows in micro_rows
+        ]
+        log_prob = in_batch_order(micro_rows, [log_prob.float() for log_prob, _ in outputs])
+        if not with_entropy:
+            return log_prob, None
+        return log_prob, in_batch_order(micro_rows, [entropy.float() for _, entropy in outputs])
+
+
+def in_batch_order(micro_rows: list[slice | torch.Tensor], parts: list[torch.Tensor]) -> torch.Tensor:
+    """Per-micro-batch results, one part per entry of ``micro_rows``, as one tensor in the batch's row order."""
+    joined = torch.cat(parts)
+    if all(isinstance(rows, slice) for rows in micro_rows):
+        return joined
+    order = torch.cat([rows for rows in micro_rows])
+    return joined[torch.argsort(order).to(joined.device)]
 
 
 def update_once(

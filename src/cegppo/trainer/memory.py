@@ -141,7 +141,12 @@ def estimate_memory(
     sequence = prompt_tokens + rollout.max_new_tokens
     if rollout.engine == "vllm" and rollout.vllm.max_model_len:
         sequence = min(sequence, rollout.vllm.max_model_len)
-    micro_batch_tokens = actor.micro_batch_size * sequence
+    # A token budget bounds a micro-batch's positions, except a single longer row that runs alone.
+    micro_batch_tokens = (
+        max(actor.micro_batch_tokens, sequence)
+        if actor.micro_batch_tokens
+        else actor.micro_batch_size * sequence
+    )
     rollout_bytes, rollout_source = _rollout_memory(config, shape, sequence, param_bytes, device_bytes)
     asleep = rollout.engine == "vllm" and rollout.vllm.enable_sleep_mode and config.trainer.device != "cpu"
     return MemoryEstimate(
@@ -184,10 +189,12 @@ def _activations(config: Config, shape: ModelShape, tokens: int, sequence: int, 
     if config.model.fused_logprobs:
         head += 3 * 4 * min(config.model.logprob_chunk_size, tokens) * shape.vocab_size
     else:
-        head += actor.micro_batch_size * config.rollout.max_new_tokens * shape.vocab_size * (compute + 8)
-    mask = (
-        actor.micro_batch_size * sequence * sequence
-    )  # transformers' dense boolean mask when rows are padded
+        head += (
+            min(tokens, actor.micro_batch_size * config.rollout.max_new_tokens)
+            * shape.vocab_size
+            * (compute + 8)
+        )
+    mask = tokens * sequence  # transformers' dense boolean mask [rows, 1, L, L] when rows are padded
     # Under autocast float32 weights are cast to bfloat16 and saved for backward: all of them at once without
     # checkpointing, one layer's at a time with it.
     casts = 0
@@ -263,7 +270,12 @@ def _remedies(config: Config) -> str:
         *(["actor.param_dtype=bfloat16"] if actor.param_dtype == "float32" else []),
         *(["actor.optimizer_offload=true"] if not actor.optimizer_offload else []),
         *(["model.gradient_checkpointing=true"] if not model.gradient_checkpointing else []),
-        *(["a smaller actor.micro_batch_size"] if actor.micro_batch_size > 1 else []),
+        *(["a smaller actor.micro_batch_tokens"] if actor.micro_batch_tokens else []),
+        *(
+            ["a smaller actor.micro_batch_size"]
+            if not actor.micro_batch_tokens and actor.micro_batch_size > 1
+            else []
+        ),
         *(["a smaller rollout.vllm.gpu_memory_utilization"] if config.rollout.engine == "vllm" else []),
     ]
     return "try " + ", ".join(options)
