@@ -201,3 +201,22 @@ def test_entropy_controller_extrapolates_the_trend_and_resumes_with_it():
 def test_steering_config_errors_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides)
+
+
+def test_clipped_tokens_rarer_than_exp_minus_entropy_are_counted():
+    """The PA&LP clipped token has π_old 0.1 and the NA&LP one 0.05: at a position of entropy 1 (e^-1 ≈ 0.37) both
+    are rare, so raising the first's logit and lowering the second's move entropy as §5.1 says; at entropy 3
+    (e^-3 ≈ 0.05) neither is (0.05 is not below 0.0498), and the same gradients do the opposite."""
+    old, new, adv, mask = _quadrant_batch()
+    kw = {"prob_threshold": 0.5, "clip_ratio_low": 0.2, "clip_ratio_high": 0.2}
+    grad = torch.ones_like(adv)
+    assert "quadrant/PA&LP/clipped_rare" not in quadrant_totals(old, new, grad, adv, mask, **kw).metrics()
+    for entropy, rare in ((1.0, 1.0), (3.0, 0.0)):
+        totals = quadrant_totals(old, new, grad, adv, mask, **kw, old_entropy=torch.full_like(old, entropy))
+        metrics = (totals + totals).metrics()  # the counts add over micro-batches too
+        assert {q: metrics[f"quadrant/{q}/clipped_rare"] for q in QUADRANTS} == {
+            "PA&HP": 0.0,
+            "PA&LP": 2 * rare,
+            "NA&HP": 0.0,
+            "NA&LP": 2 * rare,
+        }

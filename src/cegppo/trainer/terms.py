@@ -110,6 +110,7 @@ class QuadrantObserver:
             prob_threshold=self.prob_threshold,
             clip_ratio_low=config.clip_ratio_low,
             clip_ratio_high=config.clip_ratio_high,
+            old_entropy=micro.pi_old_entropy,
         )
         self.totals = totals if self.totals is None else self.totals + totals
 
