@@ -104,10 +104,9 @@ class Probe:
             before = actor.recompute_pi_old(probe_set)
             # π_old of the batch at these weights, once for every variant that recomputes it (the run's own
             # update may have been about to take it from its first forward pass).
-            pi_old = (
-                batch.pi_old if batch.pi_old is not None and batch.pi_old.source == "recomputed" else None
-            )
-            pi_old = pi_old or actor.recompute_pi_old(batch.experience)
+            pi_old = batch.pi_old
+            if pi_old is None or pi_old.source != "recomputed":
+                pi_old = actor.recompute_pi_old(batch.experience)
             rows = []
             for variant in self.variants:
                 with _weights_restored(model):
