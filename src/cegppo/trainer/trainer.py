@@ -47,6 +47,7 @@ from cegppo.trainer.checkpoint import (
     set_rng_state,
 )
 from cegppo.trainer.dynamic_sampling import GenerationRound, needs_another_round, training_batch
+from cegppo.trainer.mfu import StepRoofline
 from cegppo.trainer.probe import Probe
 from cegppo.trainer.progress import Progress
 from cegppo.trainer.steering import BetaSteering
@@ -139,6 +140,7 @@ class Trainer:
         self.engine = build_rollout_engine(
             config.rollout.engine, self.model, self.tokenizer, **engine_options
         )
+        self.roofline = StepRoofline(config, self.model.config, device)
         self.probe = (
             Probe(config, self.engine, self.heldout, self._render) if config.analysis.probe_every else None
         )
@@ -221,11 +223,12 @@ class Trainer:
         beta1, beta2 = self.steering.betas(self.step_count + 1)
         self.actor.loss_config = dataclasses.replace(self.actor.loss_config, beta1=beta1, beta2=beta2)
         update_metrics: dict[str, float] = {}
+        old_logprob_passes = 0
         if len(experience):
+            reference_only = self.actor.old_from_update(len(experience), n)
+            old_logprob_passes = (not reference_only) + (self.actor.ref_model is not None)
             with _timed(timings, "old_logprob"):
-                self.actor.compute_old_log_probs(
-                    experience, reference_only=self.actor.old_from_update(len(experience), n)
-                )
+                self.actor.compute_old_log_probs(experience, reference_only=reference_only)
             if self.probe is not None and self.probe.due(self.step_count + 1):
                 with _timed(timings, "probe"):  # every variant's update from here, then back to here
                     rows = self.probe.run(self.step_count + 1, config.trainer.seed, experience, self.actor, n)
@@ -243,6 +246,12 @@ class Trainer:
             **update_metrics,
             **{f"timing/{name}_s": seconds for name, seconds in timings.items()},
             "perf/tokens_per_s": sum(r.rollout.attention_mask.sum().item() for r in rounds) / timings["step"],
+            **self.roofline.metrics(
+                [r.rollout for r in rounds],
+                (experience.attention_mask[:, : -experience.response_len], experience.response_mask),
+                timings,
+                old_logprob_passes,
+            ),
         }
         if len(experience):
             mean_entropy = masked_mean(experience.old_entropy, experience.response_mask).item()
