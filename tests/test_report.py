@@ -289,7 +289,7 @@ def test_a_report_of_seeded_runs_shows_bands_unless_per_seed(tmp_path):
     ]
     grouped = write_report(paths, tmp_path / "grouped.html", smooth=3)
     per_seed = write_report(paths, tmp_path / "per_seed.html", smooth=3, per_seed=True)
-    assert len(grouped.figures) == len(per_seed.figures) == 7
+    assert len(grouped.figures) == len(per_seed.figures) == 8
     for a, b in zip(grouped.figures, per_seed.figures, strict=True):
         assert a.read_bytes() != b.read_bytes(), a.name
     page = grouped.html.read_text()
