@@ -58,9 +58,9 @@ def _decode_attention(
     if queries != 1 or kwargs.get("softcap") is not None or getattr(module, "sliding_window", None):
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
     kv_heads = key.shape[1]
-    # Scores in float32, as SDPA accumulates them: rounded to bf16 they would move the sampler's log-probs
-    # away from the trainer's (rollout/logprob_diff up by a fifth on the demo).
-    grouped = query.float().view(rows, kv_heads, heads // kv_heads, head_dim)
+    # The trainer's SDPA (autocast) rounds q and K to the cache dtype and accumulates the scores in float32;
+    # the same here keeps the sampler's log-probs next to the trainer's.
+    grouped = query.to(key.dtype).float().view(rows, kv_heads, heads // kv_heads, head_dim)
     scores = torch.matmul(grouped, key.float().transpose(-1, -2)) * (scaling or head_dim**-0.5)
     if attention_mask is not None:
         scores = scores.masked_fill(~attention_mask, float("-inf"))
