@@ -58,14 +58,17 @@ def _decode_attention(
     if queries != 1 or kwargs.get("softcap") is not None or getattr(module, "sliding_window", None):
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
     kv_heads = key.shape[1]
-    # The trainer's SDPA (autocast) rounds q and K to the cache dtype and accumulates the scores in float32;
-    # the same here keeps the sampler's log-probs next to the trainer's.
-    grouped = query.to(key.dtype).float().view(rows, kv_heads, heads // kv_heads, head_dim)
-    scores = torch.matmul(grouped, key.float().transpose(-1, -2)) * (scaling or head_dim**-0.5)
-    if attention_mask is not None:
-        scores = scores.masked_fill(~attention_mask, float("-inf"))
-    weights = torch.softmax(scores, dim=-1).to(value.dtype)
-    output = torch.matmul(weights, value).view(rows, heads, 1, head_dim)
+    # The trainer's SDPA (autocast) rounds q and K to the cache dtype and keeps the scores in float32; the
+    # same here keeps the sampler's log-probs next to the trainer's. Autocast must be off for it: under
+    # autocast this matmul would run in bf16 and round the scores themselves (to 1/16 at a score of 10), which
+    # put the sampler 1.3x as far from the trainer as ``generate`` was.
+    with torch.autocast(query.device.type, enabled=False):
+        grouped = query.to(key.dtype).float().view(rows, kv_heads, heads // kv_heads, head_dim)
+        scores = torch.matmul(grouped, key.float().transpose(-1, -2)) * (scaling or head_dim**-0.5)
+        if attention_mask is not None:
+            scores = scores.masked_fill(~attention_mask, float("-inf"))
+        weights = torch.softmax(scores, dim=-1).to(value.dtype)
+        output = torch.matmul(weights, value).view(rows, heads, 1, head_dim)
     return output.transpose(1, 2), None
 
 
