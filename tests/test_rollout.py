@@ -237,28 +237,6 @@ def test_bf16_autocast_is_close_to_float32(tiny_llama, tiny_tokenizer):
     torch.testing.assert_close(batch.sampler_logprobs, expected, atol=0.05, rtol=0.05)
 
 
-def test_decode_attention_keeps_float32_scores_under_autocast():
-    # The trainer's SDPA rounds q and K to bf16 but keeps the scores in float32; under autocast a plain
-    # matmul would round the scores to bf16 too, which moved the sampler's log-probs away from the trainer's.
-    from cegppo.rollout.hf import _decode_attention
-
-    generator = torch.Generator().manual_seed(0)
-    query = 3 * torch.randn(4, 6, 1, 16, generator=generator)
-    key = (3 * torch.randn(4, 2, 20, 16, generator=generator)).bfloat16()
-    value = torch.randn(4, 2, 20, 16, generator=generator).bfloat16()
-    mask = torch.ones(4, 1, 1, 20, dtype=torch.bool)
-    mask[0, ..., :5] = False
-    module = torch.nn.Module()
-    plain, _ = _decode_attention(module, query, key, value, mask)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        autocast, _ = _decode_attention(module, query, key, value, mask)
-    assert torch.equal(plain, autocast)
-    scores = query.bfloat16().double().view(4, 2, 3, 16) @ key.double().transpose(-1, -2) / 4
-    weights = scores.masked_fill(~mask, float("-inf")).softmax(-1)
-    exact = (weights @ value.double()).view(4, 6, 1, 16).transpose(1, 2)
-    torch.testing.assert_close(plain.double(), exact, atol=0.02, rtol=0.02)
-
-
 def test_engine_contract(tiny_llama, tiny_qwen2, tiny_tokenizer):
     engine = build_rollout_engine("hf", tiny_llama, tiny_tokenizer, batch_size=2)
     assert isinstance(engine, HFRolloutEngine) and isinstance(engine, RolloutEngine)

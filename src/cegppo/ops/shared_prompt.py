@@ -64,19 +64,13 @@ def check_cache_usable(model: nn.Module) -> None:
 
 
 def prefill(
-    module: nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    *,
-    cache: DynamicCache | None = None,
-    **kwargs: object,
+    module: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: object
 ) -> tuple[DynamicCache, object]:
-    """Run ``module`` (a causal LM or its decoder) on left-padded prompts into ``cache`` (default: a fresh
-    ``DynamicCache``).
+    """Run ``module`` (a causal LM or its decoder) on left-padded prompts into a fresh cache.
 
     Positions follow the mask as in ``generate``. Returns the filled cache and the module's output.
     """
-    cache = DynamicCache(config=module.config) if cache is None else cache
+    cache = DynamicCache(config=module.config)
     outputs = module(
         input_ids=input_ids,
         attention_mask=attention_mask,
