@@ -59,6 +59,9 @@ def write_synthetic_run(
             "actor/pg_clipfrac_high": clip_high,
             "actor/pg_clipfrac_dual": abs(rng.gauss(0.0002, 0.0001)),
             "actor/grad_norm": None if step == 3 else 0.5,  # a skipped update logs null
+            "perf/mfu/gen": 0.3 + rng.gauss(0, 0.02),
+            "perf/mfu/old_logprob": 0.5 + rng.gauss(0, 0.02),
+            "perf/mfu/update": 0.4 + rng.gauss(0, 0.02),
         }
         if quadrants:
             shares = [0.45, 0.1, 0.35, 0.1]
@@ -135,7 +138,16 @@ def test_report_embeds_every_figure_and_writes_the_pngs_beside_it(two_run_report
     page = report.html.read_text()
     images = embedded_pngs(page)
     slugs = [panel.slug for panel in report.panels]
-    assert slugs == ["reward", "validation", "entropy", "clipping", "quadrants", "entropy_dynamics", "length"]
+    assert slugs == [
+        "reward",
+        "validation",
+        "entropy",
+        "clipping",
+        "quadrants",
+        "entropy_dynamics",
+        "length",
+        "roofline",
+    ]
     assert len(images) == len(report.figures) == len(slugs)  # the quadrant panel shows the run that has them
     assert all(image.startswith(PNG_MAGIC) for image in images)
     assert [p.name for p in report.figures] == [f"{slug}.png" for slug in slugs]
@@ -182,10 +194,10 @@ def test_a_run_without_any_optional_metric_gets_notes_not_errors(tmp_path):
 
     by_slug = {panel.slug: panel for panel in report.panels}
     assert by_slug["reward"].png is not None
-    for slug in ("validation", "entropy", "clipping", "quadrants", "entropy_dynamics", "length"):
+    for slug in ("validation", "entropy", "clipping", "quadrants", "entropy_dynamics", "length", "roofline"):
         assert by_slug[slug].png is None and by_slug[slug].notes == ["Not logged by any of these runs."]
     page = report.html.read_text()
-    assert len(embedded_pngs(page)) == 1 and page.count("Not logged by any of these runs.") == 6
+    assert len(embedded_pngs(page)) == 1 and page.count("Not logged by any of these runs.") == 7
     assert "No run has a summary.json" in page
 
 
@@ -277,7 +289,7 @@ def test_a_report_of_seeded_runs_shows_bands_unless_per_seed(tmp_path):
     ]
     grouped = write_report(paths, tmp_path / "grouped.html", smooth=3)
     per_seed = write_report(paths, tmp_path / "per_seed.html", smooth=3, per_seed=True)
-    assert len(grouped.figures) == len(per_seed.figures) == 7
+    assert len(grouped.figures) == len(per_seed.figures) == 8
     for a, b in zip(grouped.figures, per_seed.figures, strict=True):
         assert a.read_bytes() != b.read_bytes(), a.name
     page = grouped.html.read_text()

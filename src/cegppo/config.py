@@ -278,6 +278,9 @@ class TrainerConfig:
     # Refuse to start when the memory estimate (printed at start) exceeds the device's free memory (the CPU's
     # RAM); false: a warning instead.
     check_memory: bool = True
+    # The peak matmul rate perf/mfu/* divides by, e.g. a GPU's datasheet bf16 dense figure (989 for an H100
+    # SXM); None: measured once per process by a short matmul probe in each phase's dtype.
+    peak_tflops: float | None = None
 
 
 @dataclass
@@ -839,7 +842,7 @@ def _check_eval(e: EvalConfig) -> None:
 
 def _check_trainer(t: TrainerConfig) -> None:
     _positive("trainer", t, "total_steps")
-    _positive("trainer", t, "num_threads", optional=True)
+    _positive("trainer", t, "num_threads", "peak_tflops", optional=True)
     _non_negative("trainer", t, "save_every", "keep_checkpoints", "num_logged_samples")
     _check(
         t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"),

@@ -354,6 +354,14 @@ def build_panels(
             "Response length",
             "Mean response length in tokens, and the fraction of responses cut off at max_new_tokens.",
         ),
+        Panel(
+            "roofline",
+            "Fraction of peak",
+            "Each phase's useful FLOPs (from the model config: dense and causal attention terms, the tokens "
+            "actually run, a shared prompt once) over its seconds and the machine's peak matmul rate "
+            "(<code>perf/mfu/&lt;phase&gt;</code>, verl's MFU; the peak is measured by a matmul probe or "
+            "given as <code>trainer.peak_tflops</code>).",
+        ),
     ]
     val_cells = [(key, key.removeprefix("val/"), "accuracy") for key in val_keys(runs)]
     grids: dict[str, tuple[list[tuple[str, str, str]], int]] = {
@@ -395,6 +403,14 @@ def build_panels(
                 ("response_length/clip_ratio", "Truncated responses", "fraction"),
             ],
             2,
+        ),
+        "roofline": (
+            [
+                ("perf/mfu/gen", "Generation", "fraction of peak"),
+                ("perf/mfu/old_logprob", "Old log-probs / reference", "fraction of peak"),
+                ("perf/mfu/update", "Update (forward + backward)", "fraction of peak"),
+            ],
+            3,
         ),
     }
     probe_rows = [row for run in runs for row in run.probe]

@@ -55,6 +55,7 @@ from cegppo.trainer.dynamic_sampling import (
     training_batch,
 )
 from cegppo.trainer.memory import MemoryEstimate, ModelShape, check_fits, device_memory, estimate_memory
+from cegppo.trainer.mfu import StepRoofline
 from cegppo.trainer.optim import allocate_state
 from cegppo.trainer.probe import Probe
 from cegppo.trainer.progress import Progress
@@ -201,6 +202,7 @@ class Trainer:
         self._load_policy(checkpoint)
         self.engine = self._build_engine()
         self._check_reward()
+        self.roofline = StepRoofline(config, self.model.config, self.actor.device)
         self.probe = (
             Probe(config, self.engine, self.heldout, self._render) if config.analysis.probe_every else None
         )
@@ -409,7 +411,12 @@ class Trainer:
         beta1, beta2 = self.steering.betas(self.step_count + 1)
         self.actor.loss_config = dataclasses.replace(self.actor.loss_config, beta1=beta1, beta2=beta2)
         update: UpdateResult | None = None
+        old_logprob_passes = 0
         if len(experience):
+            recomputed = self.actor.pi_old_source(len(experience), n) == "recomputed"
+            old_logprob_passes = recomputed + (
+                self.actor.ref_model is not None
+            )  # the passes the roofline counts
             with _timed(timings, "old_logprob"):
                 batch = self.actor.old_policy(experience, group_size=n)
             if self.probe is not None and self.probe.due(self.step_count + 1):
@@ -432,6 +439,12 @@ class Trainer:
             **(update.metrics if update else {}),
             **{f"timing/{name}_s": seconds for name, seconds in timings.items()},
             "perf/tokens_per_s": sum(r.rollout.attention_mask.sum().item() for r in rounds) / timings["step"],
+            **self.roofline.metrics(
+                [r.rollout for r in rounds],
+                (experience.attention_mask[:, : -experience.response_len], experience.response_mask),
+                timings,
+                old_logprob_passes,
+            ),
         }
         if update is not None:
             mean_entropy = masked_mean(update.policy.entropy, experience.response_mask).item()
