@@ -216,8 +216,9 @@ def test_report_of_synthetic_runs(capsys, tmp_path):
     rc, output = run_cli(capsys, "report", *runs, "-o", tmp_path / "out" / "cmp.html")
     assert rc == 0, output
     page = (tmp_path / "out" / "cmp.html").read_text()
-    assert page.count("data:image/png;base64,") == 7
-    assert len(list((tmp_path / "out" / "cmp_figures").glob("*.png"))) == 7
+    # reward, validation, entropy, clipping, quadrants, entropy dynamics, length, fraction of peak
+    assert page.count("data:image/png;base64,") == 8
+    assert len(list((tmp_path / "out" / "cmp_figures").glob("*.png"))) == 8
     assert "report: " in output
 
 
