@@ -76,19 +76,25 @@ def contrast(rows: Sequence[dict[str, Any]], with_beta: str, without: str, epoch
     return np.array([a[step] - b[step] for step in sorted(set(a) & set(b))])
 
 
-def clipped(rows: Sequence[dict[str, Any]], quadrant: str, epoch: int) -> float:
-    values = [
-        row[f"clipped/{quadrant}"] for row in rows if row["variant"] == BOTH and int(row["epoch"]) == epoch
-    ]
+def clipped(rows: Sequence[dict[str, Any]], quadrant: str, epoch: int, rare: bool = False) -> float:
+    """Mean clipped tokens of ``quadrant`` per update of the (1, 1) variant at pass ``epoch``; with ``rare``, only
+    those rarer than e^-H of their position under π_old (Stage 0: the ones whose push moves entropy §5.1's way)."""
+    key = f"quadrant/{quadrant}/clipped_rare" if rare else f"clipped/{quadrant}"
+    values = [row[key] for row in rows if row["variant"] == BOTH and int(row["epoch"]) == epoch and key in row]
     return float(np.mean(values)) if values else math.nan
 
 
 def verdict_line(name: str, decision: PairedDecision, trajectories: int) -> str:
-    reach = "" if trajectories >= 6 else f" (only {trajectories} trajectories: p ≤ {ALPHA} needs ≥ 6)"
+    if decision.verdict == "inconclusive" and trajectories < 6:
+        note = f" (only {trajectories} trajectories: p ≤ {ALPHA} needs ≥ 6)"
+    elif decision.verdict == "not supported" and min(decision.p, decision.p_opposite) > ALPHA:
+        note = f" (negligible: the interval lies inside ±{NEGLIGIBLE})"
+    else:
+        note = ""
     return (
         f"| {name} | {decision.difference:+.4f} [{decision.interval[0]:+.4f}, {decision.interval[1]:+.4f}] "
         f"| {decision.p:.3g} / {decision.p_opposite:.3g} | {decision.wilcoxon_p:.3g} "
-        f"| **{decision.verdict}**{reach} |"
+        f"| **{decision.verdict}**{note} |"
     )
 
 
@@ -98,8 +104,8 @@ def main(root: Path) -> None:
         raise SystemExit(f"no */probe.jsonl under {root}")
     print(f"## Stage 1: {len(by_seed)} of {PLANNED_TRAJECTORIES} trajectories ({root})\n")
     print("| seed | probe points | L1 (pass 1) | L2 (pass 2) | β1 at pass 2 | β2 at pass 1 "
-          "| clipped PA&LP / NA&LP, pass 1 | pass 2 |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|")
+          "| clipped PA&LP / NA&LP, pass 1 | pass 2 | of them below e^-H, pass 2 |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
     means: dict[str, list[float]] = {}
     for seed, rows in sorted(by_seed.items()):
         cells = []
@@ -112,7 +118,8 @@ def main(root: Path) -> None:
         print(
             f"| {seed} | {points} of {PLANNED_POINTS} | {' | '.join(cells)} "
             f"| {clipped(rows, 'PA&LP', 1):.1f} / {clipped(rows, 'NA&LP', 1):.1f} "
-            f"| {clipped(rows, 'PA&LP', 2):.1f} / {clipped(rows, 'NA&LP', 2):.1f} |"
+            f"| {clipped(rows, 'PA&LP', 2):.1f} / {clipped(rows, 'NA&LP', 2):.1f} "
+            f"| {clipped(rows, 'PA&LP', 2, rare=True):.1f} / {clipped(rows, 'NA&LP', 2, rare=True):.1f} |"
         )
     print(
         f"\nVerdicts over trajectories (one-sided exact sign-flip test, α = {ALPHA}; negligible band "
