@@ -80,7 +80,9 @@ def clipped(rows: Sequence[dict[str, Any]], quadrant: str, epoch: int, rare: boo
     """Mean clipped tokens of ``quadrant`` per update of the (1, 1) variant at pass ``epoch``; with ``rare``, only
     those rarer than e^-H of their position under π_old (Stage 0: the ones whose push moves entropy §5.1's way)."""
     key = f"quadrant/{quadrant}/clipped_rare" if rare else f"clipped/{quadrant}"
-    values = [row[key] for row in rows if row["variant"] == BOTH and int(row["epoch"]) == epoch and key in row]
+    values = [
+        row[key] for row in rows if row["variant"] == BOTH and int(row["epoch"]) == epoch and key in row
+    ]
     return float(np.mean(values)) if values else math.nan
 
 
