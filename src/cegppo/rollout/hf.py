@@ -150,7 +150,9 @@ class HFRolloutEngine:
         try:
             model.eval()
             model.generation_config = GenerationConfig()
-            with torch.inference_mode(), seeded(params.seed, device), autocast:
+            # no_grad, not inference_mode: under inference_mode autocast does not cache its weight casts, so
+            # every decoding step cast every weight to bf16 again (generation took 1.15x the CPU time)
+            with torch.no_grad(), seeded(params.seed, device), autocast:
                 for start in range(0, rows, chunk):
                     mask = prompt_mask[start : start + chunk]
                     # Drop the padding columns this chunk does not need (rows are left-padded to the
