@@ -11,8 +11,8 @@ from typing import Any, Protocol
 
 import torch
 
-from cegppo.losses.config import SHARED_SETTINGS, PolicyLossConfig
-from cegppo.losses.settings import LossSettings, SettingError, declare, declared_settings
+from cegppo.losses.config import SHARED_SETTINGS, PolicyLossConfig, RolloutCorrectionSettings, SharedSettings
+from cegppo.losses.settings import LossSettings, SettingError, declare, declared_settings, withdraw
 
 
 class PolicyLossFn(Protocol):
@@ -112,7 +112,7 @@ class _LossFunctions(MutableMapping[str, PolicyLossFn]):
         register_policy_loss(name)(fn)
 
     def __delitem__(self, name: str) -> None:
-        del POLICY_LOSSES[name]
+        _withdraw_unused(POLICY_LOSSES.pop(name).settings)
 
     def __iter__(self) -> Iterator[str]:
         return iter(POLICY_LOSSES)
@@ -152,9 +152,18 @@ def register_policy_loss(
             token_selector=previous.token_selector if previous else None,
             pi_old_from_sampler=pi_old_from_sampler,
         )
+        if previous is not None:
+            _withdraw_unused(previous.settings)
         return fn
 
     return decorator
+
+
+def _withdraw_unused(classes: tuple[type[LossSettings], ...]) -> None:
+    """Withdraw the settings no registered loss reads any more (the shared ones stay)."""
+    in_use = {cls for loss in POLICY_LOSSES.values() for cls in loss.settings}
+    for cls in set(classes) - in_use - {SharedSettings, RolloutCorrectionSettings}:
+        withdraw(cls)
 
 
 def register_token_selector(name: str) -> Callable[[TokenSelector], TokenSelector]:

@@ -169,6 +169,12 @@ def declare(cls: type[LossSettings]) -> type[LossSettings]:
     return cls
 
 
+def withdraw(cls: type[LossSettings]) -> None:
+    """Remove the settings ``cls`` declares (its losses are unregistered)."""
+    for name in [name for name, d in _DECLARED.items() if d.owner is cls]:
+        del _DECLARED[name]
+
+
 def _identity(cls: type) -> tuple[str, str]:
     return cls.__module__, cls.__qualname__
 
