@@ -441,7 +441,9 @@ def _move_old_keys(values: dict[str, Any], path: Path) -> list[tuple[str, str]]:
     found: list[tuple[str, str, Any]] = []  # (as the file spells it, its key now, value)
     if isinstance(actor.get("policy_loss"), str):
         found += [("actor.policy_loss", key, value) for key, value in _shorthand(actor.pop("policy_loss"))]
-    found += [(old, new, actor.pop(old[6:])) for old, new in MOVED_KEYS.items() if old[6:] in actor]
+    for old, new in MOVED_KEYS.items():
+        if (leaf := old.removeprefix("actor.")) in actor:
+            found.append((old, new, actor.pop(leaf)))
     spelled: dict[str, str] = {}
     for spelling, key, value in found:
         if key in spelled or _contains(values, key):
