@@ -3,6 +3,7 @@ called with: the settings every loss declares (:mod:`cegppo.losses.settings`), p
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -159,13 +160,19 @@ class PolicyLossConfig:
         for name, value in (("batch_num_tokens", batch_num_tokens), ("global_batch_size", global_batch_size)):
             if not (value is None or (isinstance(value, int) and value >= 0)):
                 raise SettingError(name, value, "must be an integer >= 0, or None to use the local batch")
-        object.__setattr__(self, "_groups", groups)
-        object.__setattr__(self, "dp_size", dp_size)
-        object.__setattr__(self, "batch_num_tokens", batch_num_tokens)
-        object.__setattr__(self, "global_batch_size", global_batch_size)
+        # Plain attributes, so that a loss reads its settings at attribute speed.
+        self.__dict__.update(
+            {f.name: getattr(group, f.name) for group in groups.values() for f in dataclasses.fields(group)}
+        )
+        self.__dict__.update(
+            _groups=groups,
+            dp_size=dp_size,
+            batch_num_tokens=batch_num_tokens,
+            global_batch_size=global_batch_size,
+        )
 
     def __getattr__(self, name: str) -> Any:
-        # Called only for names that are not plain attributes: the declared settings.
+        # Called only for names that are not plain attributes: a setting declared after this config was made.
         declared = None if name.startswith("_") else find_setting(name)
         if declared is None:
             raise AttributeError(f"PolicyLossConfig has no setting {name!r}")
