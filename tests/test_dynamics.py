@@ -113,7 +113,7 @@ def test_entropy_controller_moves_beta_toward_the_band_and_clamps():
             "actor.entropy_control.target_high=0.6",
             "actor.entropy_control.step_size=0.1",
             "actor.entropy_control.adjust_beta2=true",
-            "actor.beta1=0.5",
+            "actor.policy_loss.beta1=0.5",
             "actor.entropy_control.beta1_max=0.65",
             "actor.entropy_control.trend_weight=0",  # the entropy measured, not its extrapolation
         ],
@@ -182,7 +182,7 @@ def test_entropy_controller_extrapolates_the_trend_and_resumes_with_it():
             [
                 "actor.entropy_control.enabled=true",
                 "actor.entropy_control.target_high=1.0",
-                "actor.beta1=2.0",
+                "actor.policy_loss.beta1=2.0",
             ],
             "beta1_min/beta1_max",
         ),

@@ -3,16 +3,31 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import pytest
 import torch
 
 from _tiny import tiny_model, tiny_tokenizer
-from cegppo.config import load_config
-from cegppo.losses import POLICY_LOSS_REGISTRY, agg_loss, kl_penalty, register_policy_loss
+from cegppo.config import ConfigError, load_config
+from cegppo.losses import (
+    POLICY_LOSS_REGISTRY,
+    LossSettings,
+    above,
+    agg_loss,
+    declared_settings,
+    kl_penalty,
+    register_policy_loss,
+    setting,
+)
 from cegppo.trainer.actor import Actor, ActorSettings, update_once
 from cegppo.trainer.terms import LOSS_TERMS, MicroBatch, register_loss_term
 from test_trainer import _experience
+
+
+@dataclass(frozen=True)
+class TruncatedReinforceSettings(LossSettings):
+    truncation: float = setting(2.0, above(0))  # c, the key actor.policy_loss.truncation
 
 
 def truncated_reinforce(
@@ -24,14 +39,14 @@ def truncated_reinforce(
     config=None,
     rollout_is_weights=None,
 ):
-    """−sg(min(δ, c))·A·log π: REINFORCE with a truncated importance weight (c = ``clip_ratio_c``)."""
-    weight = (log_prob - old_log_prob).detach().exp().clamp(max=config.clip_ratio_c)
+    """−sg(min(δ, c))·A·log π: REINFORCE with a truncated importance weight (c = ``truncation``)."""
+    weight = (log_prob - old_log_prob).detach().exp().clamp(max=config.truncation)
     pg_losses = -weight * advantages * log_prob
     if rollout_is_weights is not None:
         pg_losses = pg_losses * rollout_is_weights
     loss = agg_loss(pg_losses, response_mask, loss_agg_mode, **config.global_batch_info)
     return loss, {
-        "actor/truncated_frac": ((weight >= config.clip_ratio_c).float() * response_mask).mean().item()
+        "actor/truncated_frac": ((weight >= config.truncation).float() * response_mask).mean().item()
     }
 
 
@@ -49,11 +64,27 @@ def kl_to_pi_old(actor: Actor):
 
 @pytest.fixture
 def registered():
-    register_policy_loss("truncated_reinforce")(truncated_reinforce)
+    register_policy_loss("truncated_reinforce", settings=TruncatedReinforceSettings)(truncated_reinforce)
     register_loss_term("kl_to_pi_old")(kl_to_pi_old)
     yield
     del POLICY_LOSS_REGISTRY["truncated_reinforce"]
     del LOSS_TERMS["kl_to_pi_old"]
+    assert "truncation" not in declared_settings()  # its setting left with it
+
+
+def test_a_registered_losss_setting_is_a_run_config_key_validated_as_declared(registered):
+    config = load_config(None, ["actor.policy_loss=truncated_reinforce", "actor.policy_loss.truncation=3"])
+    assert config.policy_loss_config().truncation == 3.0
+    assert (
+        load_config(
+            None, ["actor.policy_loss=truncated_reinforce(truncation=1.5)"]
+        ).actor.policy_loss.truncation
+        == 1.5
+    )
+    with pytest.raises(
+        ConfigError, match=r"actor.policy_loss.truncation=-1.0 is invalid: must be a finite number > 0"
+    ):
+        load_config(None, ["actor.policy_loss=truncated_reinforce", "actor.policy_loss.truncation=-1"])
 
 
 def gradient(actor: Actor, batch) -> tuple[torch.Tensor, dict[str, float]]:
@@ -92,9 +123,14 @@ def test_a_registered_loss_and_term_train_like_the_built_in_ones(registered):
         copy.deepcopy(model), ActorSettings.from_config(load_config(None, ["actor.bf16_autocast=false"]))
     )
     result = update_once(
-        probe, _experience(model, tokenizer), 1, "truncated_reinforce", {"clip_ratio_c": 3.0}
+        probe,
+        _experience(model, tokenizer),
+        1,
+        "truncated_reinforce",
+        {"truncation": 3.0, "clip_ratio_c": 3.0},
     )
-    assert probe.loss.name == "truncated_reinforce" and probe.loss_config.clip_ratio_c == 3.0
+    assert probe.loss.name == "truncated_reinforce" and probe.loss_config.truncation == 3.0
+    assert probe.loss_config.clip_ratio_c == 3.0
     assert result.metrics["actor/num_updates"] == 2 and "actor/kl_to_pi_old" in result.metrics
     assert result.policy.source == "recomputed"
     with pytest.raises(ValueError, match="unknown settings \\['clip_ratio'\\]"):

@@ -341,7 +341,7 @@ def test_policy_loss_dapo_says_which_keys_make_it_and_the_preset_applies_them(
     )
     assert rc == 0, output
     config = (tmp_path / "run" / "config.yaml").read_text()
-    assert "policy_loss: vanilla" in config and "clip_ratio_high: 0.28" in config
+    assert "policy_loss:\n    loss_mode: vanilla" in config and "clip_ratio_high: 0.28" in config
     assert "clip_ratio_low: 0.1" in config  # the user's override comes after the preset
     rc, output = run_cli(capsys, "train", "--preset", "ppo")
     assert rc == 2 and "unknown preset 'ppo'" in output

@@ -225,13 +225,9 @@ def test_clip_cov_detaches_a_reproducible_random_subset_of_covariance_band_token
     adv = torch.randn(8, 1, dtype=torch.float64).expand(8, 32) * 3
     batch = {"old_log_prob": old, "log_prob": new, "advantages": adv, "response_mask": torch.ones_like(old)}
 
-    def run(seed):
-        cfg = PolicyLossConfig(
-            clip_cov_ratio=0.02,
-            clip_cov_lb=0.5,
-            clip_cov_ub=50.0,
-            generator=torch.Generator().manual_seed(seed),
-        )
+    def run(seed):  # the draw is torch's generator's
+        cfg = PolicyLossConfig(clip_cov_ratio=0.02, clip_cov_lb=0.5, clip_cov_ub=50.0)
+        torch.manual_seed(seed)
         _, grad_cov = grad_wrt_log_prob("clip_cov", batch, cfg)
         _, grad_ppo = grad_wrt_log_prob("vanilla", batch, PolicyLossConfig(clip_ratio_c=None))
         return (grad_cov == 0) & (grad_ppo != 0), grad_cov, grad_ppo
@@ -354,8 +350,9 @@ def test_all_zero_mask_gives_zero_loss_and_zero_gradient(name, mode):
 
 @pytest.mark.parametrize("name", ALL_LOSSES)
 def test_bfloat16_inputs_accumulate_in_float32(name):
-    def config():  # clip_cov draws at random: the same seed for both precisions
-        return default_config(generator=torch.Generator().manual_seed(0))
+    def config():  # clip_cov draws at random (torch's generator): the same seed for both precisions
+        torch.manual_seed(0)
+        return default_config()
 
     batch = {k: v.detach().to(torch.bfloat16) for k, v in region_batch().items()}
     batch["log_prob"].requires_grad_(True)
@@ -373,14 +370,10 @@ def test_covariance_losses_split_exactly_with_the_whole_batch_selection(name, mo
     full = random_rows()
     new, mask = full["log_prob"], full["response_mask"]
 
-    def config() -> PolicyLossConfig:
+    def config() -> PolicyLossConfig:  # Clip-Cov draws at random (torch's generator): the same draw each time
+        torch.manual_seed(0)
         return PolicyLossConfig(
-            clip_cov_ratio=0.2,
-            clip_cov_lb=0.05,
-            clip_cov_ub=10.0,
-            kl_cov_ratio=0.2,
-            loss_scale_factor=9.0,
-            generator=torch.Generator().manual_seed(0),
+            clip_cov_ratio=0.2, clip_cov_lb=0.05, clip_cov_ub=10.0, kl_cov_ratio=0.2, loss_scale_factor=9.0
         )
 
     loss_full, grad_full = grad_wrt_log_prob(name, full, config(), mode)

@@ -139,10 +139,14 @@ def test_loss_settings_are_spelled_name_and_key_values(spec, expected):
     [
         (
             '["ce_gppo(betaX=1)"]',
-            "loss setting 'ce_gppo(betaX=1)': actor has no key 'betaX'; did you mean beta2, beta1",
+            "loss setting 'ce_gppo(betaX=1)': 'betaX' is neither a loss setting nor an actor key; did you mean "
+            "beta2, beta1",
         ),
         ('["grpo_plus"]', "loss setting 'grpo_plus': unknown loss 'grpo_plus'"),
-        ('["ce_gppo(beta1=-1)"]', "loss setting 'ce_gppo(beta1=-1)': actor.beta1=-1.0 is invalid"),
+        (
+            '["ce_gppo(beta1=-1)"]',
+            "loss setting 'ce_gppo(beta1=-1)': actor.policy_loss.beta1=-1.0 is invalid",
+        ),
         ('["ce_gppo(beta1)"]', "'beta1' must look like key=value"),
         ('["ce_gppo(beta1=0"]', "must look like name or name(key=value, ...)"),
     ],
@@ -222,5 +226,7 @@ def test_cegppo_probe_rejects_a_bad_variant_before_creating_anything(tmp_path, c
 
     code = main(["probe", f"trainer.output_dir={tmp_path}", "--variants", "ce_gppo(beta3=1)"])
     assert code == 2
-    assert "loss setting 'ce_gppo(beta3=1)': actor has no key 'beta3'" in capsys.readouterr().out
+    assert "loss setting 'ce_gppo(beta3=1)': 'beta3' is neither a loss setting nor an actor key" in (
+        capsys.readouterr().out
+    )
     assert not any(tmp_path.iterdir())

@@ -290,7 +290,7 @@ def test_off_policy_update_needs_the_old_log_prob_pass():
         ["actor.ppo_epochs=2"],
         ["actor.ppo_mini_batch_size=1"],
         ["actor.policy_loss=clip_cov"],
-        ["actor.rollout_is=token"],
+        ["algorithm.rollout_correction.rollout_is=token"],
         ["actor.top_entropy_quantile=0.2"],
     )
     for extra in extras:

@@ -214,9 +214,9 @@ def test_micro_batch_splitting_never_changes_the_gradient(loss, agg):
             "actor.clip_ratio_high=0.01",
             # Clip-Cov/KL-Cov: select several tokens (Clip-Cov among |Cov| in (0.05, 5)), so a per-micro-batch
             # selection would differ
-            "actor.clip_cov_ratio=0.1",
-            "actor.clip_cov_lb=0.05",
-            "actor.kl_cov_ratio=0.1",
+            "actor.policy_loss.clip_cov_ratio=0.1",
+            "actor.policy_loss.clip_cov_lb=0.05",
+            "actor.policy_loss.kl_cov_ratio=0.1",
         ],
     )
     actor = Actor(model, ActorSettings.from_config(config))
@@ -684,11 +684,15 @@ def test_rollout_correction_weights_and_rejects_before_any_loss():
     tokenizer = tiny_tokenizer()
     model = tiny_model("llama", tokenizer, seed=2)
     batch = _mismatched_experience(model, tokenizer)
-    settings = ["actor.bf16_autocast=false", "actor.policy_loss=sapo", "actor.rollout_is=token"]
+    settings = [
+        "actor.bf16_autocast=false",
+        "actor.policy_loss=sapo",
+        "algorithm.rollout_correction.rollout_is=token",
+    ]
     settings += [
-        "actor.rollout_is_threshold=1.5",
-        "actor.rollout_rs=seq_max_k3",
-        "actor.rollout_rs_threshold=1.0",
+        "algorithm.rollout_correction.rollout_is_threshold=1.5",
+        "algorithm.rollout_correction.rollout_rs=seq_max_k3",
+        "algorithm.rollout_correction.rollout_rs_threshold=1.0",
     ]
     actor = Actor(model, actor_settings(settings))
     corrected, metrics = actor.correct_for_sampler(batch)
@@ -749,9 +753,9 @@ def test_bypass_mode_quadrants_clip_against_the_sampler_as_its_loss_does():
         ({"actor.policy_loss": "sapo"}, "actor/sapo_gate_mean"),
         ({"actor.policy_loss": "dppo_tv", "actor.clip_ratio_low": 0.01}, "actor/dppo_masked_frac"),
         ({"actor.policy_loss": "vespo"}, "actor/vespo_phi_mean"),
-        ({"actor.policy_loss": "geo_mean", "actor.rollout_rs": "seq_mean_k3", "actor.rollout_rs_threshold": 1e-9},
+        ({"actor.policy_loss": "geo_mean", "algorithm.rollout_correction.rollout_rs": "seq_mean_k3", "algorithm.rollout_correction.rollout_rs_threshold": 1e-9},
          "actor/rollout_rs_masked_fraction"),
-        ({"actor.policy_loss": "bypass_mode", "actor.rollout_is": "sequence"}, "actor/rollout_is_mean"),
+        ({"actor.policy_loss": "bypass_mode", "algorithm.rollout_correction.rollout_is": "sequence"}, "actor/rollout_is_mean"),
         ({"actor.policy_loss": "dgpo"}, "actor/dgpo_weight_mean"),
         ({"actor.policy_loss": "grpo_erc"}, "actor/erc_clipfrac"),
         ({"actor.top_entropy_quantile": 0.2}, "actor/top_entropy_kept_frac"),

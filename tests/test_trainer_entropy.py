@@ -63,7 +63,7 @@ def test_adaptive_coefficient_follows_the_skywork_rule_as_trl_applies_it():
     "overrides",
     [
         ["actor.policy_loss=grpo_erc", "actor.clip_ratio_high=0.28"],
-        ["actor.policy_loss=ce_gppo_erc", "actor.entropy_clip_ratio_low=0.01"],
+        ["actor.policy_loss=ce_gppo_erc", "actor.policy_loss.entropy_clip_ratio_low=0.01"],
         ["actor.top_entropy_quantile=0.2", "actor.entropy_coeff=0.01"],
         ["actor.use_adaptive_entropy=true", "actor.entropy_coeff=0.01", "actor.entropy_target=100"],
         [
@@ -95,7 +95,7 @@ def test_micro_batch_splitting_never_changes_the_gradient(overrides):
     for key in ("actor/erc_clipfrac", "actor/top_entropy_kept_frac", "actor/entropy", "actor/entropy_coeff"):
         if key in metrics[0]:
             assert metrics[1][key] == pytest.approx(metrics[0][key]) == pytest.approx(metrics[2][key])
-    if "erc" in actor.settings.actor.policy_loss:
+    if "erc" in actor.settings.actor.policy_loss.loss_mode:
         assert 0 < metrics[0]["actor/erc_clipfrac"] < 1
 
 
@@ -154,7 +154,7 @@ def test_bad_entropy_settings_name_the_key():
         ("actor.entropy_coeff_delta=0", "actor.entropy_coeff_delta"),
         ("actor.entropy_coeff_min=1.5", "actor.entropy_coeff_min/entropy_coeff_max"),
         ("actor.entropy_target=-1", "actor.entropy_target"),
-        ("actor.entropy_clip_ratio_high=-0.1", "actor.entropy_clip_ratio_high"),
+        ("actor.policy_loss.entropy_clip_ratio_high=-0.1", "actor.policy_loss.entropy_clip_ratio_high"),
     ]:
         with pytest.raises(ConfigError, match=key):
             load_config(None, [override])

@@ -9,12 +9,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import functools
 import math
 import re
 import types
 import typing
 import warnings
 from dataclasses import dataclass, field
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +30,14 @@ from cegppo.data.benchmark import ARITHMETIC
 from cegppo.losses import (
     KL_ESTIMATORS,
     LOSS_AGG_MODES,
-    LOSS_SETTINGS,
+    PolicyLoss,
     PolicyLossConfig,
+    SettingError,
+    declared_settings,
     get_policy_loss,
     list_policy_losses,
 )
+from cegppo.losses.settings import ACTOR, POLICY_LOSS, ROLLOUT_CORRECTION, Declared, find_setting
 from cegppo.rewards import RewardConfig
 
 # data.task / data.heldout: follow the training data (resolved when a config is loaded, see resolve_data)
@@ -97,9 +102,82 @@ class RolloutConfig:
     top_k: int = -1  # -1: off
     max_new_tokens: int = 32
     batch_size: int | None = None  # generation micro-batch in sequences (None: all at once)
-    # Deprecated: actor.rollout_is=token with actor.rollout_is_threshold=<cap> (verl's Token-TIS), which it maps to.
+    # Deprecated: algorithm.rollout_correction.rollout_is=token with rollout_is_threshold=<cap> (verl's Token-TIS),
+    # which it maps to.
     tis_cap: float | None = None
     vllm: VLLMEngineConfig = field(default_factory=VLLMEngineConfig)
+
+
+# -- the loss settings' keys: made from the losses' declarations (cegppo.losses.settings) -------------------------
+
+# Where each of verl's places for a loss setting is in the run config.
+SECTIONS = {
+    ACTOR: "actor",
+    POLICY_LOSS: "actor.policy_loss",
+    ROLLOUT_CORRECTION: "algorithm.rollout_correction",
+}
+
+
+def setting_key(declared: Declared) -> str:
+    """The run-config key of a declared loss setting, e.g. ``actor.policy_loss.beta1``."""
+    return f"{SECTIONS[declared.place]}.{declared.key}"
+
+
+def _key_field(declared: Declared) -> tuple[str, Any, Any]:
+    """The setting as a dataclass field of its section. OmegaConf has no float-or-string type, so verl's thresholds
+    (2.0, or "0.5_2.0" for a band) are text here, read back as numbers by :meth:`Config.policy_loss_config`."""
+    kind, default = declared.type, declared.default
+    args = typing.get_args(kind)
+    if float in args and str in args:
+        kind = str | None if type(None) in args else str
+        default = None if default is None else str(default)
+    return declared.key, kind, field(default=default)
+
+
+def _loss_keys(place: str) -> list[tuple[str, Any, Any]]:
+    return [_key_field(d) for d in declared_settings().values() if d.place == place]
+
+
+@dataclass
+class PolicyLossSection:
+    """``actor.policy_loss`` (verl's): the registered loss (``loss_mode``) and the settings verl keeps in this section
+    of every registered loss, each declared by its loss (:func:`policy_loss_section` adds them)."""
+
+    loss_mode: str = "ce_gppo"
+
+
+def policy_loss_section() -> PolicyLossSection:
+    """A default ``actor.policy_loss`` with a key for each setting declared so far, so that a loss registered after
+    this module was imported brings its keys too."""
+    return _policy_loss_class(tuple(d for d in declared_settings().values() if d.place == POLICY_LOSS))()
+
+
+@functools.cache
+def _policy_loss_class(declared: tuple[Declared, ...]) -> type[PolicyLossSection]:
+    cls = dataclasses.make_dataclass(
+        "PolicyLossSection", [_key_field(d) for d in declared], bases=(PolicyLossSection,)
+    )
+    cls.__module__, cls.__doc__ = __name__, PolicyLossSection.__doc__
+    return cls
+
+
+# The loss keys directly on actor (verl's: the shared trust interval, dual-clip, loss_scale_factor; SAPO's tau_*),
+# after the policy_loss section.
+ActorLossKeys = dataclasses.make_dataclass(
+    "ActorLossKeys",
+    [("policy_loss", PolicyLossSection, field(default_factory=policy_loss_section)), *_loss_keys(ACTOR)],
+)
+# verl's algorithm.rollout_correction: importance weights and rejection against the sampler, for any loss, and
+# bypass_mode's loss_type.
+RolloutCorrectionConfig = dataclasses.make_dataclass(
+    "RolloutCorrectionConfig", _loss_keys(ROLLOUT_CORRECTION)
+)
+# The flat actor.* keys of the loss settings that moved to their sections: old key -> its key now.
+MOVED_KEYS = {
+    f"actor.{d.name}": setting_key(d)
+    for d in declared_settings().values()
+    if setting_key(d) != f"actor.{d.name}"
+}
 
 
 @dataclass
@@ -113,6 +191,7 @@ class AlgorithmConfig:
     # were full (the cut responses: data/ragged_dropped_responses).
     filter_groups: bool = False
     max_num_gen_batches: int = 10
+    rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
 
 
 @dataclass
@@ -148,33 +227,11 @@ class EntropyControlConfig:
     beta2_max: float = 1.5
 
 
-def _loss_settings_section() -> type:
-    """The run config's loss keys: ``policy_loss`` and one per hyperparameter of the loss library (``PolicyLossConfig``'s
-    ``LOSS_SETTINGS``: verl's flat names), with its types and defaults: each is declared, defaulted and validated
-    there, and a registered loss declares which of them it reads. OmegaConf has no float-or-string type, so
-    verl's thresholds (2.0, or "0.5_2.0" for a band) are strings here (``Config.policy_loss_config`` reads a number
-    back as the number it is)."""
-    hints = typing.get_type_hints(PolicyLossConfig)
-    as_text = {"rollout_is_threshold": str, "rollout_rs_threshold": str | None}
-    keys: list[tuple[str, Any, Any]] = [("policy_loss", str, field(default="ce_gppo"))]  # a registered loss
-    for setting in dataclasses.fields(PolicyLossConfig):
-        if setting.name in LOSS_SETTINGS:
-            default = setting.default
-            if setting.name in as_text and default is not None:
-                default = str(default)
-            keys.append(
-                (setting.name, as_text.get(setting.name, hints[setting.name]), field(default=default))
-            )
-    return dataclasses.make_dataclass("LossSettings", keys)
-
-
-LossSettings = _loss_settings_section()
-
-
 @dataclass
-class ActorConfig(LossSettings):
-    """The update. Its loss settings (``clip_ratio_low``, ``beta1``, ``rollout_is``, ...) are the loss library's
-    (:data:`LossSettings`, from ``PolicyLossConfig``: docs/losses.md lists which loss reads which)."""
+class ActorConfig(ActorLossKeys):
+    """The update. The loss is ``policy_loss.loss_mode`` with its settings in ``policy_loss``; the settings every
+    loss shares (``clip_ratio_*``, ``loss_scale_factor``) and SAPO's ``tau_*`` are keys of ``actor`` itself, as in
+    verl (:data:`ActorLossKeys`: both from the losses' declarations; docs/losses.md lists which loss reads which)."""
 
     beta1_schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     beta2_schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -296,66 +353,157 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
     def policy_loss_config(self) -> PolicyLossConfig:
-        """The loss settings of ``actor``, validated by the loss library.
+        """The loss settings, from their keys (:func:`setting_key`), validated by the losses that declare them
+        (ConfigError naming the key).
 
         ``seq-mean-token-sum-norm`` (Dr. GRPO) divides by ``loss_scale_factor``; left unset, it is
         ``rollout.max_new_tokens``, a constant, not the padded width of the step's longest response, which
         would scale the learning rate by 1/(longest response), the length bias Dr. GRPO removes.
         """
-        settings = {name: getattr(self.actor, name) for name in LOSS_SETTINGS}
+        settings = {name: _setting_value(self, d) for name, d in declared_settings().items()}
         if self.rollout.tis_cap is not None:  # the older spelling of token-level TIS
             settings.update(rollout_is="token", rollout_is_threshold=self.rollout.tis_cap)
         if settings["loss_scale_factor"] is None and self.actor.loss_agg_mode == "seq-mean-token-sum-norm":
             settings["loss_scale_factor"] = self.rollout.max_new_tokens
-        # OmegaConf has no float-or-string type, so verl's thresholds (2.0, or "0.5_2.0" for a band) are strings
-        # here; a plain number goes to the loss library as the number it is ("_" is not a digit separator here).
-        for name in ("rollout_is_threshold", "rollout_rs_threshold"):
-            value = settings[name]
-            if isinstance(value, str) and "_" not in value:
-                with contextlib.suppress(ValueError):
-                    settings[name] = float(value)
-        return PolicyLossConfig(**settings)
+        try:
+            return PolicyLossConfig(**settings)
+        except SettingError as error:
+            declared = find_setting(error.name)
+            key = setting_key(declared) if declared else error.name
+            raise ConfigError(f"{key}={error.value!r} is invalid: {error.rule}") from None
+
+
+def _setting_value(config: Config, declared: Declared) -> Any:
+    """The setting's value in ``config`` as its loss declares it: a number kept as text for OmegaConf (see
+    :func:`_key_field`) as the number it is ("_" is a band's separator here, not a digit separator); the declared
+    default for a key the config lacks (a loss registered after it was made)."""
+    try:
+        value = attrgetter(setting_key(declared))(config)
+    except AttributeError:
+        return declared.default
+    args = typing.get_args(declared.type)
+    if float in args and str in args and isinstance(value, str) and "_" not in value:
+        with contextlib.suppress(ValueError):
+            return float(value)
+    return value
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults, then the YAML file, then ``key.sub=value`` overrides; typed, resolved and validated.
+    """Defaults, then the YAML file, then ``key.sub=value`` overrides in order; typed, resolved and validated.
 
     A list-of-text key (``data.train_files``, ``eval.benchmarks``) also takes one value without brackets.
+    ``actor.policy_loss=NAME`` or ``NAME(key=value, ...)`` is short for ``actor.policy_loss.loss_mode=NAME`` and
+    the settings named (:func:`parse_loss_spec`). The flat ``actor.<setting>`` keys of the loss settings that
+    moved to their sections (:data:`MOVED_KEYS`) still work, with one FutureWarning naming each.
     """
     merged = OmegaConf.structured(Config)
+    moved: list[tuple[str, str]] = []
     if path is not None:
-        values = load_yaml_mapping(path)
-        for key in _TEXT_LIST_KEYS:
-            if isinstance(OmegaConf.select(values, key), str):
-                OmegaConf.update(values, key, [OmegaConf.select(values, key)])
-        try:
-            merged = OmegaConf.merge(merged, values)
-        except OmegaConfBaseException as error:
-            raise ConfigError(f"{path}: {_describe(error)}") from None
+        merged = _merge_file(merged, Path(path), moved)
     for override in overrides:
-        if "=" not in override:
-            raise ConfigError(f"override {override!r} must look like key.sub=value")
-        key, value = override.split("=", 1)
-        try:
-            # As typed: from_dotlist reads values as YAML, so `trainer.name=007` would name the run "7"; and one
-            # path without brackets is a list of one.
-            if _is_text(key) and value not in ("null", "~"):
-                typed: Any = value
-            elif key in _TEXT_LIST_KEYS and not value.lstrip().startswith("[") and value not in ("null", "~"):
-                typed = [value]
-            else:
-                merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([override]))
-                continue
-            for part in reversed(key.split(".")):
-                typed = {part: typed}
-            merged = OmegaConf.merge(merged, OmegaConf.create(typed))
-        except OmegaConfBaseException as error:
-            raise ConfigError(f"override {override!r}: {_describe(error)}") from None
+        merged = _merge_override(merged, override, moved)
+    if moved:
+        renames = ", ".join(f"{old} -> {new}" for old, new in dict.fromkeys(moved))
+        warnings.warn(
+            f"loss settings have their own sections now (verl's layout): {renames}. The old keys still work "
+            "and will be removed in a future release",
+            FutureWarning,
+            stacklevel=2,
+        )
     config = OmegaConf.to_object(merged)
     assert isinstance(config, Config)
     resolve_data(config.data)
     validate(config)
     return config
+
+
+def _merge_file(merged: DictConfig, path: Path, moved: list[tuple[str, str]]) -> DictConfig:
+    values = load_yaml_mapping(path)
+    for key in _TEXT_LIST_KEYS:
+        if isinstance(OmegaConf.select(values, key), str):
+            OmegaConf.update(values, key, [OmegaConf.select(values, key)])
+    container = OmegaConf.to_container(values)  # interpolations stay text, resolved once merged
+    assert isinstance(container, dict)
+    moved += _move_old_keys(container, path)
+    try:
+        return OmegaConf.merge(merged, container)
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"{path}: {_describe(error)}") from None
+
+
+def _move_old_keys(values: dict[str, Any], path: Path) -> list[tuple[str, str]]:
+    """Put a file's older spellings where the settings are now: the ``actor.policy_loss: NAME(...)`` shorthand and
+    the flat keys of :data:`MOVED_KEYS`. Returns the (old key, key) pairs moved; a setting given twice in the file
+    (under both spellings) is a ConfigError naming both."""
+    actor = values.get("actor")
+    if not isinstance(actor, dict):
+        return []
+    found: list[tuple[str, str, Any]] = []  # (as the file spells it, its key now, value)
+    if isinstance(actor.get("policy_loss"), str):
+        found += [("actor.policy_loss", key, value) for key, value in _shorthand(actor.pop("policy_loss"))]
+    for old, new in MOVED_KEYS.items():
+        if (leaf := old.removeprefix("actor.")) in actor:
+            found.append((old, new, actor.pop(leaf)))
+    spelled: dict[str, str] = {}
+    for spelling, key, value in found:
+        if key in spelled or _contains(values, key):
+            raise ConfigError(
+                f"{path}: {spelled.get(key, key)} and {spelling} are the same setting; give it once, as {key}"
+            )
+        _put(values, key, value)
+        spelled[key] = spelling
+    return [(spelling, key) for spelling, key, _ in found if spelling != "actor.policy_loss"]
+
+
+def _contains(values: dict[str, Any], key: str) -> bool:
+    node: Any = values
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def _put(values: dict[str, Any], key: str, value: Any) -> None:
+    *sections, leaf = key.split(".")
+    node = values
+    for part in sections:
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]
+    node[leaf] = value
+
+
+def _merge_override(merged: DictConfig, override: str, moved: list[tuple[str, str]]) -> DictConfig:
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} must look like key.sub=value")
+    key, value = override.split("=", 1)
+    try:
+        if key == "actor.policy_loss" and not value.lstrip().startswith("{"):
+            for setting, typed in _shorthand(value):
+                merged = OmegaConf.merge(merged, _nested(setting, typed))
+            return merged
+        if key in MOVED_KEYS:
+            moved.append((key, MOVED_KEYS[key]))
+            key = MOVED_KEYS[key]
+        # As typed: from_dotlist reads values as YAML, so `trainer.name=007` would name the run "7"; and one path
+        # without brackets is a list of one.
+        if _is_text(key) and value not in ("null", "~"):
+            update: Any = _nested(key, value)
+        elif key in _TEXT_LIST_KEYS and not value.lstrip().startswith("[") and value not in ("null", "~"):
+            update = _nested(key, [value])
+        else:
+            update = OmegaConf.from_dotlist([f"{key}={value}"])
+        return OmegaConf.merge(merged, update)
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"override {override!r}: {_describe(error)}") from None
+
+
+def _nested(key: str, value: Any) -> dict[str, Any]:
+    """``{"a": {"b": value}}`` for the key ``a.b``."""
+    nested: dict[str, Any] = {}
+    _put(nested, key, value)
+    return nested
 
 
 def resolve_data(data: DataConfig) -> None:
@@ -382,6 +530,8 @@ def _field_type(key: str) -> Any:
         if part not in hints:
             return None
         node = hints[part]
+        if node is PolicyLossSection:  # the registered losses' keys are the made section's
+            node = type(policy_loss_section())
     return node
 
 
@@ -431,14 +581,14 @@ def _describe(error: OmegaConfBaseException) -> str:
 
 def validate(config: Config) -> None:
     """Range and consistency checks that types alone cannot express: each section's own, then the rules that
-    tie sections together, then the loss library's and the reward's. The first violation raises ConfigError
-    as ``key=value is invalid: rule``."""
+    tie sections together, then the reward's. The first violation raises ConfigError as
+    ``key=value is invalid: rule``."""
     _check_model(config.model)
     _check_data(config.data)
     _check_rollout(config.rollout)
     _check_algorithm(config.algorithm)
-    _check_not_a_preset(config.actor.policy_loss)
     _check_actor(config.actor)
+    _check_loss(config)
     _check_eval(config.eval)
     _check_trainer(config.trainer)
     _check_analysis(config)
@@ -491,33 +641,6 @@ def validate(config: Config) -> None:
         a.share_prompt,
         "set it to false with model.gradient_checkpointing=true (checkpointed layers drop the KV cache)",
     )
-    if r.tis_cap is not None:
-        warnings.warn(
-            f"rollout.tis_cap={r.tis_cap} is deprecated: it is verl's token-level TIS, now spelled "
-            f"actor.rollout_is=token actor.rollout_is_threshold={r.tis_cap} (the same weights, logged as "
-            "actor/rollout_is_*)",
-            FutureWarning,
-            stacklevel=3,
-        )
-    _check(
-        r.tis_cap is None or a.rollout_is is None,
-        "actor.rollout_is",
-        a.rollout_is,
-        "rollout.tis_cap is token-level TIS already; set one of them (rollout_is=token, rollout_is_threshold=cap)",
-    )
-    # A loss whose π_old is the sampler's (bypass_mode) corrects for the sampler itself and ignores the weights
-    # other features reach it by.
-    for ignored, key, value in (
-        (r.tis_cap is not None, "rollout.tis_cap", r.tis_cap),
-        (a.top_entropy_quantile < 1, "actor.top_entropy_quantile", a.top_entropy_quantile),
-    ):
-        _check(
-            not (ignored and get_policy_loss(a.policy_loss).pi_old_from_sampler),
-            key,
-            value,
-            f"has no effect with actor.policy_loss={a.policy_loss} (its loss ignores token weights; use "
-            "actor.rollout_is / rollout_rs for the sampler correction)",
-        )
     _check(
         not config.trainer.eval_every or bool(config.eval.benchmarks),
         "eval.benchmarks",
@@ -530,10 +653,6 @@ def validate(config: Config) -> None:
         config.reward.overlong_buffer_len,
         f"must be below rollout.max_new_tokens={r.max_new_tokens}",
     )
-    try:
-        config.policy_loss_config()
-    except ValueError as error:
-        raise ConfigError(str(error).replace("PolicyLossConfig.", "actor.")) from None
     try:
         config.reward.validate()
     except ValueError as error:
@@ -565,8 +684,9 @@ _SETTING_SEPARATOR = re.compile(r",\s*(?=[A-Za-z_]\w*\s*=)")
 
 
 def parse_loss_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """``name`` or ``name(key=value, ...)``: a registered loss and its ``actor.*`` settings, values read as
-    YAML (``0`` an int, ``0.28`` a float, ``null``, ``true``)."""
+    """``name`` or ``name(key=value, ...)``: a registered loss and its settings (loss settings by the name the loss
+    reads, or ``actor`` keys: :func:`_shorthand`), values read as YAML (``0`` an int, ``0.28`` a float, ``null``,
+    ``true``)."""
     match = _LOSS_SPEC.fullmatch(spec.strip())
     if match is None:
         raise ConfigError(f"loss setting {spec!r} must look like name or name(key=value, ...)")
@@ -588,24 +708,37 @@ def _yaml_value(text: str) -> Any:
     return value
 
 
+def _shorthand(spec: str) -> list[tuple[str, Any]]:
+    """``actor.policy_loss=NAME`` or ``NAME(key=value, ...)``: the keys it stands for, with their values: the loss
+    mode, then each setting named (a loss setting by the name the loss reads or by its key, or an actor key)."""
+    name, settings = parse_loss_spec(spec)
+    keys = {}
+    for declared in declared_settings().values():
+        keys[declared.name] = keys[declared.key] = setting_key(declared)
+    keys.update({f.name: f"actor.{f.name}" for f in dataclasses.fields(ActorConfig) if f.name not in keys})
+    for key in settings:
+        if key not in keys:
+            close = difflib.get_close_matches(key, keys, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(
+                f"loss setting {spec!r}: {key!r} is neither a loss setting nor an actor key{hint}"
+            )
+    return [("actor.policy_loss.loss_mode", name), *((keys[key], value) for key, value in settings.items())]
+
+
 def variant_config(config: Config, spec: str) -> Config:
     """``config`` with the loss setting ``spec`` (:func:`parse_loss_spec`) in place of its own, validated.
 
     Settings the spec does not name keep the run's values, as a ``cegppo train`` override would; the variant
     has no probe of its own.
     """
-    name, settings = parse_loss_spec(spec)
+    name, _ = parse_loss_spec(spec)
     if name not in list_policy_losses():
         raise ConfigError(f"loss setting {spec!r}: unknown loss {name!r}; registered: {list_policy_losses()}")
     values = OmegaConf.to_container(OmegaConf.structured(config))
     assert isinstance(values, dict)
-    values["actor"]["policy_loss"] = name
-    for key, value in settings.items():
-        if key not in values["actor"]:
-            close = difflib.get_close_matches(key, values["actor"], n=3)
-            hint = f"; did you mean {', '.join(close)}?" if close else ""
-            raise ConfigError(f"loss setting {spec!r}: actor has no key {key!r}{hint}")
-        values["actor"][key] = value
+    for key, value in _shorthand(spec):
+        _put(values, key, value)
     values["analysis"].update(probe_every=0, probe_variants=[])
     try:
         variant = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(values)))
@@ -718,10 +851,6 @@ def _check_actor(a: ActorConfig) -> None:
         "kl_loss_coef",
         "positive_loss_coeff",
     )
-    registered = list_policy_losses()
-    _check(
-        a.policy_loss in registered, "actor.policy_loss", a.policy_loss, f"registered losses are {registered}"
-    )
     _check(
         a.loss_agg_mode in LOSS_AGG_MODES,
         "actor.loss_agg_mode",
@@ -753,30 +882,78 @@ def _check_actor(a: ActorConfig) -> None:
         (a.entropy_coeff_min, a.entropy_coeff_max),
         "need 0 <= entropy_coeff_min <= entropy_coeff_max",
     )
-    loss, defaults = get_policy_loss(a.policy_loss), LossSettings()
-    ignored = [
-        f"actor.{name}={getattr(a, name)!r}"
-        for name in LOSS_SETTINGS
-        if name not in loss.reads and getattr(a, name) != getattr(defaults, name)
-    ]
-    if ignored:
-        warnings.warn(
-            f"{', '.join(ignored)}: no effect with actor.policy_loss={a.policy_loss}, which reads "
-            f"{list(loss.settings) or 'none of the loss-specific settings'} besides the shared ones",
-            UserWarning,
-            stacklevel=4,
-        )
-    for name in loss.required:
-        _check(
-            getattr(a, name) is not None,
-            f"actor.{name}",
-            None,
-            f"actor.policy_loss={a.policy_loss} needs it (see docs/losses.md)",
-        )
     for name in ("beta1_schedule", "beta2_schedule"):
         _check_schedule(f"actor.{name}", getattr(a, name))
     if a.entropy_control.enabled:
         _check_entropy_control(a)
+
+
+def _check_loss(config: Config) -> None:
+    """The loss: a registered ``loss_mode`` (not a preset's name), the sampler corrections that do not combine, its
+    settings as their losses declare them, the ones it needs set, and a warning for the ones it ignores."""
+    mode = config.actor.policy_loss.loss_mode
+    _check_not_a_preset(mode)
+    registered = list_policy_losses()
+    _check(mode in registered, "actor.policy_loss.loss_mode", mode, f"registered losses are {registered}")
+    loss = get_policy_loss(mode)
+    _check_sampler_correction(config, loss)
+    settings = config.policy_loss_config()
+    declared = declared_settings()
+    for name in loss.required:
+        _check(
+            getattr(settings, name) is not None,
+            setting_key(declared[name]),
+            None,
+            f"actor.policy_loss={mode} needs it (see docs/losses.md)",
+        )
+    defaults = PolicyLossConfig()
+    ignored = [
+        f"{setting_key(d)}={getattr(settings, name)!r}"
+        for name, d in declared.items()
+        if name not in loss.reads and getattr(settings, name) != getattr(defaults, name)
+    ]
+    if ignored:
+        warnings.warn(
+            f"{', '.join(ignored)}: no effect with actor.policy_loss={mode}, which reads "
+            f"{list(loss.own) or 'none of the loss-specific settings'} besides the shared ones",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
+def _check_sampler_correction(config: Config, loss: PolicyLoss) -> None:
+    """``rollout.tis_cap`` (deprecated) is the rollout correction's Token-TIS; a loss whose π_old is the sampler's
+    (``bypass_mode``) corrects for the sampler itself and ignores the token weights other options reach it by."""
+    r, correction = config.rollout, config.algorithm.rollout_correction
+    if r.tis_cap is not None:
+        warnings.warn(
+            f"rollout.tis_cap={r.tis_cap} is deprecated: it is verl's token-level TIS, now spelled "
+            f"algorithm.rollout_correction.rollout_is=token algorithm.rollout_correction.rollout_is_threshold="
+            f"{r.tis_cap} (the same weights, logged as actor/rollout_is_*)",
+            FutureWarning,
+            stacklevel=5,
+        )
+    _check(
+        r.tis_cap is None or correction.rollout_is is None,
+        "algorithm.rollout_correction.rollout_is",
+        correction.rollout_is,
+        "rollout.tis_cap is token-level TIS already; set one of them (rollout_is=token, rollout_is_threshold=cap)",
+    )
+    for ignored, key, value in (
+        (r.tis_cap is not None, "rollout.tis_cap", r.tis_cap),
+        (
+            config.actor.top_entropy_quantile < 1,
+            "actor.top_entropy_quantile",
+            config.actor.top_entropy_quantile,
+        ),
+    ):
+        _check(
+            not (ignored and loss.pi_old_from_sampler),
+            key,
+            value,
+            f"has no effect with actor.policy_loss={loss.name} (its loss ignores token weights; use "
+            "algorithm.rollout_correction.rollout_is / rollout_rs for the sampler correction)",
+        )
 
 
 def _check_schedule(key: str, schedule: ScheduleConfig) -> None:
@@ -817,12 +994,12 @@ def _check_entropy_control(a: ActorConfig) -> None:
     if control.adjust_beta2:
         steered.append(("beta2", control.beta2_min, control.beta2_max))
     for name, lowest, highest in steered:
-        start = getattr(a, name)
+        start = getattr(a.policy_loss, name)
         _check(
             0 <= lowest <= start <= highest,
             f"{key}.{name}_min/{name}_max",
             (lowest, highest),
-            f"need 0 <= min <= actor.{name}={start} <= max",
+            f"need 0 <= min <= actor.policy_loss.{name}={start} <= max",
         )
         kind = getattr(a, f"{name}_schedule").kind
         _check(

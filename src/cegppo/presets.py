@@ -15,10 +15,26 @@ VARIANTS: dict[str, list[str]] = {
     "grpo": ["actor.policy_loss=vanilla", "actor.clip_ratio_low=0.2", "actor.clip_ratio_high=0.2"],
     "dapo": ["actor.policy_loss=vanilla", "actor.clip_ratio_low=0.2", "actor.clip_ratio_high=0.28"],
     "gppo": ["actor.policy_loss=gppo"],
-    "ce_gppo_b0_1": ["actor.policy_loss=ce_gppo", "actor.beta1=0.0", "actor.beta2=1.0"],
-    "ce_gppo_b0.5_1": ["actor.policy_loss=ce_gppo", "actor.beta1=0.5", "actor.beta2=1.0"],
-    "ce_gppo_b0.75_1": ["actor.policy_loss=ce_gppo", "actor.beta1=0.75", "actor.beta2=1.0"],
-    "ce_gppo_b1_0.5": ["actor.policy_loss=ce_gppo", "actor.beta1=1.0", "actor.beta2=0.5"],
+    "ce_gppo_b0_1": [
+        "actor.policy_loss=ce_gppo",
+        "actor.policy_loss.beta1=0.0",
+        "actor.policy_loss.beta2=1.0",
+    ],
+    "ce_gppo_b0.5_1": [
+        "actor.policy_loss=ce_gppo",
+        "actor.policy_loss.beta1=0.5",
+        "actor.policy_loss.beta2=1.0",
+    ],
+    "ce_gppo_b0.75_1": [
+        "actor.policy_loss=ce_gppo",
+        "actor.policy_loss.beta1=0.75",
+        "actor.policy_loss.beta2=1.0",
+    ],
+    "ce_gppo_b1_0.5": [
+        "actor.policy_loss=ce_gppo",
+        "actor.policy_loss.beta1=1.0",
+        "actor.policy_loss.beta2=0.5",
+    ],
 }
 # CE-GPPO at any (β1, β2) by name, e.g. ce_gppo_b0_1.5 (the entropy-raising end of docs/results.md's study)
 _CE_GPPO_AT = re.compile(r"ce_gppo_b(\d+(?:\.\d+)?)_(\d+(?:\.\d+)?)")
@@ -27,8 +43,8 @@ _CE_GPPO_AT = re.compile(r"ce_gppo_b(\d+(?:\.\d+)?)_(\d+(?:\.\d+)?)")
 # configs/entropy_study_cpu.yaml).
 CONTROLLER = [
     "actor.policy_loss=ce_gppo",
-    "actor.beta1=0.5",
-    "actor.beta2=1.0",
+    "actor.policy_loss.beta1=0.5",
+    "actor.policy_loss.beta2=1.0",
     "actor.entropy_control.enabled=true",
     "actor.entropy_control.step_size=0.25",
     "actor.entropy_control.adjust_beta2=true",
@@ -65,7 +81,11 @@ def variant_overrides(name: str) -> list[str]:
     if name in METHODS:
         return METHODS[name]
     if match := _CE_GPPO_AT.fullmatch(name):
-        return ["actor.policy_loss=ce_gppo", f"actor.beta1={match[1]}", f"actor.beta2={match[2]}"]
+        return [
+            "actor.policy_loss=ce_gppo",
+            f"actor.policy_loss.beta1={match[1]}",
+            f"actor.policy_loss.beta2={match[2]}",
+        ]
     if name in list_policy_losses():
         return [f"actor.policy_loss={name}", *PAPER_SETTINGS.get(name, [])]
     raise ValueError(

@@ -57,7 +57,15 @@ except ImportError as exc:  # pragma: no cover - exercised only without trl
         f"cegppo.integrations.trl needs TRL {SUPPORTED['trl']}: `pip install '.[trl]'` in a cegppo checkout"
     ) from exc
 
-from cegppo.losses import LOSS_AGG_MODES, PolicyLossConfig, agg_loss, get_policy_loss_fn, list_policy_losses
+from cegppo.losses import (
+    LOSS_AGG_MODES,
+    PolicyLossConfig,
+    SettingError,
+    agg_loss,
+    get_policy_loss,
+    get_policy_loss_fn,
+    list_policy_losses,
+)
 from cegppo.losses.ratio import clip_boundaries
 
 _DEFAULTS = PolicyLossConfig()
@@ -122,14 +130,12 @@ class CEGPPOConfig(GRPOConfig):
         super().__post_init__()
         if self.loss_type != _DEFAULT_LOSS_TYPE:
             raise ValueError(_loss_type_message(self.loss_type))
-        get_policy_loss_fn(self.loss_mode)
-        if self.loss_mode == "bypass_mode":
+        loss = get_policy_loss(self.loss_mode)
+        if loss.pi_old_from_sampler:
             raise ValueError(
-                "CEGPPOConfig.loss_mode='bypass_mode' needs the sampler's log-probs as old_log_prob, which TRL does "
-                "not pass to the loss; use TRL's vllm_importance_sampling_correction instead"
+                f"CEGPPOConfig.loss_mode={self.loss_mode!r} needs the sampler's log-probs as old_log_prob, which TRL "
+                "does not pass to the loss; use TRL's vllm_importance_sampling_correction instead"
             )
-        if self.loss_mode == "dro" and self.dro_beta is None:
-            raise ValueError("CEGPPOConfig.dro_beta=None: loss_mode='dro' needs a penalty dro_beta > 0")
         if self.loss_agg_mode not in LOSS_AGG_MODES:
             raise ValueError(
                 f"CEGPPOConfig.loss_agg_mode={self.loss_agg_mode!r}: allowed values are {LOSS_AGG_MODES}"
@@ -160,7 +166,13 @@ class CEGPPOConfig(GRPOConfig):
                 "CEGPPOConfig does not support TRL's entropy bonus (entropy_coef, use_adaptive_entropy); "
                 "CE-GPPO steers entropy through beta1/beta2"
             )
-        self.policy_loss_config()
+        settings = self.policy_loss_config()  # ValueError naming a bad setting
+        try:
+            loss.check(settings)
+        except SettingError as error:
+            raise ValueError(
+                f"CEGPPOConfig.{error.name}={error.value!r}: loss_mode={self.loss_mode!r} needs it set"
+            ) from None
 
     def policy_loss_config(self) -> PolicyLossConfig:
         """The loss settings, validated (``ValueError`` names a bad field); batch sizes are set per step."""
@@ -248,8 +260,7 @@ class CEGPPOTrainer(GRPOTrainer):
         """
         accumulation = self.current_gradient_accumulation_steps if training else 1
         micro_batches = self.accelerator.num_processes * (self.args.steps_per_generation if training else 1)
-        return dataclasses.replace(
-            self.policy_loss_settings,
+        return self.policy_loss_settings.replace(
             dp_size=micro_batches,
             batch_num_tokens=int(inputs["num_items_in_batch"].item()) * accumulation,
             global_batch_size=num_sequences * accumulation * micro_batches,

@@ -57,7 +57,15 @@ except ImportError as exc:  # pragma: no cover - exercised only without verl
         "or see docs/scaling.md"
     ) from exc
 
-from cegppo.losses import POLICY_LOSS_REGISTRY, PolicyLossConfig, PolicyLossFn, policy_loss_needs_entropy
+from cegppo.losses import (
+    POLICY_LOSS_REGISTRY,
+    PolicyLossConfig,
+    PolicyLossFn,
+    SharedSettings,
+    declared_settings,
+    policy_loss_needs_entropy,
+)
+from cegppo.losses.settings import ACTOR, POLICY_LOSS, ROLLOUT_CORRECTION
 
 logger = logging.getLogger(__name__)
 warn_if_untested("verl", verl.__version__)
@@ -67,36 +75,18 @@ _UNPREFIXED = ("ce_gppo", "gppo", "luspo", "vespo", "dgpo")
 _DEFAULTS = PolicyLossConfig()
 _VESPO_KEYS = ("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg")
 _DGPO_KEYS = ("dgpo_n", "dgpo_m")
-# Settings read from verl's actor_rollout_ref.actor.policy_loss section (beta1/beta2, vespo_* and dgpo_* via
-# CEGPPOPolicyLossConfig).
-_POLICY_LOSS_KEYS = (
-    "beta1",
-    "beta2",
-    "clip_cov_ratio",
-    "clip_cov_lb",
-    "clip_cov_ub",
-    "kl_cov_ratio",
-    "ppo_kl_coef",
-    "dro_beta",
-    *_VESPO_KEYS,
-    *_DGPO_KEYS,
-)
-# verl's policy_loss.rollout_correction keys (read by bypass_mode), with our field names.
+# Each loss setting's key at its place in verl's actor config (cegppo.losses.settings: declared with the loss):
+# the policy_loss section (beta1/beta2, vespo_* and dgpo_* via CEGPPOPolicyLossConfig), the top of the actor
+# config (SAPO's tau_*; the shared settings are read with verl's fallbacks below), and
+# policy_loss.rollout_correction, which verl fills from algorithm.rollout_correction (read by bypass_mode).
+_SHARED = {f.name for f in dataclasses.fields(SharedSettings)}
+_POLICY_LOSS_KEYS = {d.key: d.name for d in declared_settings().values() if d.place == POLICY_LOSS}
 _ROLLOUT_CORRECTION_KEYS = {
-    **{
-        key: key
-        for key in (
-            "rollout_is",
-            "rollout_is_threshold",
-            "rollout_is_batch_normalize",
-            "rollout_rs",
-            "rollout_rs_threshold",
-        )
-    },
-    "loss_type": "bypass_loss_type",
+    d.key: d.name for d in declared_settings().values() if d.place == ROLLOUT_CORRECTION
 }
-# Settings verl keeps at the top of the actor config.
-_ACTOR_KEYS = ("tau_pos", "tau_neg")
+_ACTOR_KEYS = {
+    d.key: d.name for d in declared_settings().values() if d.place == ACTOR and d.name not in _SHARED
+}
 # The authors' release (a verl 0.2 fork) selects CE-GPPO with actor.loss_func=gppo_general; registered as an alias.
 RELEASE_LOSS_NAMES = {"gppo_general": "ce_gppo"}
 _LOSS_MODE_KEY = "actor_rollout_ref.actor.policy_loss.loss_mode"
@@ -188,9 +178,9 @@ def policy_loss_config_from_verl(config: Any) -> PolicyLossConfig:
 
     ``clip_ratio_low``/``clip_ratio_high`` fall back to ``clip_ratio`` when unset, as in verl; ``clip_ratio_c``,
     ``loss_scale_factor``, ``tau_pos``, ``tau_neg``, ``policy_loss.{clip_cov_ratio, clip_cov_lb, clip_cov_ub,
-    kl_cov_ratio, ppo_kl_coef, dro_beta, beta1, beta2, vespo_*, dgpo_n, dgpo_m}``, ``policy_loss.rollout_correction``
-    (for ``bypass_mode``; its ``loss_type`` is our ``bypass_loss_type``) and ``global_batch_info`` are carried over;
-    keys verl does not have keep cegppo's defaults.
+    kl_cov_ratio, ppo_kl_coef, dro_beta, beta1, beta2, vespo_*, dgpo_n, dgpo_m, ...}`` (every setting a loss declares
+    at that place), ``policy_loss.rollout_correction`` (for ``bypass_mode``; its ``loss_type`` is our
+    ``bypass_loss_type``) and ``global_batch_info`` are carried over; keys verl does not have keep cegppo's defaults.
     """
     if not isinstance(config, Mapping):
         raise TypeError(
@@ -208,8 +198,11 @@ def policy_loss_config_from_verl(config: Any) -> PolicyLossConfig:
         clip_ratio_high=clip_ratio if clip_ratio_high is None else clip_ratio_high,
         clip_ratio_c=config.get("clip_ratio_c", _DEFAULTS.clip_ratio_c),
         loss_scale_factor=loss_scale_factor,
-        **{key: policy_loss.get(key, getattr(_DEFAULTS, key)) for key in _POLICY_LOSS_KEYS},
-        **{key: config.get(key, getattr(_DEFAULTS, key)) for key in _ACTOR_KEYS},
+        **{
+            ours: policy_loss.get(theirs, getattr(_DEFAULTS, ours))
+            for theirs, ours in _POLICY_LOSS_KEYS.items()
+        },
+        **{ours: config.get(theirs, getattr(_DEFAULTS, ours)) for theirs, ours in _ACTOR_KEYS.items()},
         **{
             ours: correction[theirs]
             for theirs, ours in _ROLLOUT_CORRECTION_KEYS.items()
@@ -239,7 +232,7 @@ def as_verl_policy_loss(fn: PolicyLossFn) -> PolicyLossFn:
         ours = policy_loss_config_from_verl(config)
         if loss_agg_mode == "token-sum":
             # verl's token-sum is Σ loss · dp_size, which is token-mean over a count of 1.
-            ours = dataclasses.replace(ours, batch_num_tokens=1)
+            ours = ours.replace(batch_num_tokens=1)
             loss_agg_mode = "token-mean"
         loss, metrics = fn(
             old_log_prob=old_log_prob,

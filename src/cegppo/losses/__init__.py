@@ -9,8 +9,8 @@ Registered: ``ce_gppo``, ``gppo``, ``vanilla`` (PPO-clip; GRPO and DAPO are conf
 ``cispo``, ``gspo``, ``luspo``, ``geo_mean``, ``sapo``, ``dppo_tv``, ``dppo_kl``, ``vespo``, ``dro``,
 ``clip_cov``, ``kl_cov``, ``gpg``, ``bypass_mode``, ``dgpo``, and the entropy-ratio-clipped ``grpo_erc``,
 ``gppo_erc``, ``ce_gppo_erc`` (these also take ``entropy=`` and ``old_entropy=``). Each is registered with its
-properties (:class:`PolicyLoss`: the settings it reads, whether it needs the entropy, selects tokens or takes π_old
-from the sampler; :func:`get_policy_loss`). ``docs/losses.md`` explains each; the rollout correction (importance weights
+properties (:class:`PolicyLoss`: the dataclass declaring its settings (:func:`setting`), whether it needs the
+entropy, selects tokens or takes π_old from the sampler; :func:`get_policy_loss`). ``docs/losses.md`` explains each; the rollout correction (importance weights
 and rejection against the sampler) is :mod:`cegppo.losses.rollout_correction`.
 """
 
@@ -31,7 +31,13 @@ from cegppo.losses import (  # noqa: F401  (register the losses)
     vespo,
 )
 from cegppo.losses.aggregation import agg_loss, masked_mean
-from cegppo.losses.config import LOSS_AGG_MODES, LOSS_SETTINGS, SHARED_SETTINGS, PolicyLossConfig
+from cegppo.losses.config import (
+    LOSS_AGG_MODES,
+    SHARED_SETTINGS,
+    PolicyLossConfig,
+    RolloutCorrectionSettings,
+    SharedSettings,
+)
 from cegppo.losses.kl import KL_ESTIMATORS, kl_penalty
 from cegppo.losses.registry import (
     POLICY_LOSS_REGISTRY,
@@ -49,19 +55,36 @@ from cegppo.losses.registry import (
     register_token_selector,
 )
 from cegppo.losses.selection import high_entropy_threshold, select_high_entropy
+from cegppo.losses.settings import (
+    LossSettings,
+    SettingError,
+    above,
+    at_least,
+    declared_settings,
+    fraction,
+    one_of,
+    setting,
+)
 
 __all__ = [
     "KL_ESTIMATORS",
     "LOSS_AGG_MODES",
-    "LOSS_SETTINGS",
     "POLICY_LOSSES",
     "POLICY_LOSS_REGISTRY",
     "SHARED_SETTINGS",
+    "LossSettings",
     "PolicyLoss",
     "PolicyLossConfig",
     "PolicyLossFn",
+    "RolloutCorrectionSettings",
+    "SettingError",
+    "SharedSettings",
     "TokenSelector",
+    "above",
     "agg_loss",
+    "at_least",
+    "declared_settings",
+    "fraction",
     "get_policy_loss",
     "get_policy_loss_fn",
     "get_token_selector",
@@ -70,8 +93,10 @@ __all__ = [
     "list_policy_losses",
     "loss_setting",
     "masked_mean",
+    "one_of",
     "policy_loss_needs_entropy",
     "register_policy_loss",
     "register_token_selector",
     "select_high_entropy",
+    "setting",
 ]

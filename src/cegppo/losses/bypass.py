@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 import torch
 
@@ -11,9 +12,21 @@ from cegppo.losses.config import PolicyLossConfig
 from cegppo.losses.ppo import compute_policy_loss_vanilla
 from cegppo.losses.registry import register_policy_loss
 from cegppo.losses.rollout_correction import rollout_correction
+from cegppo.losses.settings import ROLLOUT_CORRECTION, LossSettings, one_of, setting
+
+BYPASS_LOSS_TYPES = ("ppo_clip", "reinforce")
 
 
-@register_policy_loss("bypass_mode", settings=("bypass_loss_type",), pi_old_from_sampler=True)
+@dataclass(frozen=True)
+class BypassSettings(LossSettings):
+    """The loss bypass_mode takes between the policy and the sampler (verl's ``rollout_correction.loss_type``)."""
+
+    bypass_loss_type: str = setting(
+        "ppo_clip", one_of(BYPASS_LOSS_TYPES), at=ROLLOUT_CORRECTION, key="loss_type"
+    )
+
+
+@register_policy_loss("bypass_mode", settings=BypassSettings, pi_old_from_sampler=True)
 def compute_policy_loss_bypass_mode(
     old_log_prob: torch.Tensor,
     log_prob: torch.Tensor,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -10,9 +11,32 @@ from cegppo.losses._common import PolicyInputs, aggregate, clip_metrics, clip_re
 from cegppo.losses.aggregation import masked_mean
 from cegppo.losses.config import PolicyLossConfig
 from cegppo.losses.registry import TokenSelector, register_policy_loss, register_token_selector
+from cegppo.losses.settings import LossSettings, SettingError, at_least, fraction, is_real, setting
 
-SETTINGS_CLIP_COV = ("clip_cov_ratio", "clip_cov_lb", "clip_cov_ub")
-SETTINGS_KL_COV = ("kl_cov_ratio", "ppo_kl_coef")
+
+@dataclass(frozen=True)
+class ClipCovSettings(LossSettings):
+    """Clip-Cov's share r of the tokens to detach and its covariance band (ω_low, ω_high): Cui et al. 2025's
+    defaults (verl's names)."""
+
+    clip_cov_ratio: float = setting(2e-4, fraction())
+    clip_cov_lb: float = setting(1.0)  # checked with clip_cov_ub below
+    clip_cov_ub: float = setting(5.0)
+
+    def check(self) -> None:
+        lb, ub = self.clip_cov_lb, self.clip_cov_ub
+        if not (is_real(lb) and is_real(ub) and lb < ub):
+            raise SettingError("clip_cov_lb", (lb, ub), "clip_cov_lb must be below clip_cov_ub")
+
+
+@dataclass(frozen=True)
+class KLCovSettings(LossSettings):
+    """KL-Cov's share k of the tokens to penalise and the penalty's weight β (verl's names; verl's β default is
+    0.1, the paper's 1)."""
+
+    kl_cov_ratio: float = setting(2e-4, fraction())
+    ppo_kl_coef: float = setting(1.0, at_least(0))
+
 
 # How a loss chooses its special tokens among the (validated) tensors it is given.
 Choice = Callable[[PolicyInputs, PolicyLossConfig], torch.Tensor]
@@ -39,7 +63,7 @@ def _clip_cov_tokens(inputs: PolicyInputs, config: PolicyLossConfig) -> torch.Te
         valid & ~(regions["low"] | regions["high"]) & (cov > config.clip_cov_lb) & (cov < config.clip_cov_ub)
     ).nonzero()
     num_detached = _selection_count(config.clip_cov_ratio, int(valid.sum().item()))
-    order = torch.randperm(len(candidates), generator=config.generator)[:num_detached]
+    order = torch.randperm(len(candidates))[:num_detached]
     detached = torch.zeros_like(valid)
     chosen = candidates[order.to(candidates.device)]
     detached[chosen[:, 0], chosen[:, 1]] = True
@@ -86,7 +110,7 @@ def _given_or_chosen(
     return selection.to(torch.bool) & (inputs.mask > 0)
 
 
-@register_policy_loss("clip_cov", settings=SETTINGS_CLIP_COV)
+@register_policy_loss("clip_cov", settings=ClipCovSettings)
 def compute_policy_loss_clip_cov(
     old_log_prob: torch.Tensor,
     log_prob: torch.Tensor,
@@ -102,8 +126,8 @@ def compute_policy_loss_clip_cov(
 
     PPO-clip, except that ⌊r·N⌋ tokens (``clip_cov_ratio`` r, at least one) drawn at random among
     those with ω_low < Cov(y_i) < ω_high (``clip_cov_lb``/``clip_cov_ub``) that PPO does not already
-    clip have their gradient removed. Paper: r = 2e-4, ω = (1, 5). The draw uses
-    ``config.generator`` when set, for reproducibility. The tokens are chosen among the tensors passed,
+    clip have their gradient removed. Paper: r = 2e-4, ω = (1, 5). The draw uses torch's global generator
+    (``torch.manual_seed`` makes it reproducible). The tokens are chosen among the tensors passed,
     unless ``token_selection`` gives them (chosen by :func:`select_clip_cov_tokens` over a whole
     mini-batch that is passed here one micro-batch at a time).
     """
@@ -122,7 +146,7 @@ def compute_policy_loss_clip_cov(
     return loss, metrics
 
 
-@register_policy_loss("kl_cov", settings=SETTINGS_KL_COV)
+@register_policy_loss("kl_cov", settings=KLCovSettings)
 def compute_policy_loss_kl_cov(
     old_log_prob: torch.Tensor,
     log_prob: torch.Tensor,

@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from cegppo.losses._common import aggregate, clip_metrics, clip_regions, prepare_inputs
 from cegppo.losses.config import PolicyLossConfig
 from cegppo.losses.registry import register_policy_loss
+from cegppo.losses.settings import LossSettings, above, at_least, setting
 
 
-@register_policy_loss("dgpo", settings=("dgpo_n", "dgpo_m"))
+@dataclass(frozen=True)
+class DGPOSettings(LossSettings):
+    """How fast DGPO's probability-gradient weight decays past the left (π^n) and right (π^(-1/m)) boundaries
+    (the authors' defaults)."""
+
+    dgpo_n: float = setting(1.0, at_least(0))
+    dgpo_m: float = setting(2.0, above(0))
+
+
+@register_policy_loss("dgpo", settings=DGPOSettings)
 def compute_policy_loss_dgpo(
     old_log_prob: torch.Tensor,
     log_prob: torch.Tensor,

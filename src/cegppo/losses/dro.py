@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from cegppo.losses._common import aggregate, clip_metrics, no_regions, prepare_inputs
 from cegppo.losses.aggregation import masked_mean
 from cegppo.losses.config import PolicyLossConfig
 from cegppo.losses.registry import register_policy_loss
+from cegppo.losses.settings import LossSettings, above, setting
 
 
-@register_policy_loss("dro", settings=("dro_beta",), required=("dro_beta",))
+@dataclass(frozen=True)
+class DROSettings(LossSettings):
+    """DRO's quadratic log-ratio penalty β (verl's name; verl has no default and neither do we: dro needs it)."""
+
+    dro_beta: float | None = setting(
+        None, above(0, "must be a number > 0, or None when the loss is not dro"), required=True
+    )
+
+
+@register_policy_loss("dro", settings=DROSettings)
 def compute_policy_loss_dro(
     old_log_prob: torch.Tensor,
     log_prob: torch.Tensor,

@@ -17,16 +17,28 @@ and on GPPO (``gppo_erc``), dual-clip c = 10, token-mean.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from cegppo.losses.aggregation import masked_mean
 from cegppo.losses.config import PolicyLossConfig
-from cegppo.losses.gppo import compute_policy_loss_ce_gppo, compute_policy_loss_gppo
+from cegppo.losses.gppo import CEGPPOSettings, compute_policy_loss_ce_gppo, compute_policy_loss_gppo
 from cegppo.losses.ppo import compute_policy_loss_vanilla
 from cegppo.losses.registry import PolicyLossFn, register_policy_loss
+from cegppo.losses.settings import LossSettings, at_least, setting
 
 # The authors' guard against a zero entropy on either side of the ratio.
 ENTROPY_RATIO_EPS = 1e-8
+
+
+@dataclass(frozen=True)
+class ERCSettings(LossSettings):
+    """The entropy-ratio band (1-low, 1+high) outside which ERC stops a token's gradient (0.05: the authors'
+    recipes)."""
+
+    entropy_clip_ratio_low: float = setting(0.05, at_least(0))
+    entropy_clip_ratio_high: float = setting(0.05, at_least(0))
 
 
 def check_entropy(name: str, entropy: torch.Tensor | None, log_prob: torch.Tensor, loss: str) -> torch.Tensor:
@@ -103,7 +115,7 @@ def entropy_ratio_clipped_loss(
 
 
 def entropy_ratio_clipped(
-    name: str, base: PolicyLossFn, doc: str, base_settings: tuple[str, ...] = ()
+    name: str, base: PolicyLossFn, doc: str, base_settings: tuple[type[LossSettings], ...] = ()
 ) -> PolicyLossFn:
     """Register ``base`` with ERC under ``name``: verl's signature plus the keyword-only entropies."""
 
@@ -126,8 +138,7 @@ def entropy_ratio_clipped(
 
     loss.__name__ = loss.__qualname__ = f"compute_policy_loss_{name}"
     loss.__doc__ = doc
-    settings = (*base_settings, "entropy_clip_ratio_low", "entropy_clip_ratio_high")
-    return register_policy_loss(name, settings=settings, needs_entropy=True)(loss)
+    return register_policy_loss(name, settings=(*base_settings, ERCSettings), needs_entropy=True)(loss)
 
 
 compute_policy_loss_grpo_erc = entropy_ratio_clipped(
@@ -150,5 +161,5 @@ compute_policy_loss_ce_gppo_erc = entropy_ratio_clipped(
     """ERC on CE-GPPO with the config's β1/β2: the two mechanisms of the same team composed (the ERC paper
     runs ERC on DAPO and GPPO only; with β1 = β2 = 1 this is ``gppo_erc``). Needs ``entropy`` and
     ``old_entropy``.""",
-    base_settings=("beta1", "beta2"),
+    base_settings=(CEGPPOSettings,),
 )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from cegppo.losses._common import (
@@ -14,6 +16,16 @@ from cegppo.losses._common import (
 )
 from cegppo.losses.config import PolicyLossConfig
 from cegppo.losses.registry import register_policy_loss
+from cegppo.losses.settings import LossSettings, at_least, setting
+
+
+@dataclass(frozen=True)
+class CEGPPOSettings(LossSettings):
+    """CE-GPPO's gradient weights of the left (δ < 1-ε_low, A < 0) and right (δ > 1+ε_high, A > 0) boundaries: the
+    paper's 1.5B recipe (β1 = 0.5, β2 = 1; its 7B recipe uses β1 = 0.75)."""
+
+    beta1: float = setting(0.5, at_least(0))
+    beta2: float = setting(1.0, at_least(0))
 
 
 def gradient_preserving_loss(
@@ -42,7 +54,7 @@ def gradient_preserving_loss(
     return loss, metrics
 
 
-@register_policy_loss("ce_gppo", settings=("beta1", "beta2"))
+@register_policy_loss("ce_gppo", settings=CEGPPOSettings)
 def compute_policy_loss_ce_gppo(
     old_log_prob: torch.Tensor,
     log_prob: torch.Tensor,

@@ -1,6 +1,6 @@
 """Name -> policy loss registry: each loss with verl's ``PolicyLossFn`` signature and the properties a trainer
-reads from it (the settings it takes, whether it needs the entropy, selects tokens, or takes π_old from the
-sampler), registered once with the loss."""
+reads from it (the dataclass declaring its settings, whether it needs the entropy, selects tokens, or takes π_old
+from the sampler), registered once with the loss."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from typing import Any, Protocol
 
 import torch
 
-from cegppo.losses.config import LOSS_SETTINGS, SHARED_SETTINGS, PolicyLossConfig
+from cegppo.losses.config import SHARED_SETTINGS, PolicyLossConfig, RolloutCorrectionSettings, SharedSettings
+from cegppo.losses.settings import LossSettings, SettingError, declare, declared_settings, withdraw
 
 
 class PolicyLossFn(Protocol):
@@ -60,40 +61,41 @@ class TokenSelector(Protocol):
 class PolicyLoss:
     """A registered loss and what a trainer needs to know to call it.
 
-    ``settings``: the :class:`PolicyLossConfig` fields it reads besides the ones every loss shares
-    (``SHARED_SETTINGS``); ``required``: those of them that have no default (``None``) and must be set.
-    ``needs_entropy``: it takes ``entropy=`` and ``old_entropy=``. ``token_selector``: it selects tokens over the
-    whole mini-batch and takes ``token_selection=``. ``pi_old_from_sampler``: its π_old is the sampler's
-    log-probs, and it corrects for the sampler itself (verl's ``bypass_mode``).
+    ``settings``: the dataclasses (:class:`~cegppo.losses.settings.LossSettings`) that declare the settings it reads
+    besides the ones every loss shares (``SHARED_SETTINGS``). ``needs_entropy``: it takes ``entropy=`` and
+    ``old_entropy=``. ``token_selector``: it selects tokens over the whole mini-batch and takes
+    ``token_selection=``. ``pi_old_from_sampler``: its π_old is the sampler's log-probs, and it corrects for the
+    sampler itself (verl's ``bypass_mode``).
     """
 
     name: str
     fn: PolicyLossFn
-    settings: tuple[str, ...] = ()
-    required: tuple[str, ...] = ()
+    settings: tuple[type[LossSettings], ...] = ()
     needs_entropy: bool = False
     token_selector: TokenSelector | None = None
     pi_old_from_sampler: bool = False
 
-    def __post_init__(self) -> None:
-        unknown = [name for name in (*self.settings, *self.required) if name not in LOSS_SETTINGS]
-        if unknown:
-            raise ValueError(
-                f"policy loss {self.name!r} declares settings {unknown} that PolicyLossConfig does not have"
-            )
+    @property
+    def own(self) -> tuple[str, ...]:
+        """The names of the settings of its own."""
+        return tuple(f.name for cls in self.settings for f in dataclasses.fields(cls))
+
+    @property
+    def required(self) -> tuple[str, ...]:
+        """Its settings that default to None (unset) and must be set for it (``dro_beta``)."""
+        declared = declared_settings()
+        return tuple(name for name in self.own if declared[name].required)
 
     @property
     def reads(self) -> tuple[str, ...]:
         """Every setting the loss reads: the shared ones and its own."""
-        return (*SHARED_SETTINGS, *self.settings)
+        return (*SHARED_SETTINGS, *self.own)
 
     def check(self, config: PolicyLossConfig) -> None:
         """``ValueError`` naming a required setting left unset."""
         for name in self.required:
             if getattr(config, name) is None:
-                raise ValueError(
-                    f"PolicyLossConfig.{name}=None is invalid: policy loss {self.name!r} needs it"
-                )
+                raise SettingError(name, None, f"policy loss {self.name!r} needs it")
 
 
 POLICY_LOSSES: dict[str, PolicyLoss] = {}
@@ -110,7 +112,7 @@ class _LossFunctions(MutableMapping[str, PolicyLossFn]):
         register_policy_loss(name)(fn)
 
     def __delitem__(self, name: str) -> None:
-        del POLICY_LOSSES[name]
+        _withdraw_unused(POLICY_LOSSES.pop(name).settings)
 
     def __iter__(self) -> Iterator[str]:
         return iter(POLICY_LOSSES)
@@ -125,28 +127,43 @@ POLICY_LOSS_REGISTRY: MutableMapping[str, PolicyLossFn] = _LossFunctions()
 def register_policy_loss(
     name: str,
     *,
-    settings: tuple[str, ...] = (),
-    required: tuple[str, ...] = (),
+    settings: type[LossSettings] | tuple[type[LossSettings], ...] = (),
     needs_entropy: bool = False,
     pi_old_from_sampler: bool = False,
 ) -> Callable[[PolicyLossFn], PolicyLossFn]:
     """Decorator registering a policy loss under ``name`` with its properties (re-registering a name replaces
-    it; a token selector registered for the name before stays). See :class:`PolicyLoss` for the properties."""
+    it; a token selector registered for the name before stays). See :class:`PolicyLoss` for the properties.
+
+    ``settings``: the dataclass (or dataclasses) declaring the settings of its own; their fields become
+    attributes of :class:`PolicyLossConfig` and keys of the run config (``actor.policy_loss.<name>`` unless
+    declared at another of verl's places).
+    """
+    classes = settings if isinstance(settings, tuple) else (settings,)
+    for cls in classes:
+        declare(cls)
 
     def decorator(fn: PolicyLossFn) -> PolicyLossFn:
         previous = POLICY_LOSSES.get(name)
         POLICY_LOSSES[name] = PolicyLoss(
             name,
             fn,
-            settings=tuple(settings),
-            required=tuple(required),
+            settings=classes,
             needs_entropy=needs_entropy,
             token_selector=previous.token_selector if previous else None,
             pi_old_from_sampler=pi_old_from_sampler,
         )
+        if previous is not None:
+            _withdraw_unused(previous.settings)
         return fn
 
     return decorator
+
+
+def _withdraw_unused(classes: tuple[type[LossSettings], ...]) -> None:
+    """Withdraw the settings no registered loss reads any more (the shared ones stay)."""
+    in_use = {cls for loss in POLICY_LOSSES.values() for cls in loss.settings}
+    for cls in set(classes) - in_use - {SharedSettings, RolloutCorrectionSettings}:
+        withdraw(cls)
 
 
 def register_token_selector(name: str) -> Callable[[TokenSelector], TokenSelector]:
@@ -192,13 +209,13 @@ def list_policy_losses() -> list[str]:
 def loss_setting(
     name: str, overrides: Mapping[str, Any] | None = None, base: PolicyLossConfig | None = None
 ) -> PolicyLossConfig:
-    """The settings of the loss ``name``: ``base`` (default: the defaults) with ``overrides`` of its fields,
-    validated; ``ValueError`` naming an unknown field or a required setting left unset."""
+    """The settings of the loss ``name``: ``base`` (default: the defaults) with ``overrides`` of its settings,
+    validated; ``ValueError`` naming an unknown setting or a required setting left unset."""
     loss = get_policy_loss(name)
     overrides = dict(overrides or {})
-    unknown = sorted(set(overrides) - set(LOSS_SETTINGS))
+    unknown = sorted(set(overrides) - set(declared_settings()))
     if unknown:
         raise ValueError(f"unknown settings {unknown} for policy loss {name!r}: it reads {list(loss.reads)}")
-    config = dataclasses.replace(base or PolicyLossConfig(), **overrides)
+    config = (base or PolicyLossConfig()).replace(**overrides)
     loss.check(config)
     return config

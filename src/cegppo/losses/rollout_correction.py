@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from cegppo.losses.aggregation import accumulation_dtype, masked_mean, sequence_mean
-from cegppo.losses.config import PolicyLossConfig
+from cegppo.losses.config import PolicyLossConfig, RolloutCorrectionSettings
 from cegppo.losses.ratio import clamp_log_ratio
 
 
@@ -58,14 +58,15 @@ def rollout_correction(
     dtype = accumulation_dtype(log_prob)
     log_ratio = log_prob.detach().to(dtype) - rollout_log_prob.detach().to(dtype)
     mask = response_mask.detach().to(dtype)
+    settings = config.group(RolloutCorrectionSettings)
     metrics: dict[str, float] = {}
     weights = None
-    if config.rollout_is is not None:
-        weights = _importance_weights(log_ratio, mask, config, metrics)
+    if settings.rollout_is is not None:
+        weights = _importance_weights(log_ratio, mask, settings, metrics)
     keep = torch.ones_like(mask)
-    for option, bounds in config.rs_bounds.items():
+    for option, bounds in settings.rs_bounds.items():
         keep = keep * _passes(option, bounds, log_ratio, mask).to(dtype)
-    if config.rollout_rs is not None:
+    if settings.rollout_rs is not None:
         rejected = (1 - keep) * mask
         live = mask.sum(-1) > 0
         metrics["actor/rollout_rs_masked_fraction"] = masked_mean(rejected, mask).item()
@@ -74,10 +75,13 @@ def rollout_correction(
 
 
 def _importance_weights(
-    log_ratio: torch.Tensor, mask: torch.Tensor, config: PolicyLossConfig, metrics: dict[str, float]
+    log_ratio: torch.Tensor,
+    mask: torch.Tensor,
+    settings: RolloutCorrectionSettings,
+    metrics: dict[str, float],
 ) -> torch.Tensor:
-    lower, upper = config.is_bounds
-    if config.rollout_is == "token":
+    lower, upper = settings.is_bounds
+    if settings.rollout_is == "token":
         level_log_ratio = log_ratio
         level_mask = mask
     else:
@@ -97,8 +101,8 @@ def _importance_weights(
     metrics["actor/rollout_is_ratio_fraction_low"] = masked_mean(
         level_log_ratio < math.log(low_bound), level_mask.expand_as(level_log_ratio)
     ).item()
-    if config.rollout_is_batch_normalize:
-        if config.rollout_is == "token":
+    if settings.rollout_is_batch_normalize:
+        if settings.rollout_is == "token":
             mean = masked_mean(weights, mask)
         else:
             live = (mask.sum(-1) > 0).to(mask.dtype)

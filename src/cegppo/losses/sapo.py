@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from cegppo.losses._common import aggregate, clip_metrics, no_regions, prepare_inputs
 from cegppo.losses.aggregation import masked_mean
 from cegppo.losses.config import PolicyLossConfig
 from cegppo.losses.registry import register_policy_loss
+from cegppo.losses.settings import ACTOR, LossSettings, above, setting
 
 
-@register_policy_loss("sapo", settings=("tau_pos", "tau_neg"))
+@dataclass(frozen=True)
+class SAPOSettings(LossSettings):
+    """SAPO's gate temperatures for A > 0 and A <= 0 (verl's names, defaults and place: its actor config)."""
+
+    tau_pos: float = setting(1.0, above(0), at=ACTOR)
+    tau_neg: float = setting(1.05, above(0), at=ACTOR)
+
+
+@register_policy_loss("sapo", settings=SAPOSettings)
 def compute_policy_loss_sapo(
     old_log_prob: torch.Tensor,
     log_prob: torch.Tensor,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -11,6 +12,7 @@ from cegppo.losses.aggregation import agg_loss, masked_mean, sequence_mean
 from cegppo.losses.config import PolicyLossConfig
 from cegppo.losses.ratio import LOG_RATIO_CLAMP, clamp_log_ratio
 from cegppo.losses.registry import register_policy_loss
+from cegppo.losses.settings import LossSettings, above, at_least, setting
 
 # The sequence ratio w is kept in [1e-8, e^20] (the authors' and TRL's bounds) before φ(w) is formed.
 LOG_MIN_SEQ_RATIO = math.log(1e-8)
@@ -18,9 +20,17 @@ LOG_MIN_SEQ_RATIO = math.log(1e-8)
 MIN_LAMBDA = 1e-4
 
 
-@register_policy_loss(
-    "vespo", settings=("vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg")
-)
+@dataclass(frozen=True)
+class VESPOSettings(LossSettings):
+    """VESPO's Gamma-weight exponents k and decays λ for A >= 0 and A < 0 (TRL's names and defaults)."""
+
+    vespo_k_pos: float = setting(2.0, at_least(0))
+    vespo_lambda_pos: float = setting(3.0, above(0))
+    vespo_k_neg: float = setting(3.0, at_least(0))
+    vespo_lambda_neg: float = setting(2.0, above(0))
+
+
+@register_policy_loss("vespo", settings=VESPOSettings)
 def compute_policy_loss_vespo(
     old_log_prob: torch.Tensor,
     log_prob: torch.Tensor,

@@ -166,7 +166,7 @@ class Actor:
         self.skipped_updates = 0
         self.share_prompt = actor.share_prompt and settings.responses_per_prompt > 1
         self.quadrants = QuadrantObserver(settings.prob_threshold)
-        self.set_loss(actor.policy_loss, settings.loss)
+        self.set_loss(actor.policy_loss.loss_mode, settings.loss)
 
     def set_loss(self, name: str, config: PolicyLossConfig) -> None:
         """Train with the registered policy loss ``name`` and its settings ``config`` from now on (the trainer
@@ -270,7 +270,7 @@ class Actor:
         return self._micro_batched_log_probs(self.ref_model, batch, with_entropy=False)[0]
 
     def correct_for_sampler(self, batch: UpdateBatch) -> tuple[UpdateBatch, dict[str, float]]:
-        """verl's decoupled rollout correction (``actor.rollout_is``/``rollout_rs``) over the whole batch: IS
+        """verl's decoupled rollout correction (``algorithm.rollout_correction``) over the whole batch: IS
         weights π_old/π_sampler and the rejection mask, for any loss (``bypass_mode`` corrects inside its loss)."""
         experience = batch.experience
         if (

@@ -36,7 +36,7 @@ class BetaSteering:
     def __init__(self, actor: ActorConfig) -> None:
         self.actor = actor
         self.control = actor.entropy_control
-        self.controlled = {"beta1": actor.beta1, "beta2": actor.beta2}
+        self.controlled = {"beta1": actor.policy_loss.beta1, "beta2": actor.policy_loss.beta2}
         self.previous_entropy: float | None = None
 
     def betas(self, step: int) -> tuple[float, float]:
@@ -44,8 +44,8 @@ class BetaSteering:
         if self.control.enabled:
             return self.controlled["beta1"], self.controlled["beta2"]
         return (
-            schedule_value(self.actor.beta1_schedule, step, self.actor.beta1),
-            schedule_value(self.actor.beta2_schedule, step, self.actor.beta2),
+            schedule_value(self.actor.beta1_schedule, step, self.actor.policy_loss.beta1),
+            schedule_value(self.actor.beta2_schedule, step, self.actor.policy_loss.beta2),
         )
 
     def observe_entropy(self, entropy: float) -> None:

@@ -116,7 +116,7 @@ class QuadrantObserver:
 
 
 class PolicyGradientTerm:
-    """The registered policy loss (``actor.policy_loss``), with the importance weights of the rollout correction
+    """The registered policy loss (``actor.policy_loss.loss_mode``), with the importance weights of the rollout correction
     and the 80/20 selection as token weights, and its observers (the quadrant analysis)."""
 
     def __init__(self, actor: Actor) -> None:

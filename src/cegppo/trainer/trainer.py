@@ -150,7 +150,9 @@ def _resume_changes(saved: Config, config: Config) -> list[str]:
     that a checkpoint restores (the entropy controllers' too, while they are on)."""
     restored = dict(RESTORED_ON_RESUME)
     if config.actor.entropy_control.enabled:
-        restored["actor.beta1"] = restored["actor.beta2"] = "actor.entropy_control's β is restored"
+        restored["actor.policy_loss.beta1"] = restored["actor.policy_loss.beta2"] = (
+            "actor.entropy_control's β is restored"
+        )
     if config.actor.use_adaptive_entropy:
         restored["actor.entropy_coeff"] = "the adaptive coefficient is restored"
     refused = [
@@ -409,7 +411,7 @@ class Trainer:
         # 4. Update: π_old (recomputed with the current weights; or, for one on-policy optimiser step and for
         #    bypass_mode, taken from the update's own forward passes), then the clipped policy-gradient epochs.
         beta1, beta2 = self.steering.betas(self.step_count + 1)
-        self.actor.loss_config = dataclasses.replace(self.actor.loss_config, beta1=beta1, beta2=beta2)
+        self.actor.loss_config = self.actor.loss_config.replace(beta1=beta1, beta2=beta2)
         update: UpdateResult | None = None
         old_logprob_passes = 0
         if len(experience):
