@@ -63,6 +63,9 @@ class DataConfig:
     train_files: list[str] = field(default_factory=list)  # JSONL/Parquet, {problem, answer} or verl's schema
     train_size: int = 5000  # problems generated for a built-in task
     digits: int = 2  # operand digits of the arithmetic task and of the `arithmetic` held-out set (1-4)
+    # The arithmetic task's two worked examples before each question, in training and held-out prompts; false:
+    # the question alone (a model fine-tuned on the task, e.g. the toy policy of docs/toy.md)
+    few_shot: bool = True
     # Greedy accuracy before/after training: a benchmark name or a prompt file; auto is the built-in task's own
     # held-out set (arithmetic), and none for train_files (give their held-out file here); null: none
     heldout: str | None = AUTO
@@ -303,9 +306,15 @@ class AnalysisConfig:
     )
 
 
+# The eval benchmark name of the run's own held-out set (data.heldout, as the run loads it), sampled as eval.*
+# says rather than greedily
+HELDOUT_BENCHMARK = "heldout"
+
+
 @dataclass
 class EvalConfig:
-    """Benchmarks evaluated every ``trainer.eval_every`` steps, logged as ``val/<bench>/avg@n``."""
+    """Benchmarks evaluated every ``trainer.eval_every`` steps, logged as ``val/<bench>/avg@n``: packaged
+    benchmarks, prompt files, or ``heldout`` (:data:`HELDOUT_BENCHMARK`)."""
 
     benchmarks: list[str] = field(default_factory=list)
     n: int = 4
@@ -590,6 +599,12 @@ def validate(config: Config) -> None:
     _check_actor(config.actor)
     _check_loss(config)
     _check_eval(config.eval)
+    _check(
+        HELDOUT_BENCHMARK not in config.eval.benchmarks or config.data.heldout is not None,
+        "eval.benchmarks",
+        config.eval.benchmarks,
+        f"{HELDOUT_BENCHMARK!r} is the run's held-out set, and data.heldout is null",
+    )
     _check_trainer(config.trainer)
     _check_analysis(config)
     d, r, a = config.data, config.rollout, config.actor
@@ -793,6 +808,12 @@ def _check_data(d: DataConfig) -> None:
         f"data.train_files={d.train_files} are given too: set data.task=auto to train on the files, or drop them",
     )
     _check(type(d.digits) is int and 1 <= d.digits <= 4, "data.digits", d.digits, "an integer in [1, 4]")
+    _check(
+        d.few_shot or ARITHMETIC in (d.task, d.heldout),
+        "data.few_shot",
+        d.few_shot,
+        "applies to the arithmetic task and its held-out set only (prompt files carry their own turns)",
+    )
     _positive("data", d, "train_batch_size", "train_size", "heldout_size")
 
 

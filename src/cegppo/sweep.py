@@ -67,7 +67,14 @@ def _heldout_setting(config: Config) -> tuple[Any, ...]:
     data, rollout = config.data, config.rollout
     return (
         asdict(config.model),
-        (data.heldout, data.heldout_size, data.digits, data.system_prompt, data.question_template),
+        (
+            data.heldout,
+            data.heldout_size,
+            data.digits,
+            data.few_shot,
+            data.system_prompt,
+            data.question_template,
+        ),
         (rollout.engine, rollout.max_new_tokens, asdict(rollout.vllm)),
         (config.reward.name, config.reward.strict_boxed, config.trainer.device, config.trainer.num_threads),
     )

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from cegppo.advantages import get_advantage_fn, uniform_groups
-from cegppo.config import Config, load_config, to_yaml
+from cegppo.config import HELDOUT_BENCHMARK, Config, load_config, to_yaml
 from cegppo.data import (
     PromptDataset,
     PromptExample,
@@ -322,7 +322,9 @@ class Trainer:
     def _load_data(self) -> tuple[PromptDataset, list[PromptExample]]:
         data = self.config.data
         if data.task == ARITHMETIC:  # its train and held-out pools are disjoint by construction
-            train = arithmetic_problems(data.train_size, seed=data.seed, digits=data.digits)
+            train = arithmetic_problems(
+                data.train_size, seed=data.seed, digits=data.digits, few_shot=data.few_shot
+            )
         else:
             train = [
                 example
@@ -336,7 +338,7 @@ class Trainer:
             return dataset, []
         # The built-in task's own held-out pool: of its digits and sized by heldout_size (the benchmark is fixed)
         if data.heldout == ARITHMETIC:
-            return dataset, held_out_arithmetic(data.heldout_size, digits=data.digits)
+            return dataset, held_out_arithmetic(data.heldout_size, digits=data.digits, few_shot=data.few_shot)
         return dataset, load_problems(
             data.heldout, limit=data.heldout_size, question_template=data.question_template
         )
@@ -599,7 +601,8 @@ class Trainer:
         return result.avg_at_n
 
     def evaluate_benchmarks(self) -> dict[str, float]:
-        """``eval.benchmarks`` sampled as configured: ``val/<bench>/avg@<n>`` and ``val/<bench>/pass@<n>``.
+        """``eval.benchmarks`` sampled as configured: ``val/<bench>/avg@<n>`` and ``val/<bench>/pass@<n>``
+        (``heldout``: the run's held-out set).
 
         Sampled under its own seed (``trainer.seed``, the same at every evaluation, so that evaluations differ by
         the model only), with the training generator's state restored afterwards: a run with evaluation samples
@@ -615,15 +618,27 @@ class Trainer:
         )
         metrics = {}
         for benchmark in cfg.benchmarks:
-            result = evaluate_benchmark(
-                self.engine,
-                self.scorer,
-                self.tokenizer,
-                benchmark,
-                params,
-                limit=cfg.limit,
-                system_prompt=self.config.data.system_prompt,
-            )
+            if benchmark == HELDOUT_BENCHMARK:
+                result = evaluate_examples(
+                    self.engine,
+                    self.scorer,
+                    self.tokenizer,
+                    HELDOUT_BENCHMARK,
+                    self.heldout[: cfg.limit],
+                    params,
+                    system_prompt=self.config.data.system_prompt,
+                    chunk_size=HELDOUT_CHUNK,
+                )
+            else:
+                result = evaluate_benchmark(
+                    self.engine,
+                    self.scorer,
+                    self.tokenizer,
+                    benchmark,
+                    params,
+                    limit=cfg.limit,
+                    system_prompt=self.config.data.system_prompt,
+                )
             metrics[f"val/{result.name}/avg@{cfg.n}"] = result.avg_at_n
             metrics[f"val/{result.name}/pass@{cfg.n}"] = result.pass_at_k[cfg.n]
         return metrics
