@@ -244,3 +244,12 @@ def test_report_of_a_real_run(capsys, trained_run, tmp_path):
 def test_report_of_a_missing_directory_exits_2(capsys, tmp_path):
     rc, output = run_cli(capsys, "report", tmp_path / "nope")
     assert rc == 2 and "does not exist" in output
+
+
+def test_sweep_takes_seed_ranges_and_names_a_bad_one(capsys, tmp_path):
+    from cegppo.cli import _seed_list
+
+    assert _seed_list("0-3,8") == [0, 1, 2, 3, 8]
+    rc, output = run_cli(capsys, "sweep", "--output-dir", tmp_path / "s", "--seeds", "0-x")
+    assert rc == 2 and "--seeds '0-x': expected numbers and ranges such as 0-7 or 0,3,5" in output
+    assert not (tmp_path / "s").exists()

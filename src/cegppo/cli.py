@@ -295,8 +295,8 @@ def _sweep(args: argparse.Namespace, console: Console) -> int:
     from cegppo.sweep import run_sweep, sweep_table
 
     variants = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
-    seeds = [int(seed) for seed in args.seeds.split(",")]
     try:
+        seeds = _seed_list(args.seeds)
         run_dirs = run_sweep(
             args.output_dir,
             config_path=args.config,
@@ -469,7 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument(
         "--output-dir", type=Path, default=Path("runs/sweep"), help="the runs, table and report"
     )
-    sweep.add_argument("--seeds", default="0", help="comma-separated, e.g. 0,1")
+    sweep.add_argument("--seeds", default="0", help="e.g. 0-19 or 0,1,2,3")
     sweep.add_argument(
         "--variants",
         default="all",
