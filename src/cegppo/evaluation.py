@@ -1,8 +1,8 @@
 """Benchmark evaluation: sample ``n`` responses per problem, score them with the training reward, and report
 avg@n and unbiased pass@k with 95 % intervals over problems.
 
-The trainer uses ``evaluate_examples`` for its greedy held-out accuracy and ``evaluate_benchmark`` for
-``eval_every`` validation; ``cegppo eval`` writes the results with ``write_results``.
+The trainer uses ``evaluate_examples`` for its greedy held-out accuracy and, on ``load_problems``' problems (or its
+held-out set), for ``eval_every`` validation; ``cegppo eval`` writes the results with ``write_results``.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ EVAL_FILE = "eval.json"
 TABLE_FILE = "eval.md"
 GENERATIONS_DIR = "generations"
 PROMPT_FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+CHUNK_SIZE = 8  # problems per generate call
 
 # Normal quantile for a two-sided 95 % interval.
 _Z95 = 1.959963984540054
@@ -207,7 +208,7 @@ def evaluate_examples(
     *,
     system_prompt: str | None = None,
     progress: Callable[[int], None] | None = None,
-    chunk_size: int = 8,
+    chunk_size: int = CHUNK_SIZE,
 ) -> BenchmarkResult:
     """Sample ``params.n`` responses per example and score them, ``chunk_size`` problems per generate call.
 
@@ -265,7 +266,7 @@ def evaluate_benchmark(
     system_prompt: str | None = None,
     question_template: str | None = None,
     progress: Callable[[int], None] | None = None,
-    chunk_size: int = 8,
+    chunk_size: int = CHUNK_SIZE,
 ) -> BenchmarkResult:
     """Evaluate a packaged benchmark or a prompt file: ``load_problems`` then ``evaluate_examples``.
 

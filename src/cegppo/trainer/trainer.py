@@ -32,7 +32,7 @@ from cegppo.data import (
 )
 from cegppo.data.benchmark import ARITHMETIC
 from cegppo.dynamics import entropy_covariance
-from cegppo.evaluation import evaluate_benchmark, evaluate_examples, load_problems
+from cegppo.evaluation import CHUNK_SIZE, benchmark_name, evaluate_examples, load_problems
 from cegppo.losses import masked_mean
 from cegppo.models import disable_dropout, load_model_and_tokenizer
 from cegppo.rewards import RewardErrorGuard, RewardFailure, RewardResult, RewardScorer, overlong_penalty
@@ -618,27 +618,20 @@ class Trainer:
         )
         metrics = {}
         for benchmark in cfg.benchmarks:
-            if benchmark == HELDOUT_BENCHMARK:
-                result = evaluate_examples(
-                    self.engine,
-                    self.scorer,
-                    self.tokenizer,
-                    HELDOUT_BENCHMARK,
-                    self.heldout[: cfg.limit],
-                    params,
-                    system_prompt=self.config.data.system_prompt,
-                    chunk_size=HELDOUT_CHUNK,
-                )
+            if benchmark == HELDOUT_BENCHMARK:  # as many problems a generate call as the greedy pass
+                examples, chunk_size = self.heldout[: cfg.limit], HELDOUT_CHUNK
             else:
-                result = evaluate_benchmark(
-                    self.engine,
-                    self.scorer,
-                    self.tokenizer,
-                    benchmark,
-                    params,
-                    limit=cfg.limit,
-                    system_prompt=self.config.data.system_prompt,
-                )
+                examples, chunk_size = load_problems(benchmark, limit=cfg.limit), CHUNK_SIZE
+            result = evaluate_examples(
+                self.engine,
+                self.scorer,
+                self.tokenizer,
+                benchmark_name(benchmark),
+                examples,
+                params,
+                system_prompt=self.config.data.system_prompt,
+                chunk_size=chunk_size,
+            )
             metrics[f"val/{result.name}/avg@{cfg.n}"] = result.avg_at_n
             metrics[f"val/{result.name}/pass@{cfg.n}"] = result.pass_at_k[cfg.n]
         return metrics
