@@ -19,7 +19,7 @@ import json
 import string
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -141,7 +141,7 @@ def supervised_stage(
     lr: float,
     check_every: int,
     seed: int,
-    log: Any = print,
+    log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """AdamW on the answers' cross-entropy, batches drawn from the training pool (problems never repeat within
     ``max_steps``), until the sampled accuracy on ``CHECK_PROBLEMS`` other training problems reaches ``target``
