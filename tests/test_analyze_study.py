@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
+from _scripts import load_script
 from test_report import write_run
-
-SCRIPT = Path(__file__).parents[1] / "docs" / "results" / "analyze_study.py"
 
 
 @pytest.fixture(scope="module")
 def study():
-    spec = importlib.util.spec_from_file_location("analyze_study", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("docs/results/analyze_study.py")
 
 
 def study_run(root: Path, variant: str, seed: int, entropy: list[float], accuracy: float) -> None:

@@ -3,22 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from _scripts import load_script
 from cegppo.losses import PolicyLossConfig
 
-_PATH = Path(__file__).resolve().parents[1] / "examples" / "entropy_mechanism.py"
-_spec = importlib.util.spec_from_file_location("entropy_mechanism", _PATH)
-em = importlib.util.module_from_spec(_spec)
-sys.modules["entropy_mechanism"] = em  # dataclasses look their module up
-_spec.loader.exec_module(em)
+em = load_script("examples/entropy_mechanism.py")
 
 REGIME = {r.name: r for r in em.REGIMES}
 

@@ -121,7 +121,9 @@ def test_a_run_writes_metrics_samples_checkpoint_and_summary(tiny_model_dir, tmp
     assert "entropy/delta" in records[1] and "entropy/cov_logp_pA" in records[0]
     # the quadrants split the tokens with A != 0 (A = 0 tokens belong to none)
     mask = trained[0].response_mask
-    zero_share = ((trained[0].advantages == 0).unsqueeze(1) * mask).sum() / mask.sum()
+    zero_share = (
+        (trained[0].advantages == 0).unsqueeze(1) * mask
+    ).sum().double() / mask.sum()  # exact, as the metric
     assert 0 < zero_share < 1
     quadrant_share = sum(records[0][f"quadrant/{q}/frac"] for q in ("PA&HP", "PA&LP", "NA&HP", "NA&LP"))
     assert quadrant_share == pytest.approx(1 - zero_share.item(), abs=1e-9)

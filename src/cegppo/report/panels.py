@@ -79,10 +79,13 @@ def _plot_series(
     return True
 
 
-def _style(ax: Axes, title: str, ylabel: str) -> None:
+def _style(ax: Axes, title: str, ylabel: str, *, by_variant: bool = False) -> None:
     ax.set_title(title, fontsize=11)
-    ax.set_xlabel("step")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if by_variant:  # the ticks are the variants' names, set by the caller
+        ax.set_xlabel("variant")
+    else:
+        ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.spines[["top", "right"]].set_visible(False)
@@ -285,7 +288,7 @@ def _probe_panel(rows: Sequence[dict[str, Any]], reference: str) -> tuple[bytes 
             )
         ax.axhline(0.0, color="#444444", linewidth=0.8)
         ax.set_xticks(range(len(names)), names, rotation=15, ha="right", fontsize=8)
-        _style(ax, f"{label}: variant − {reference}", f"paired difference in {label}")
+        _style(ax, f"{label}: variant − {reference}", f"paired difference in {label}", by_variant=True)
         ax.legend(fontsize=8, loc="best")
     points = max(len(pair.differences) for pair in pairs)
     notes = [

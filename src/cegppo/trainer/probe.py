@@ -200,7 +200,11 @@ def _probe_set_change(before: PiOld, after: PiOld, mask: torch.Tensor) -> dict[s
         "entropy_after": entropy_after,
         "delta_log_entropy": math.log(entropy_after / entropy_before) if entropy_before > 0 else math.nan,
         # kl_penalty(logp, ref_logp, "low_var_kl") is k3 of KL(π ‖ ref) on tokens drawn from π: here π is π_before.
-        "kl_from_before": masked_mean(kl_penalty(before.log_prob, after.log_prob, "low_var_kl"), mask).item(),
+        # In float64: k3 ≈ d²/2 for a log-ratio d, below float32's rounding of e^d once |d| < ~3e-4 (it came out
+        # negative for a small update).
+        "kl_from_before": masked_mean(
+            kl_penalty(before.log_prob.double(), after.log_prob.double(), "low_var_kl"), mask
+        ).item(),
     }
 
 
