@@ -15,7 +15,7 @@ def write_run(root: Path, name: str, entropy: tuple[float, float], step_s: float
     records = []
     for step in range(1, 401):
         middle = 0.3
-        record = {"step": step, "timing/step": step_s}
+        record = {"step": step, "timing/step_s": step_s}
         record["entropy/mean"] = entropy[0] if step <= 10 else entropy[1] if step > 390 else middle
         if step == 400:
             record["val/heldout/avg@8"] = avg

@@ -62,7 +62,9 @@ def main(root: Path) -> None:
         finals = [final(r, AVG) for r in records if r and r[-1]["step"] == STEPS]
         rows[variant] = {
             "avg": statistics.fmean(finals) if finals else math.nan,
-            "step_s": statistics.median(r["timing/step"] for rs in records for r in rs if "timing/step" in r),
+            "step_s": statistics.median(
+                r["timing/step_s"] for rs in records for r in rs if "timing/step_s" in r
+            ),
             "entropy": statistics.fmean(entropy_ratio(r) for r in records),
             "done": len(finals),
         }
