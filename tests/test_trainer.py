@@ -316,6 +316,31 @@ def test_a_resumed_run_continues_exactly(tiny_model_dir, tmp_path, short_reward)
     assert got == expected
 
 
+def test_evaluation_leaves_the_training_stream_untouched(tiny_model_dir, tmp_path, short_reward):
+    """Sampled evaluations between steps and the greedy held-out passes change what is logged, never what is
+    trained: the same seed trains on the same responses with evaluation every step as without any."""
+    common = {"reward.name": short_reward, "trainer.total_steps": 3}
+    plain = load_config(None, tiny_overrides(tiny_model_dir, tmp_path / "a", **common, **{"data.heldout": "null"}))
+    evaluated = load_config(
+        None,
+        tiny_overrides(
+            tiny_model_dir,
+            tmp_path / "b",
+            **common,
+            **{"trainer.eval_every": 1, "eval.benchmarks": "[heldout]", "eval.n": 2, "eval.temperature": 1.0},
+        ),
+    )
+    Trainer(plain, run_dir_of(plain)).fit()
+    Trainer(evaluated, run_dir_of(evaluated)).fit()
+
+    def trained(run_dir: Path) -> list[dict]:
+        return [{k: v for k, v in r.items() if not k.startswith("val/")} for r in _comparable(read_metrics(run_dir))]
+
+    with_eval = read_metrics(run_dir_of(evaluated))
+    assert all("val/heldout/avg@2" in r for r in with_eval)
+    assert trained(run_dir_of(evaluated)) == trained(run_dir_of(plain))
+
+
 def test_sigint_saves_a_checkpoint_and_the_run_resumes(tiny_model_dir, tmp_path, short_reward, monkeypatch):
     config = load_config(
         None,
