@@ -84,7 +84,8 @@ def test_peak_probe_is_measured_once_per_setting_and_leaves_the_sampling_stream_
     before = torch.get_rng_state()
     first = measure_peak_flops(torch.float32, "cpu", torch.get_num_threads())
     assert first > 0
-    assert torch.equal(torch.get_rng_state(), before)  # else the run measuring first in a process samples apart
+    # else the run that measures first in a process samples apart from the same run measuring second
+    assert torch.equal(torch.get_rng_state(), before)
     assert measure_peak_flops(torch.float32, "cpu", torch.get_num_threads()) == first
 
 

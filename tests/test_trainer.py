@@ -320,7 +320,9 @@ def test_evaluation_leaves_the_training_stream_untouched(tiny_model_dir, tmp_pat
     """Sampled evaluations between steps and the greedy held-out passes change what is logged, never what is
     trained: the same seed trains on the same responses with evaluation every step as without any."""
     common = {"reward.name": short_reward, "trainer.total_steps": 3}
-    plain = load_config(None, tiny_overrides(tiny_model_dir, tmp_path / "a", **common, **{"data.heldout": "null"}))
+    plain = load_config(
+        None, tiny_overrides(tiny_model_dir, tmp_path / "a", **common, **{"data.heldout": "null"})
+    )
     evaluated = load_config(
         None,
         tiny_overrides(
@@ -334,7 +336,10 @@ def test_evaluation_leaves_the_training_stream_untouched(tiny_model_dir, tmp_pat
     Trainer(evaluated, run_dir_of(evaluated)).fit()
 
     def trained(run_dir: Path) -> list[dict]:
-        return [{k: v for k, v in r.items() if not k.startswith("val/")} for r in _comparable(read_metrics(run_dir))]
+        return [
+            {k: v for k, v in r.items() if not k.startswith("val/")}
+            for r in _comparable(read_metrics(run_dir))
+        ]
 
     with_eval = read_metrics(run_dir_of(evaluated))
     assert all("val/heldout/avg@2" in r for r in with_eval)
