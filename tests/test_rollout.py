@@ -353,3 +353,23 @@ def test_autocast_casts_each_weight_once_per_generate_call(tiny_llama, tiny_toke
         batch = engine.generate(render(tiny_tokenizer), SamplingParams(n=2, max_new_tokens=8, seed=0))
     assert batch.response_mask.sum(1).max() > 2  # several decoding steps ran
     assert casts and max(casts.values()) == 1
+
+
+def test_the_draw_follows_the_filtered_distribution_exactly():
+    """The inverse-CDF draw: each token's frequency is its probability after the warpers, a token of
+    probability 0 is never drawn (first, inner or last), and the recorded log-prob is the drawn token's."""
+    from cegppo.rollout.hf import _DrawAndRecord
+
+    probs = torch.tensor([0.0, 0.4, 0.0, 0.25, 0.2, 0.1, 0.05, 0.0])
+    rows = 40_000
+    scores = probs.log().expand(rows, -1).clone()
+    draw = _DrawAndRecord(SamplingParams(top_k=4, seed=0))  # drops token 6 (0.05)
+    torch.manual_seed(0)
+    filtered = draw(torch.zeros(rows, 1, dtype=torch.long), scores)
+    assert torch.isfinite(filtered).sum(dim=-1).eq(1).all()  # generate, run greedy, can pick only the draw
+    tokens = filtered.argmax(dim=-1)
+    expected = torch.tensor([0.0, 0.4, 0.0, 0.25, 0.2, 0.1, 0.0, 0.0]) / 0.95
+    frequency = torch.bincount(tokens, minlength=8) / rows
+    assert frequency[expected == 0].sum() == 0
+    torch.testing.assert_close(frequency, expected, atol=0.01, rtol=0)  # 4 sd at 40,000 draws
+    torch.testing.assert_close(draw.finish(tokens[:, None]).squeeze(1), expected.log()[tokens])

@@ -27,19 +27,22 @@ from cegppo.rollout.base import (
 )
 
 
-class _SampledTokenLogprobs(LogitsProcessor):
-    """Turns logits into the sampling distribution and records each sampled token's log-prob under it.
+class _DrawAndRecord(LogitsProcessor):
+    """Draws each step's token itself and records its log-prob under the distribution it was drawn from.
 
-    It applies the temperature, then top-k, then top-p (transformers' own warpers, in vLLM's order) and
-    returns the filtered logits, which ``generate`` samples from with its own warpers switched off
-    (``HFRolloutEngine._generation_config``): the recorded log-prob is that of the distribution the token
-    was drawn from, as ``RolloutBatch.sampler_logprobs`` defines it. Greedy decoding gets temperature 1 and
-    no filter. A logits processor sees step ``t``'s logits before the token is drawn and step ``t+1``'s
-    input ids after, so it keeps one step of log-probs (``rows x vocab``) and gathers the drawn token one
-    call later; storing every step's logits (``output_logits``) would cost ``rows x R x vocab`` floats.
+    It applies the temperature, then top-k, then top-p (transformers' own warpers, in vLLM's order), draws
+    the token by inverting the CDF of that distribution with one uniform number per row (greedy: the argmax,
+    with temperature 1 and no filter), and hands ``generate`` (run greedy, ``HFRolloutEngine._generation_config``)
+    scores on which the drawn token is the only finite one. ``generate``'s own multinomial draws one
+    exponential random number per vocabulary entry and row: on the CPU that was a fifth of the demo's
+    generation time, against a cumulative sum here; the draw is exact, but a seed gives other tokens than
+    ``torch.multinomial`` gives. The recorded log-prob is that of the drawn token, as
+    ``RolloutBatch.sampler_logprobs`` defines it; generate pads the rows that finished, and
+    ``assemble_rollout_batch`` masks their log-probs.
     """
 
     def __init__(self, params: SamplingParams) -> None:
+        self._greedy = params.greedy
         self._warpers: list[LogitsProcessor] = []
         if not params.greedy:
             if params.temperature != 1.0:
@@ -48,27 +51,32 @@ class _SampledTokenLogprobs(LogitsProcessor):
                 self._warpers.append(TopKLogitsWarper(params.top_k))
             if params.top_p < 1.0:
                 self._warpers.append(TopPLogitsWarper(params.top_p))
-        self._pending: torch.Tensor | None = None
-        self._gathered: list[torch.Tensor] = []
+        self._logprobs: list[torch.Tensor] = []
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if self._pending is not None:
-            self._gathered.append(self._pending.gather(1, input_ids[:, -1:]))
         scores = scores.float()
         for warper in self._warpers:
             scores = warper(input_ids, scores)
-        self._pending = torch.log_softmax(scores, dim=-1)
-        return scores
+        log_normaliser = torch.logsumexp(scores, dim=-1, keepdim=True)
+        if self._greedy:
+            tokens = scores.argmax(dim=-1, keepdim=True)
+        else:
+            # float64 sums, so that a token's share of [0, total) is its probability to ~1e-16; right=True never
+            # lands on a token of probability 0 (its cumulative sum equals its predecessor's)
+            cdf = torch.exp(scores - log_normaliser).double().cumsum(dim=-1)
+            targets = torch.rand(cdf.shape[0], 1, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
+            tokens = torch.searchsorted(cdf, targets, right=True).clamp_(max=cdf.shape[1] - 1)
+        self._logprobs.append(scores.gather(1, tokens) - log_normaliser)
+        return torch.full_like(scores, -torch.inf).scatter_(1, tokens, 0.0)
 
     def finish(self, new_tokens: torch.Tensor) -> torch.Tensor:
         """Log-probs of ``new_tokens`` (``[rows, R]``, the tokens generate appended)."""
-        if self._pending is None or len(self._gathered) + 1 != new_tokens.shape[1]:
+        if len(self._logprobs) != new_tokens.shape[1]:
             raise RuntimeError(
-                f"recorded {len(self._gathered) + (self._pending is not None)} generation steps but generate "
-                f"returned {new_tokens.shape[1]} new tokens"
+                f"recorded {len(self._logprobs)} generation steps but generate returned {new_tokens.shape[1]} "
+                "new tokens"
             )
-        self._gathered.append(self._pending.gather(1, new_tokens[:, -1:]))
-        return torch.cat(self._gathered, dim=1)
+        return torch.cat(self._logprobs, dim=1)
 
 
 class HFRolloutEngine:
@@ -120,10 +128,8 @@ class HFRolloutEngine:
             "pad_token_id": self.tokenizer.pad_token_id,
             "use_cache": True,
         }
-        if params.greedy:
-            return GenerationConfig(do_sample=False, **common)
-        # _SampledTokenLogprobs applies temperature, top-k and top-p; generate only draws from its output.
-        return GenerationConfig(do_sample=True, temperature=1.0, top_p=1.0, top_k=0, **common)
+        # _DrawAndRecord draws the token (greedy or sampled) and leaves generate only it to pick.
+        return GenerationConfig(do_sample=False, **common)
 
     def _tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         return tokenize_prompts(self.tokenizer, prompts)
@@ -160,7 +166,7 @@ class HFRolloutEngine:
                     first = int(mask.any(dim=0).nonzero()[0])
                     ids = prompt_ids[start : start + chunk, first:].to(device)
                     mask = mask[:, first:].to(device)
-                    recorder = _SampledTokenLogprobs(params)
+                    recorder = _DrawAndRecord(params)
                     shared = self._shared_prefill(ids, mask) if self.share_prompt and params.n > 1 else {}
                     sequences = model.generate(
                         input_ids=ids,
