@@ -1,0 +1,127 @@
+"""Stage 3 of the paired design (docs/results.md): H3 at toy scale, decided from the committed runs by the rules
+fixed before the 20-seed runs. Prints markdown.
+
+    python docs/results/analyze_toy_h3.py [ROOT ...]   # default: docs/results/toy/gate docs/results/toy/h3
+
+Each ROOT holds one folder per run, ``<arm>-s<seed>`` with its ``metrics.jsonl`` (the gate's seeds 0-3 and the
+rest). Per run, the outcome is the held-out avg@8 at step 400 (``val/heldout/avg@8``, 2,000 problems × 8
+samples). H3 (CE-GPPO's Table 1 at toy scale) predicts CE-GPPO (0.5, 1) above GRPO and above DAPO. Per seed (the
+unit: a seed's three arms start from the same policy and see the same prompts), CE-GPPO − GRPO and CE-GPPO −
+DAPO; the exact one-sided sign-flip test over the seeds with all three arms (20 seeds: 2^20 relabellings),
+α = 0.025 each, negligible band ±1 point. H3 is supported when both comparisons are, not
+supported when either is significant the other way or both lie inside the band, inconclusive otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from cegppo.report.runs import variant_and_seed
+from cegppo.report.stats import PairedDecision, decide_paired
+from cegppo.runfiles import read_metrics
+
+CE_GPPO, GRPO, DAPO = "ce_gppo_b0.5_1", "grpo", "dapo"
+ARMS = (GRPO, DAPO, CE_GPPO)
+STEPS = 400
+AVG = "val/heldout/avg@8"
+ALPHA = 0.025
+NEGLIGIBLE = 0.01
+PLANNED_SEEDS = 20
+DEFAULT_ROOTS = ("toy/gate", "toy/h3")
+
+
+def final_avg(run_dir: Path) -> float:
+    """avg@8 at step ``STEPS``; nan for a run that has not reached it."""
+    for record in reversed(read_metrics(run_dir)):
+        if record["step"] == STEPS and AVG in record:
+            return float(record[AVG])
+    return math.nan
+
+
+def load(roots: Sequence[Path]) -> dict[int, dict[str, float]]:
+    """Each seed's finished arms, arm → final avg@8. A run found under two roots is an error."""
+    by_seed: dict[int, dict[str, float]] = {}
+    for root in roots:
+        for run_dir in sorted(p for p in root.glob("*-s*") if p.is_dir()):
+            named = variant_and_seed(run_dir.name)
+            if named is None or named[0] not in ARMS:
+                continue
+            arm, seed = named
+            if arm in by_seed.get(seed, {}):
+                raise SystemExit(f"{run_dir}: {arm}-s{seed} is under two of {[str(r) for r in roots]}")
+            value = final_avg(run_dir)
+            if math.isfinite(value):
+                by_seed.setdefault(seed, {})[arm] = value
+    return by_seed
+
+
+def verdict_line(name: str, decision: PairedDecision) -> str:
+    if decision.verdict == "inconclusive" and decision.n < 6:
+        note = f" (only {decision.n} seeds: p ≤ {ALPHA} needs ≥ 6)"
+    elif decision.verdict == "not supported" and min(decision.p, decision.p_opposite) > ALPHA:
+        note = f" (negligible: the interval lies inside ±{NEGLIGIBLE:.0%})"
+    else:
+        note = ""
+    low, high = decision.interval
+    return (
+        f"| {name} | {decision.difference:+.1%} [{low:+.1%}, {high:+.1%}] | {decision.p:.3g} / "
+        f"{decision.p_opposite:.3g} | {decision.wilcoxon_p:.3g} | **{decision.verdict}**{note} |"
+    )
+
+
+def h3_verdict(decisions: Sequence[PairedDecision]) -> str:
+    verdicts = [d.verdict for d in decisions]
+    if all(v == "supported" for v in verdicts):
+        return "supported"
+    against = [d.p_opposite <= ALPHA for d in decisions]
+    if any(against) or all(v == "not supported" for v in verdicts):
+        return "not supported"
+    return "inconclusive"
+
+
+def main(roots: Sequence[Path]) -> None:
+    by_seed = load(roots)
+    complete = {seed: arms for seed, arms in by_seed.items() if all(arm in arms for arm in ARMS)}
+    print(f"## Stage 3 (toy scale): {len(complete)} of {PLANNED_SEEDS} seeds with all three arms\n")
+    print(f"Held-out avg@8 at step {STEPS}, per run:\n")
+    print("| seed | " + " | ".join(f"`{arm}`" for arm in ARMS) + " | CE-GPPO − GRPO | CE-GPPO − DAPO |")
+    print("|---|" + "---|" * (len(ARMS) + 2))
+    for seed, arms in sorted(by_seed.items()):
+        cells = " | ".join(f"{arms[arm]:.1%}" if arm in arms else "–" for arm in ARMS)
+        if seed in complete:
+            print(
+                f"| {seed} | {cells} | {arms[CE_GPPO] - arms[GRPO]:+.1%} | {arms[CE_GPPO] - arms[DAPO]:+.1%} |"
+            )
+        else:
+            print(f"| {seed} | {cells} | – | – (incomplete: left out) |")
+    if complete:
+        means = " | ".join(f"{statistics.fmean(arms[arm] for arms in complete.values()):.1%}" for arm in ARMS)
+        print(f"| mean | {means} | | |")
+    print(
+        f"\nOver seeds (one-sided sign-flip test, α = {ALPHA}; negligible band ±{NEGLIGIBLE:.0%}; "
+        "95% paired bootstrap interval):\n"
+    )
+    print("| comparison (prediction) | mean [95% CI] | p predicted / p against | Wilcoxon p | verdict |")
+    print("|---|---|---|---|---|")
+    if len(complete) < 2:
+        print(f"| CE-GPPO against GRPO and DAPO | – | – | – | too few seeds ({len(complete)}) |")
+        return
+    decisions = []
+    for other in (GRPO, DAPO):
+        x = np.array([arms[CE_GPPO] for arms in complete.values()])
+        y = np.array([arms[other] for arms in complete.values()])
+        decision = decide_paired(x, y, predicted="greater", alpha=ALPHA, negligible=NEGLIGIBLE)
+        decisions.append(decision)
+        print(verdict_line(f"CE-GPPO (0.5, 1) − {other.upper()} (> 0)", decision))
+    print(f"\n**H3: {h3_verdict(decisions)}** (supported only if CE-GPPO beats both).")
+
+
+if __name__ == "__main__":
+    here = Path(__file__).parent
+    main([Path(arg) for arg in sys.argv[1:]] or [here / root for root in DEFAULT_ROOTS])
