@@ -13,6 +13,7 @@ from cegppo.report.stats import (
     bootstrap_ci,
     decide,
     decide_paired,
+    decision_row,
     fraction_in_band,
     heldout_accuracy,
     late_mean,
@@ -247,3 +248,17 @@ def test_a_paired_prediction_is_supported_refuted_negligible_or_left_open():
         decide_paired(tiny, predicted="greater", negligible=0)
     with pytest.raises(ValueError, match="predicted"):
         decide_paired(tiny, predicted="two-sided")  # type: ignore[arg-type]
+
+
+def test_a_decision_row_says_why_a_verdict_is_what_the_numbers_alone_do_not():
+    five = decide_paired([0.3, 0.1, 0.2, 0.5, 0.4], predicted="greater")
+    row = decision_row("H", five, alpha=0.025, units="seeds")
+    assert row.startswith("| H | +0.3000 [") and "| 0.0312 / 1 | 0.0312 |" in row
+    assert row.endswith("| **inconclusive** (only 5 seeds: p ≤ 0.025 needs ≥ 6) |")  # 2^-5 > 0.025
+    tiny = decide_paired(
+        np.random.default_rng(0).normal(0.0, 0.01, 200), predicted="greater", negligible=0.01
+    )
+    row = decision_row("H", tiny, alpha=0.025, negligible=0.01, spec="+.1%")
+    assert row.endswith("| **not supported** (negligible: the interval lies inside ±1.0%) |")
+    against = decide_paired([0.3, 0.1, 0.2, 0.5, 0.4, 0.2], predicted="less", negligible=0.01)
+    assert decision_row("H", against, alpha=0.025, negligible=0.01).endswith("| **not supported** |")

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from cegppo.report.probe import probe_table
-from cegppo.report.stats import PairedDecision, decide_paired
+from cegppo.report.stats import decide_paired, decision_row
 
 BOTH = "ce_gppo(beta1=1,beta2=1)"
 NO_BETA1 = "ce_gppo(beta1=0,beta2=1)"
@@ -86,20 +86,6 @@ def clipped(rows: Sequence[dict[str, Any]], quadrant: str, epoch: int, rare: boo
     return float(np.mean(values)) if values else math.nan
 
 
-def verdict_line(name: str, decision: PairedDecision, trajectories: int) -> str:
-    if decision.verdict == "inconclusive" and trajectories < 6:
-        note = f" (only {trajectories} trajectories: p ≤ {ALPHA} needs ≥ 6)"
-    elif decision.verdict == "not supported" and min(decision.p, decision.p_opposite) > ALPHA:
-        note = f" (negligible: the interval lies inside ±{NEGLIGIBLE})"
-    else:
-        note = ""
-    return (
-        f"| {name} | {decision.difference:+.4f} [{decision.interval[0]:+.4f}, {decision.interval[1]:+.4f}] "
-        f"| {decision.p:.3g} / {decision.p_opposite:.3g} | {decision.wilcoxon_p:.3g} "
-        f"| **{decision.verdict}**{note} |"
-    )
-
-
 def main(root: Path) -> None:
     by_seed = load(root)
     if not by_seed:
@@ -137,7 +123,7 @@ def main(root: Path) -> None:
             )
             continue
         decision = decide_paired(values, predicted=predicted, alpha=ALPHA, negligible=NEGLIGIBLE)
-        print(verdict_line(name, decision, len(values)))
+        print(decision_row(name, decision, alpha=ALPHA, negligible=NEGLIGIBLE, units="trajectories"))
     print("\nThe rows of the primary outcomes are H1 and H2; the secondary rows are descriptive.\n")
     print(f"### Every probe point pooled (descriptive), against {NO_BETA1}\n")
     print(probe_table([row for rows in by_seed.values() for row in rows], reference=NO_BETA1))

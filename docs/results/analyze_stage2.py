@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from cegppo.report.runs import load_run
-from cegppo.report.stats import PairedDecision, decide_paired
+from cegppo.report.stats import decide_paired, decision_row
 
 ARMS = {(0, 0): "ce_gppo_b0_0", (1, 0): "ce_gppo_b1_0", (0, 1): "ce_gppo_b0_1", (1, 1): "ce_gppo_b1_1"}
 OUTCOME = "entropy/mean"
@@ -65,20 +65,6 @@ def main_effects(arms: dict[tuple[int, int], float]) -> tuple[float, float, floa
     return beta1, beta2, interaction
 
 
-def verdict_line(name: str, decision: PairedDecision) -> str:
-    if decision.verdict == "inconclusive" and decision.n < 6:
-        note = f" (only {decision.n} seeds: p ≤ {ALPHA} needs ≥ 6)"
-    elif decision.verdict == "not supported" and min(decision.p, decision.p_opposite) > ALPHA:
-        note = f" (negligible: the interval lies inside ±{NEGLIGIBLE})"
-    else:
-        note = ""
-    return (
-        f"| {name} | {decision.difference:+.4f} [{decision.interval[0]:+.4f}, {decision.interval[1]:+.4f}] "
-        f"| {decision.p:.3g} / {decision.p_opposite:.3g} | {decision.wilcoxon_p:.3g} "
-        f"| **{decision.verdict}**{note} |"
-    )
-
-
 def main(root: Path) -> None:
     by_seed = load(root)
     complete = {seed: arms for seed, arms in by_seed.items() if len(arms) == len(ARMS)}
@@ -111,11 +97,8 @@ def main(root: Path) -> None:
         if len(values) < 2:
             print(f"| {label} | – | – | – | too few seeds ({len(values)}) |")
             continue
-        print(
-            verdict_line(
-                label, decide_paired(values, predicted=predicted, alpha=ALPHA, negligible=NEGLIGIBLE)
-            )
-        )
+        decision = decide_paired(values, predicted=predicted, alpha=ALPHA, negligible=NEGLIGIBLE)
+        print(decision_row(label, decision, alpha=ALPHA, negligible=NEGLIGIBLE, units="seeds"))
 
 
 if __name__ == "__main__":

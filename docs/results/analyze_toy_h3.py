@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from cegppo.report.runs import variant_and_seed
-from cegppo.report.stats import PairedDecision, decide_paired
+from cegppo.report.stats import PairedDecision, decide_paired, decision_row
 from cegppo.runfiles import read_metrics
 
 CE_GPPO, GRPO, DAPO = "ce_gppo_b0.5_1", "grpo", "dapo"
@@ -59,20 +59,6 @@ def load(roots: Sequence[Path]) -> dict[int, dict[str, float]]:
             if math.isfinite(value):
                 by_seed.setdefault(seed, {})[arm] = value
     return by_seed
-
-
-def verdict_line(name: str, decision: PairedDecision) -> str:
-    if decision.verdict == "inconclusive" and decision.n < 6:
-        note = f" (only {decision.n} seeds: p ≤ {ALPHA} needs ≥ 6)"
-    elif decision.verdict == "not supported" and min(decision.p, decision.p_opposite) > ALPHA:
-        note = f" (negligible: the interval lies inside ±{NEGLIGIBLE:.0%})"
-    else:
-        note = ""
-    low, high = decision.interval
-    return (
-        f"| {name} | {decision.difference:+.1%} [{low:+.1%}, {high:+.1%}] | {decision.p:.3g} / "
-        f"{decision.p_opposite:.3g} | {decision.wilcoxon_p:.3g} | **{decision.verdict}**{note} |"
-    )
 
 
 def h3_verdict(decisions: Sequence[PairedDecision]) -> str:
@@ -118,7 +104,8 @@ def main(roots: Sequence[Path]) -> None:
         y = np.array([arms[other] for arms in complete.values()])
         decision = decide_paired(x, y, predicted="greater", alpha=ALPHA, negligible=NEGLIGIBLE)
         decisions.append(decision)
-        print(verdict_line(f"CE-GPPO (0.5, 1) − {other.upper()} (> 0)", decision))
+        name = f"CE-GPPO (0.5, 1) − {other.upper()} (> 0)"
+        print(decision_row(name, decision, alpha=ALPHA, negligible=NEGLIGIBLE, units="seeds", spec="+.1%"))
     print(f"\n**H3: {h3_verdict(decisions)}** (supported only if CE-GPPO beats both).")
 
 

@@ -388,6 +388,38 @@ def decide_paired(
     )
 
 
+def decision_row(
+    name: str,
+    decision: PairedDecision,
+    *,
+    alpha: float,
+    negligible: float | None = None,
+    units: str = "pairs",
+    spec: str = "+.4f",
+) -> str:
+    """``decision`` as a markdown table row: ``| name | mean [95% CI] | p predicted / p against | Wilcoxon p |
+    **verdict** |``, numbers in the format ``spec``. The verdict says why where the numbers alone do not: an
+    inconclusive one with fewer ``units`` than the sign-flip test needs to reach ``alpha`` at all, a not-supported
+    one whose interval lies inside the band ±``negligible`` (the arguments ``decide_paired`` was given)."""
+    fewest = math.ceil(-math.log2(alpha))  # all n signs agreeing gives p = 2^-n
+    if decision.verdict == "inconclusive" and decision.n < fewest:
+        note = f" (only {decision.n} {units}: p ≤ {alpha} needs ≥ {fewest})"
+    elif (
+        decision.verdict == "not supported"
+        and negligible is not None
+        and min(decision.p, decision.p_opposite) > alpha
+    ):
+        note = f" (negligible: the interval lies inside ±{negligible:{spec.lstrip('+')}})"
+    else:
+        note = ""
+    low, high = decision.interval
+    return (
+        f"| {name} | {decision.difference:{spec}} [{low:{spec}}, {high:{spec}}] "
+        f"| {decision.p:.3g} / {decision.p_opposite:.3g} | {decision.wilcoxon_p:.3g} "
+        f"| **{decision.verdict}**{note} |"
+    )
+
+
 class SeedSummary(NamedTuple):
     """A variant's values over its seeds."""
 
