@@ -253,3 +253,21 @@ def test_sweep_takes_seed_ranges_and_names_a_bad_one(capsys, tmp_path):
     rc, output = run_cli(capsys, "sweep", "--output-dir", tmp_path / "s", "--seeds", "0-x")
     assert rc == 2 and "--seeds '0-x': expected numbers and ranges such as 0-7 or 0,3,5" in output
     assert not (tmp_path / "s").exists()
+
+
+def test_report_paired_by_seed_takes_a_step_window_and_names_a_bad_one(capsys, tmp_path):
+    runs = [
+        write_run(tmp_path / f"{variant}-s{seed}", {"entropy/mean": [0.9, 0.5 + 0.1 * seed + shift]})
+        for seed in (0, 1)
+        for variant, shift in (("grpo", 0.0), ("gppo", 0.1))
+    ]
+    rc, output = run_cli(
+        capsys, "report", *runs, "--paired-reference", "grpo", "--paired-steps", "2:2", "-o", tmp_path / "r.html"
+    )
+    assert rc == 0, output
+    assert "gppo − grpo = +0.1000" in (tmp_path / "r.html").read_text()
+    rc, output = run_cli(capsys, "report", *runs, "--paired-reference", "dapo", "-o", tmp_path / "x.html")
+    assert rc == 2 and "paired reference 'dapo' names no run" in output and not (tmp_path / "x.html").exists()
+    with pytest.raises(SystemExit):
+        parse_args(["report", "run", "--paired-reference", "grpo", "--paired-steps", "6-15"])
+    assert "expected a step window FIRST:LAST such as 6:15, got '6-15'" in capsys.readouterr().err

@@ -372,3 +372,73 @@ def test_the_report_reads_runs_without_importing_the_trainer_torch_or_transforme
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+# -- paired by seed -------------------------------------------------------------------------------------------
+
+
+def write_seeded_runs(root: Path) -> list[Path]:
+    """Variants ``a`` (the reference), ``b`` = a − 0.1 + 0.01·seed in entropy over steps 3-4, ``c`` without
+    seed 2; ``b-s3`` stops at step 3 (unfinished: no seed 3 in the pairs)."""
+    paths = []
+    for seed in range(4):
+        base = [1.0, 0.9, 0.5 + 0.05 * seed, 0.4 + 0.05 * seed]
+        paths.append(write_run(root / f"a-s{seed}", {"entropy/mean": base, "acc/mean": [0.1, 0.2, 0.3, 0.4]}))
+        shifted = [value - 0.1 + 0.01 * seed for value in base]
+        paths.append(write_run(root / f"b-s{seed}", {"entropy/mean": shifted[: 3 if seed == 3 else 4]}))
+        if seed != 2:
+            paths.append(write_run(root / f"c-s{seed}", {"entropy/mean": [v + 0.2 for v in base]}))
+    return paths
+
+
+def test_variants_are_paired_with_the_reference_of_the_same_seed_over_a_window(tmp_path):
+    from cegppo.report.seeds import StepWindow, default_window, seed_paired
+
+    runs = [load_run(path) for path in write_seeded_runs(tmp_path)]
+    name_runs(runs)
+    assert default_window(runs) == StepWindow(2, 3)  # b-s3 reached step 3 only
+    b, c = seed_paired(runs, "a", "entropy/mean", StepWindow(3, 4))
+    assert (b.variant, b.seeds, c.variant, c.seeds) == ("b", (0, 1, 2), "c", (0, 1, 3))
+    assert b.differences == pytest.approx([-0.1, -0.09, -0.08]) and b.mean == pytest.approx(-0.09)
+    assert c.differences == pytest.approx([0.2, 0.2, 0.2]) and c.ci == pytest.approx((0.2, 0.2))
+    assert b.p_two_sided == pytest.approx(0.25)  # 3 seeds, all one sign: 2 of 8 sign patterns as extreme
+    # a metric only the reference logged pairs with nothing
+    assert seed_paired(runs, "a", "acc/mean", StepWindow(3, 4)) == []
+    with pytest.raises(ValueError, match="paired reference 'grpo' names no run.*the variants here: a, b, c"):
+        seed_paired(runs, "grpo", "entropy/mean", StepWindow(3, 4))
+
+
+@pytest.mark.parametrize("text", ["6", "6-15", "a:b", "0:3", "5:4", ":4"])
+def test_a_bad_step_window_is_named(text):
+    from cegppo.report.seeds import StepWindow
+
+    with pytest.raises(ValueError, match=re.escape(repr(text)) + "|1 <= FIRST <= LAST"):
+        StepWindow.parse(text)
+    assert StepWindow.parse("6:15") == StepWindow(6, 15) and str(StepWindow(6, 15)) == "6-15"
+
+
+def test_a_report_paired_by_seed_has_its_panel_and_a_bad_reference_writes_nothing(tmp_path):
+    from cegppo.report.seeds import StepWindow
+
+    paths = write_seeded_runs(tmp_path / "runs")
+    report = write_report(
+        paths, tmp_path / "paired.html", smooth=1, paired_reference="a", paired_steps=StepWindow(3, 4)
+    )
+    panel = next(panel for panel in report.panels if panel.slug == "seed_paired")
+    assert panel.png is not None and panel.png.startswith(PNG_MAGIC)
+    assert panel.notes[0] == "Each run's mean over steps 3-4; one dot per seed."
+    assert "<code>entropy/mean</code>, b − a = -0.0900 [" in panel.notes[1] and "over 3 seeds" in panel.notes[1]
+    assert (tmp_path / "paired_figures" / "seed_paired.png").read_bytes() == panel.png
+    plain = write_report(paths, tmp_path / "plain.html", smooth=1)
+    assert "seed_paired" not in {panel.slug for panel in plain.panels}
+    for kwargs, message in (
+        ({"paired_reference": "grpo"}, "paired reference 'grpo'"),
+        ({"paired_steps": StepWindow(3, 4)}, "give paired_reference"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            write_report(paths, tmp_path / "bad" / "r.html", **kwargs)
+    assert not (tmp_path / "bad").exists()
+    # no variant finished the window: a note, not an error
+    late = write_report(paths, tmp_path / "late.html", paired_reference="a", paired_steps=StepWindow(5, 6))
+    (empty,) = [panel for panel in late.panels if panel.slug == "seed_paired"]
+    assert empty.png is None and "No variant shares a finished seed with a over steps 5-6" in empty.notes[0]

@@ -8,11 +8,15 @@ import re
 import sys
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.markup import escape
 
 from cegppo.runfiles import RUN_DIR_RULE
+
+if TYPE_CHECKING:  # the report's modules load numpy and matplotlib: only when a report is asked for
+    from cegppo.report.seeds import StepWindow
 
 
 def print_error(console: Console, error: object) -> None:
@@ -133,6 +137,15 @@ def _seed_list(text: str) -> list[int]:
     if not seeds:
         raise ValueError(f"--seeds {text!r}: no seed given")
     return seeds
+
+
+def _step_window(text: str) -> StepWindow:
+    from cegppo.report.seeds import StepWindow
+
+    try:
+        return StepWindow.parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def resolve_eval_model(model: str) -> str:
@@ -277,6 +290,8 @@ def _report(args: argparse.Namespace, console: Console) -> int:
             smooth=args.smooth,
             per_seed=args.per_seed,
             probe_reference=args.probe_reference,
+            paired_reference=args.paired_reference,
+            paired_steps=args.paired_steps,
         )
     except ValueError as error:
         print_error(console, error)
@@ -455,6 +470,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--probe-reference",
         default="trajectory",
         help="runs with a paired probe: the variant the others are paired against (default: trajectory)",
+    )
+    report.add_argument(
+        "--paired-reference",
+        metavar="VARIANT",
+        help="runs named <variant>-s<seed>: add a panel of each variant minus VARIANT of the same seed",
+    )
+    report.add_argument(
+        "--paired-steps",
+        type=_step_window,
+        metavar="FIRST:LAST",
+        help="the steps each run's metrics are averaged over for --paired-reference (default: the second half)",
     )
     report.set_defaults(handler=_report)
 

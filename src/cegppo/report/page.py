@@ -16,6 +16,7 @@ import numpy as np
 
 from cegppo.report.panels import Panel, build_panels
 from cegppo.report.runs import Run, config_differences, curves, find_runs, load_run, name_runs, val_keys
+from cegppo.report.seeds import StepWindow
 
 # Metrics where higher is better: the table shows their best value and step.
 _SCORE_PREFIXES = ("reward/mean", "acc/mean", "val/")
@@ -174,6 +175,8 @@ def write_report(
     smooth: int | None = None,
     per_seed: bool = False,
     probe_reference: str = "trajectory",
+    paired_reference: str | None = None,
+    paired_steps: StepWindow | None = None,
 ) -> Report:
     """Compare ``run_dirs`` in one self-contained HTML file ``output`` (PNGs embedded as base64) and write each
     figure as ``<output stem>_figures/<panel>.png`` beside it.
@@ -183,13 +186,23 @@ def write_report(
     variant's mean over seeds with a min–max band where it has two or more; ``per_seed`` draws every run on its
     own. A folder of runs stands for the runs under it. The settings that differ between the runs are tabled from
     their config.yaml. Runs with a paired probe (``probe.jsonl``) get a panel of each variant against
-    ``probe_reference``. Raises ValueError for a path that is neither a run directory nor a folder of runs.
+    ``probe_reference``. ``paired_reference`` adds a panel of each variant minus that variant of the same seed,
+    each run's metrics averaged over ``paired_steps`` (default: the second half of the steps). Raises ValueError
+    for a path that is neither a run directory nor a folder of runs, and for a ``paired_reference`` that names no
+    run ``<variant>-s<seed>``; nothing is written then.
     """
     if not run_dirs:
         raise ValueError("write_report needs at least one run directory")
     runs = [load_run(path) for path in find_runs(run_dirs)]
     name_runs(runs)
-    panels = build_panels(runs, smooth=smooth, per_seed=per_seed, probe_reference=probe_reference)
+    panels = build_panels(
+        runs,
+        smooth=smooth,
+        per_seed=per_seed,
+        probe_reference=probe_reference,
+        paired_reference=paired_reference,
+        paired_steps=paired_steps,
+    )
     seeds_note = (
         "<p class='caption'>A variant run with several seeds (runs named <code>&lt;variant&gt;-s&lt;seed&gt;</code>) "
         "is drawn as the mean over its seeds, at the steps all of them logged, with the band from the lowest to the "

@@ -18,10 +18,13 @@ from matplotlib.ticker import MaxNLocator
 
 from cegppo.report.probe import paired
 from cegppo.report.runs import Curve, Run, curves, val_keys
+from cegppo.report.seeds import StepWindow, default_window, seed_paired
 from cegppo.runfiles import QUADRANTS
 
 CLIP_KEYS = ("actor/pg_clipfrac", "actor/pg_clipfrac_low", "actor/pg_clipfrac_high", "actor/pg_clipfrac_dual")
 QUADRANT_STATS = ("frac", "clipped_frac", "grad_share")
+# What the seed-paired panel compares: late entropy and accuracy, and every held-out average (val/…/avg@n).
+SEED_PAIRED_KEYS = ("entropy/mean", "acc/mean")
 # Series longer than this get a moving average drawn over the faint raw curve.
 _SMOOTH_FROM = 40
 _DPI = 110
@@ -300,18 +303,71 @@ def _probe_panel(rows: Sequence[dict[str, Any]], reference: str) -> tuple[bytes 
     return _png(fig), [f"Up to {points} probe points per variant.", *notes]
 
 
+def _seed_paired_panel(
+    runs: Sequence[Run], reference: str, window: StepWindow | None
+) -> tuple[bytes | None, list[str]]:
+    """Each variant minus ``reference`` of the same seed, one column per metric (its mean over ``window``): one
+    dot per seed, the mean with its 95% paired bootstrap interval. Raises ValueError for a reference that names no
+    seeded run."""
+    window = window or default_window(runs)
+    keys = [*SEED_PAIRED_KEYS, *(key for key in val_keys(runs) if "/avg@" in key)]
+    by_key = {key: seed_paired(runs, reference, key, window) for key in keys}
+    by_key = {key: pairs for key, pairs in by_key.items() if pairs}
+    if not by_key:
+        return None, [
+            f"No variant shares a finished seed with {html.escape(reference)} over steps {window} (runs named "
+            "&lt;variant&gt;-s&lt;seed&gt; that reached the window's last step)."
+        ]
+    columns = min(3, len(by_key))
+    rows = math.ceil(len(by_key) / columns)
+    fig, axes = _figure(rows, columns, 3.8)
+    for ax, (key, pairs) in zip(axes, by_key.items(), strict=False):
+        names = [pair.variant for pair in pairs]
+        for x, pair in enumerate(pairs):
+            ax.scatter(np.full(len(pair.differences), x), pair.differences, s=12, alpha=0.4, color=f"C{x}")
+            ax.errorbar(
+                x,
+                pair.mean,
+                yerr=[[pair.mean - pair.ci[0]], [pair.ci[1] - pair.mean]],
+                fmt="o",
+                color=f"C{x}",
+                capsize=3,
+            )
+        ax.axhline(0.0, color="#444444", linewidth=0.8)
+        ax.set_xticks(range(len(names)), names, rotation=15, ha="right", fontsize=8)
+        _style(ax, f"{key}: variant − {reference}", f"paired difference, steps {window}", by_variant=True)
+    for ax in axes[len(by_key) :]:
+        ax.set_visible(False)
+    notes = [
+        f"<code>{html.escape(pair.key)}</code>, {html.escape(pair.variant)} − {html.escape(reference)} = "
+        f"{pair.mean:+.4f} [{pair.ci[0]:+.4f}, {pair.ci[1]:+.4f}], sign-flip p = {pair.p_two_sided:.3g} over "
+        f"{len(pair.seeds)} seed{'s' if len(pair.seeds) != 1 else ''}"
+        for pairs in by_key.values()
+        for pair in pairs
+    ]
+    return _png(fig), [f"Each run's mean over steps {window}; one dot per seed.", *notes]
+
+
 def build_panels(
     runs: Sequence[Run],
     *,
     smooth: int | None = None,
     per_seed: bool = False,
     probe_reference: str = "trajectory",
+    paired_reference: str | None = None,
+    paired_steps: StepWindow | None = None,
 ) -> list[Panel]:
     """The report's figures, in order; a panel no run logged has ``png`` None and says so in ``notes``.
 
     Runs named ``<variant>-s<seed>`` (``cegppo sweep``'s) are drawn per variant, as the mean over its seeds with
     a min–max band, where a variant has two or more; ``per_seed`` draws every run on its own. Each run's
-    ``color`` is set to its curve's."""
+    ``color`` is set to its curve's. ``paired_reference`` adds a panel of every variant minus that variant of
+    the same seed, each run's metrics averaged over ``paired_steps`` (default: the second half of the steps);
+    raises ValueError when it names no seeded run, or when ``paired_steps`` is given without it."""
+    if paired_steps is not None and paired_reference is None:
+        raise ValueError(
+            "paired_steps (--paired-steps) is the seed-paired panel's window: give paired_reference"
+        )
     lines = curves(runs, per_seed=per_seed)
     panels = [
         Panel(
@@ -427,9 +483,21 @@ def build_panels(
                 "log entropy of the probe set, and the KL from the pre-update policy.",
             )
         )
+    if paired_reference is not None:
+        panels.append(
+            Panel(
+                "seed_paired",
+                "Paired by seed",
+                "Each variant minus the reference run of the same seed (same initial model, prompts and first "
+                "samples), each run's metric averaged over a window of steps: the seed-to-seed spread cancels.",
+            )
+        )
     for panel in panels:
         if panel.slug == "probe":
             panel.png, panel.notes = _probe_panel(probe_rows, probe_reference)
+            continue
+        if panel.slug == "seed_paired" and paired_reference is not None:
+            panel.png, panel.notes = _seed_paired_panel(runs, paired_reference, paired_steps)
             continue
         if panel.slug == "entropy_dynamics":
             panel.png, panel.notes = _entropy_dynamics(lines, smooth)
