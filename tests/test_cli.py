@@ -262,7 +262,15 @@ def test_report_paired_by_seed_takes_a_step_window_and_names_a_bad_one(capsys, t
         for variant, shift in (("grpo", 0.0), ("gppo", 0.1))
     ]
     rc, output = run_cli(
-        capsys, "report", *runs, "--paired-reference", "grpo", "--paired-steps", "2:2", "-o", tmp_path / "r.html"
+        capsys,
+        "report",
+        *runs,
+        "--paired-reference",
+        "grpo",
+        "--paired-steps",
+        "2:2",
+        "-o",
+        tmp_path / "r.html",
     )
     assert rc == 0, output
     assert "gppo − grpo = +0.1000" in (tmp_path / "r.html").read_text()

@@ -404,7 +404,7 @@ def test_variants_are_paired_with_the_reference_of_the_same_seed_over_a_window(t
     assert b.p_two_sided == pytest.approx(0.25)  # 3 seeds, all one sign: 2 of 8 sign patterns as extreme
     # a metric only the reference logged pairs with nothing
     assert seed_paired(runs, "a", "acc/mean", StepWindow(3, 4)) == []
-    with pytest.raises(ValueError, match="paired reference 'grpo' names no run.*the variants here: a, b, c"):
+    with pytest.raises(ValueError, match=r"paired reference 'grpo' names no run.*the variants here: a, b, c"):
         seed_paired(runs, "grpo", "entropy/mean", StepWindow(3, 4))
 
 
@@ -427,7 +427,9 @@ def test_a_report_paired_by_seed_has_its_panel_and_a_bad_reference_writes_nothin
     panel = next(panel for panel in report.panels if panel.slug == "seed_paired")
     assert panel.png is not None and panel.png.startswith(PNG_MAGIC)
     assert panel.notes[0] == "Each run's mean over steps 3-4; one dot per seed."
-    assert "<code>entropy/mean</code>, b − a = -0.0900 [" in panel.notes[1] and "over 3 seeds" in panel.notes[1]
+    assert (
+        "<code>entropy/mean</code>, b − a = -0.0900 [" in panel.notes[1] and "over 3 seeds" in panel.notes[1]
+    )
     assert (tmp_path / "paired_figures" / "seed_paired.png").read_bytes() == panel.png
     plain = write_report(paths, tmp_path / "plain.html", smooth=1)
     assert "seed_paired" not in {panel.slug for panel in plain.panels}

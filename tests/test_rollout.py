@@ -373,3 +373,33 @@ def test_the_draw_follows_the_filtered_distribution_exactly():
     assert frequency[expected == 0].sum() == 0
     torch.testing.assert_close(frequency, expected, atol=0.01, rtol=0)  # 4 sd at 40,000 draws
     torch.testing.assert_close(draw.finish(tokens[:, None]).squeeze(1), expected.log()[tokens])
+
+
+@pytest.mark.parametrize("n", [1, 3], ids=["own-prefill", "shared-prefill"])
+def test_under_autocast_the_cache_keeps_keys_in_bf16_and_sampling_is_unchanged(
+    monkeypatch, tiny_llama, tiny_tokenizer, n
+):
+    """Autocast's attention rounds K to bf16 either way, so storing it rounded (half the bytes to grow and no
+    cast of the whole cache every step; 0.83x the demo's generation CPU time) draws the same tokens with the
+    same log-probs, bit for bit."""
+    from transformers import DynamicCache
+
+    import cegppo.rollout.hf as hf
+
+    params = SamplingParams(n=n, temperature=1.0, max_new_tokens=8, seed=3)
+    engine = HFRolloutEngine(tiny_llama, tiny_tokenizer, autocast_dtype=torch.bfloat16)
+    stored: list[torch.dtype] = []
+    update = hf._CastingCache.update
+
+    def spy(self, key_states, value_states, layer_idx, *args, **kwargs):
+        keys, values = update(self, key_states, value_states, layer_idx, *args, **kwargs)
+        stored.append(keys.dtype)
+        return keys, values
+
+    monkeypatch.setattr(hf._CastingCache, "update", spy)
+    cast = engine.generate(render(tiny_tokenizer), params)
+    assert stored and set(stored) == {torch.bfloat16}
+    monkeypatch.setattr(hf, "_CastingCache", lambda config, dtype: DynamicCache(config=config))
+    plain = engine.generate(render(tiny_tokenizer), params)
+    assert torch.equal(cast.response_ids, plain.response_ids)
+    assert torch.equal(cast.sampler_logprobs, plain.sampler_logprobs)

@@ -13,7 +13,7 @@ import torch
 from _tiny import tiny_model, tiny_overrides, tiny_tokenizer
 from cegppo.config import ConfigError, load_config
 from cegppo.ops import causal_lm_logprobs_and_entropy
-from cegppo.ops.shared_prompt import distinct_prompts
+from cegppo.ops.shared_prompt import distinct_prompts, prefill
 from cegppo.rollout import HFRolloutEngine, SamplingParams
 from cegppo.trainer.actor import Actor, ActorSettings, Experience, UpdateBatch
 from test_ops_causal_lm import PAD, VOCAB
@@ -510,3 +510,14 @@ def test_a_bypass_mode_trainer_step_runs_no_old_log_prob_pass(tiny_model_dir, tm
     # from the update's forward passes: the entropies and the trainer/sampler gap (the HF engine's is ~0)
     assert 0 < metrics["entropy/mean"] < math.log(trainer.model.config.vocab_size)
     assert 0 <= metrics["rollout/logprob_diff"] < 0.1
+
+
+def test_prefill_fills_the_cache_it_is_given_and_refuses_a_used_one(tiny_llama, tiny_tokenizer):
+    from transformers import DynamicCache
+
+    ids = tiny_tokenizer(["hello there"], return_tensors="pt").input_ids
+    given = DynamicCache(config=tiny_llama.config)
+    cache, _ = prefill(tiny_llama, ids, torch.ones_like(ids), cache=given)
+    assert cache is given and cache.get_seq_length() == ids.shape[1]
+    with pytest.raises(ValueError, match=f"empty cache, got one holding {ids.shape[1]} tokens"):
+        prefill(tiny_llama, ids, torch.ones_like(ids), cache=given)

@@ -64,13 +64,22 @@ def check_cache_usable(model: nn.Module) -> None:
 
 
 def prefill(
-    module: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: object
+    module: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    cache: DynamicCache | None = None,
+    **kwargs: object,
 ) -> tuple[DynamicCache, object]:
-    """Run ``module`` (a causal LM or its decoder) on left-padded prompts into a fresh cache.
+    """Run ``module`` (a causal LM or its decoder) on left-padded prompts into ``cache`` (default: a fresh
+    ``DynamicCache``; it must be empty).
 
     Positions follow the mask as in ``generate``. Returns the filled cache and the module's output.
     """
-    cache = DynamicCache(config=module.config)
+    if cache is None:
+        cache = DynamicCache(config=module.config)
+    elif cache.get_seq_length() != 0:
+        raise ValueError(f"prefill needs an empty cache, got one holding {cache.get_seq_length()} tokens")
     outputs = module(
         input_ids=input_ids,
         attention_mask=attention_mask,

@@ -6,6 +6,7 @@ import contextlib
 
 import torch
 from transformers import (
+    DynamicCache,
     GenerationConfig,
     LogitsProcessor,
     LogitsProcessorList,
@@ -25,6 +26,31 @@ from cegppo.rollout.base import (
     seeded,
     tokenize_prompts,
 )
+
+
+class _CastingCache(DynamicCache):
+    """A ``DynamicCache`` that stores keys and values in ``dtype``, the dtype autocast runs attention in.
+
+    Under autocast RoPE multiplies the bf16 keys by float32 cos/sin, so a plain cache keeps K in float32: twice
+    the bytes to grow by concatenation every step, and every step's attention casts all of it back to bf16.
+    Casting once on the way in gives the attention the same bf16 keys.
+    """
+
+    def __init__(self, config: object, dtype: torch.dtype) -> None:
+        super().__init__(config=config)
+        self.dtype = dtype
+
+    def update(
+        self,
+        key_states: torch.Tensor,
+        value_states: torch.Tensor,
+        layer_idx: int,
+        *args: object,
+        **kwargs: object,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return super().update(
+            key_states.to(self.dtype), value_states.to(self.dtype), layer_idx, *args, **kwargs
+        )
 
 
 class _DrawAndRecord(LogitsProcessor):
@@ -167,13 +193,13 @@ class HFRolloutEngine:
                     ids = prompt_ids[start : start + chunk, first:].to(device)
                     mask = mask[:, first:].to(device)
                     recorder = _DrawAndRecord(params)
-                    shared = self._shared_prefill(ids, mask) if self.share_prompt and params.n > 1 else {}
+                    cache = self._prefill(ids, mask, params.n)
                     sequences = model.generate(
                         input_ids=ids,
                         attention_mask=mask,
                         generation_config=config,
                         logits_processor=LogitsProcessorList([recorder]),
-                        **shared,
+                        **({cache_keyword(model): cache} if cache is not None else {}),
                     )
                     new_tokens = sequences[:, ids.shape[1] :]
                     pieces.append((new_tokens.cpu(), recorder.finish(new_tokens).cpu()))
@@ -182,21 +208,23 @@ class HFRolloutEngine:
             model.train(was_training)
         return self._assemble(prompt_ids, prompt_mask, pieces, params)
 
-    def _shared_prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, object]:
-        """The KV cache of all prompt tokens but the last, each distinct prompt run once, gathered to the rows.
-
-        ``generate`` then runs only the last prompt token of each row, which gives the first sampling step
-        its logits. Nothing to share for one-token prompts: ``{}``.
-        """
-        if ids.shape[1] < 2:
-            return {}
+    def _prefill(self, ids: torch.Tensor, mask: torch.Tensor, n: int) -> DynamicCache | None:
+        """The cache ``generate`` starts from: under autocast one that stores keys and values in its dtype
+        (``_CastingCache``); with ``share_prompt`` and ``n`` > 1 holding all prompt tokens but the last, each
+        distinct prompt run once and gathered to the rows (``generate`` then runs only the last prompt token of
+        each row, which gives the first sampling step its logits). None: ``generate``'s own cache."""
+        cache = (
+            _CastingCache(self.model.config, self.autocast_dtype) if self.autocast_dtype is not None else None
+        )
+        if not self.share_prompt or n < 2 or ids.shape[1] < 2:
+            return cache
         prompts = distinct_prompts(ids[:, :-1], mask[:, :-1])
         if len(prompts.input_ids) == len(ids):
-            return {}
+            return cache
         # ``ids`` has no all-padding column (generate trims them), so the prefix keeps its full width.
-        cache, _ = prefill(self.model.get_decoder(), prompts.input_ids, prompts.attention_mask)
+        cache, _ = prefill(self.model.get_decoder(), prompts.input_ids, prompts.attention_mask, cache=cache)
         cache.batch_select_indices(prompts.inverse)
-        return {cache_keyword(self.model): cache}
+        return cache
 
     def _assemble(
         self,
