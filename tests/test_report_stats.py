@@ -262,3 +262,15 @@ def test_a_decision_row_says_why_a_verdict_is_what_the_numbers_alone_do_not():
     assert row.endswith("| **not supported** (negligible: the interval lies inside ±1.0%) |")
     against = decide_paired([0.3, 0.1, 0.2, 0.5, 0.4, 0.2], predicted="less", negligible=0.01)
     assert decision_row("H", against, alpha=0.025, negligible=0.01).endswith("| **not supported** |")
+
+
+def test_describe_paired_is_the_mean_the_interval_and_the_two_sided_p():
+    from cegppo.report.stats import describe_paired
+
+    differences = [0.3, -0.1, 0.2, 0.25]
+    mean, ci, p = describe_paired(differences)
+    assert mean == pytest.approx(0.1625)
+    assert ci == paired_bootstrap_ci(differences)
+    assert p == sign_flip_test(differences, alternative="two-sided").p == pytest.approx(4 / 16)
+    with pytest.raises(ValueError, match="differences has a value that is not finite"):
+        describe_paired([0.1, float("nan")])

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from cegppo.report.stats import paired_bootstrap_ci, sign_flip_test
+from cegppo.report.stats import describe_paired
 
 DEFAULT_OUTCOME = "delta_log_entropy"
 DEFAULT_REFERENCE = "trajectory"
@@ -64,9 +64,7 @@ def paired(
                 variant,
                 epoch,
                 differences,
-                float(differences.mean()),
-                paired_bootstrap_ci(differences),
-                sign_flip_test(differences, alternative="two-sided").p,
+                *describe_paired(differences),
             )
         )
     order = {name: i for i, name in enumerate(names)}

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cegppo.report.runs import Run, variant_and_seed
-from cegppo.report.stats import paired_bootstrap_ci, sign_flip_test
+from cegppo.report.stats import describe_paired
 
 
 @dataclass(frozen=True)
@@ -99,9 +99,7 @@ def seed_paired(runs: Sequence[Run], reference: str, key: str, window: StepWindo
                 key,
                 seeds,
                 differences,
-                float(differences.mean()),
-                paired_bootstrap_ci(differences),
-                sign_flip_test(differences, alternative="two-sided").p,
+                *describe_paired(differences),
             )
         )
     return result

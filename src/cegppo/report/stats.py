@@ -9,7 +9,8 @@ number of seeds, not by the effect (see ``permutation_test``).
 Paired designs (two variants run from the same seed, the same state or the same batch) compare within pairs:
 ``sign_flip_test`` (the primary test: exact over all 2^n sign flips up to n = 20), ``paired_bootstrap_ci`` and
 ``wilcoxon_signed_rank`` (a rank test as a secondary), combined by ``decide_paired``. Each takes the paired
-values ``x`` and ``y`` (the differences are ``x - y``) or the differences alone.
+values ``x`` and ``y`` (the differences are ``x - y``) or the differences alone. ``describe_paired`` gives the
+mean, interval and two-sided p that the report's paired panels show.
 """
 
 from __future__ import annotations
@@ -253,6 +254,17 @@ def paired_bootstrap_ci(
     means = differences[rng.integers(0, len(differences), size=(resamples, len(differences)))].mean(axis=1)
     low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
     return float(low), float(high)
+
+
+def describe_paired(differences: Sequence[float] | np.ndarray) -> tuple[float, tuple[float, float], float]:
+    """The mean of paired differences, its 95% paired bootstrap interval and the exact two-sided sign-flip p:
+    what a figure or table of paired differences shows beside them."""
+    differences = _values("differences", differences)
+    return (
+        float(differences.mean()),
+        paired_bootstrap_ci(differences),
+        sign_flip_test(differences, alternative="two-sided").p,
+    )
 
 
 def _midranks(values: np.ndarray) -> np.ndarray:
