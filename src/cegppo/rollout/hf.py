@@ -84,16 +84,19 @@ class _DrawAndRecord(LogitsProcessor):
         for warper in self._warpers:
             scores = warper(input_ids, scores)
         log_normaliser = torch.logsumexp(scores, dim=-1, keepdim=True)
-        if self._greedy:
-            tokens = scores.argmax(dim=-1, keepdim=True)
-        else:
-            # float64 sums, so that a token's share of [0, total) is its probability to ~1e-16; right=True never
-            # lands on a token of probability 0 (its cumulative sum equals its predecessor's)
-            cdf = torch.exp(scores - log_normaliser).double().cumsum(dim=-1)
-            targets = torch.rand(cdf.shape[0], 1, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
-            tokens = torch.searchsorted(cdf, targets, right=True).clamp_(max=cdf.shape[1] - 1)
+        tokens = self._pick(scores, log_normaliser)
         self._logprobs.append(scores.gather(1, tokens) - log_normaliser)
         return torch.full_like(scores, -torch.inf).scatter_(1, tokens, 0.0)
+
+    def _pick(self, scores: torch.Tensor, log_normaliser: torch.Tensor) -> torch.Tensor:
+        """This step's token per row, ``[rows, 1]``, from the filtered scores and their log-sum-exp."""
+        if self._greedy:
+            return scores.argmax(dim=-1, keepdim=True)
+        # float64 sums, so that a token's share of [0, total) is its probability to ~1e-16; right=True never
+        # lands on a token of probability 0 (its cumulative sum equals its predecessor's)
+        cdf = torch.exp(scores - log_normaliser).double().cumsum(dim=-1)
+        targets = torch.rand(cdf.shape[0], 1, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
+        return torch.searchsorted(cdf, targets, right=True).clamp_(max=cdf.shape[1] - 1)
 
     def finish(self, new_tokens: torch.Tensor) -> torch.Tensor:
         """Log-probs of ``new_tokens`` (``[rows, R]``, the tokens generate appended)."""

@@ -1,0 +1,196 @@
+"""The hf engine's decode attention, as transformers calls it against a packed call: time and sampler accuracy.
+
+At one query per row with no mask (the demo's prompts all have one length), transformers 5.2x calls the CPU SDPA
+kernel with ``enable_gqa=True``, which runs query head by query head; with a mask it packs the query heads of
+each KV head as that head's queries (``pack_gqa``), about 4x faster at the demo's decode shape. The packed call
+rounds differently, so whether the sampler stays as close to the trainer has to be measured on the same tokens.
+
+For each seed, the demo's generation (8 prompts x 8 samples, 32 new tokens, bf16 autocast) is sampled once with
+each attention (``sdpa``: transformers' own; ``packed``), interleaved in alternating order, CPU time measured;
+then each of the two token sets is scored with the other attention too (the engine's log-probs of given tokens),
+and each scoring is compared with the trainer's pass on the same tokens (mean |log π_trainer − log π_sampler| over
+response tokens, ``rollout/logprob_diff``). Scoring both attentions on both engines' draws cancels the advantage
+a sampler has on tokens its own rounding picked. Prints one JSON object per seed and a summary: the CPU-time
+ratio and the paired difference of the gap (packed − sdpa; 95% paired bootstrap interval, two-sided sign-flip p).
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_decode_attention.py [--seeds 25] [key.sub=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+import cegppo.rollout.hf as hf
+from cegppo.config import load_config
+from cegppo.ops import causal_lm_logprobs_and_entropy
+from cegppo.report.stats import describe_paired
+from cegppo.rollout.base import RolloutBatch, SamplingParams
+from cegppo.trainer import Trainer
+
+PACKED = "bench_packed_sdpa"
+
+
+def packed_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    **kwargs: object,
+) -> tuple[torch.Tensor, None]:
+    """SDPA with a decode step's query heads packed onto their KV heads; anything else as transformers does."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    rows, heads, queries, dim = query.shape
+    if queries != 1 or groups == 1 or (attention_mask is not None and attention_mask.shape[1] != 1):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    output = torch.nn.functional.scaled_dot_product_attention(
+        query.reshape(rows, heads // groups, groups, dim), key, value, attn_mask=attention_mask, scale=scaling
+    )
+    return output.reshape(rows, heads, 1, dim).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(PACKED, packed_attention)
+ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED, sdpa_mask)
+
+
+@contextlib.contextmanager
+def attention(model: torch.nn.Module, implementation: str) -> Iterator[None]:
+    saved = model.config._attn_implementation
+    model.config._attn_implementation = implementation
+    try:
+        yield
+    finally:
+        model.config._attn_implementation = saved
+
+
+class GivenTokens(hf._DrawAndRecord):
+    """Picks the given tokens instead of drawing (pad past a row's end) and records their log-probs."""
+
+    def __init__(self, params: SamplingParams, tokens: torch.Tensor, pad: int) -> None:
+        super().__init__(params)
+        self._tokens, self._pad = tokens, pad
+
+    def _pick(self, scores: torch.Tensor, log_normaliser: torch.Tensor) -> torch.Tensor:
+        step = len(self._logprobs)
+        if step < self._tokens.shape[1]:
+            return self._tokens[:, step : step + 1].to(scores.device)
+        return torch.full((len(scores), 1), self._pad, device=scores.device)
+
+
+@contextlib.contextmanager
+def given_tokens(tokens: torch.Tensor, pad: int) -> Iterator[None]:
+    saved = hf._DrawAndRecord
+    hf._DrawAndRecord = lambda params: GivenTokens(params, tokens, pad)  # type: ignore[misc, assignment]
+    try:
+        yield
+    finally:
+        hf._DrawAndRecord = saved
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=25, help="seeds; each gives two token sets")
+    parser.add_argument("overrides", nargs="*", help="config overrides, key.sub=value")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as out:
+        config = load_config(
+            None, ["data.heldout=null", f"trainer.output_dir={out}", "trainer.quiet=true", *args.overrides]
+        )
+        trainer = Trainer(config, Path(out) / "bench")
+        model, engine, pad = trainer.model, trainer.engine, trainer.tokenizer.pad_token_id
+        rollout = config.rollout
+
+        def trainer_gap(batch: RolloutBatch) -> float:
+            ids = torch.cat([batch.prompt_ids, batch.response_ids], dim=1)
+            mask = torch.cat([batch.prompt_mask, batch.response_mask], dim=1)
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                logprobs, _ = causal_lm_logprobs_and_entropy(
+                    model,
+                    ids,
+                    mask,
+                    batch.response_ids.shape[1],
+                    temperature=rollout.temperature,
+                    with_entropy=False,
+                    share_prompt=True,
+                )
+            response = batch.response_mask.bool()
+            return (logprobs - batch.sampler_logprobs).abs()[response].mean().item()
+
+        cpu: dict[str, list[float]] = {"sdpa": [], "packed": []}
+        gaps: dict[str, list[float]] = {"sdpa": [], "packed": []}
+        for seed in range(args.seeds + 1):  # seed 0 warms up and is not counted
+            prompts = [
+                trainer._render(e) for e in trainer.train_data.next_batch(config.data.train_batch_size)
+            ]
+            params = SamplingParams(
+                n=rollout.n,
+                temperature=rollout.temperature,
+                top_p=rollout.top_p,
+                top_k=rollout.top_k,
+                max_new_tokens=rollout.max_new_tokens,
+                seed=seed,
+            )
+            drawn: dict[str, RolloutBatch] = {}
+            for name in ("sdpa", "packed") if seed % 2 == 0 else ("packed", "sdpa"):
+                with attention(model, "sdpa" if name == "sdpa" else PACKED):
+                    start = time.process_time()
+                    drawn[name] = engine.generate(prompts, params)
+                    seconds = time.process_time() - start
+                if seed:
+                    cpu[name].append(seconds)
+            record: dict[str, object] = {"seed": seed, "cpu_s": {k: v[-1] for k, v in cpu.items() if seed}}
+            for source, batch in drawn.items():
+                scored = {source: batch}
+                other = "packed" if source == "sdpa" else "sdpa"
+                given = dataclasses.replace(params, max_new_tokens=batch.response_ids.shape[1])
+                with (
+                    attention(model, "sdpa" if other == "sdpa" else PACKED),
+                    given_tokens(batch.response_ids, pad),
+                ):
+                    scored[other] = engine.generate(prompts, given)
+                if not torch.equal(scored[other].response_ids, batch.response_ids):
+                    raise RuntimeError(f"seed {seed}: scoring {source}'s tokens did not reproduce them")
+                pair = {name: trainer_gap(b) for name, b in scored.items()}
+                record[f"gap_on_{source}_draws"] = pair
+                if seed:
+                    for name, value in pair.items():
+                        gaps[name].append(value)
+            print(json.dumps(record), flush=True)
+        differences = [p - s for p, s in zip(gaps["packed"], gaps["sdpa"], strict=True)]
+        mean, ci, p = describe_paired(differences)
+        print(
+            json.dumps(
+                {
+                    "case": "decode_attention",
+                    "machine": platform.processor() or platform.machine(),
+                    "threads": torch.get_num_threads(),
+                    "token_sets": len(differences),
+                    "cpu_s_median": {k: statistics.median(v) for k, v in cpu.items()},
+                    "cpu_ratio_packed_over_sdpa": statistics.median(
+                        [a / b for a, b in zip(cpu["packed"], cpu["sdpa"], strict=True)]
+                    ),
+                    "gap_mean": {k: statistics.fmean(v) for k, v in gaps.items()},
+                    "gap_packed_minus_sdpa": {"mean": mean, "ci95": ci, "p_two_sided": p},
+                }
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()
