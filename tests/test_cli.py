@@ -279,3 +279,18 @@ def test_report_paired_by_seed_takes_a_step_window_and_names_a_bad_one(capsys, t
     with pytest.raises(SystemExit):
         parse_args(["report", "run", "--paired-reference", "grpo", "--paired-steps", "6-15"])
     assert "expected a step window FIRST:LAST such as 6:15, got '6-15'" in capsys.readouterr().err
+
+
+def test_sweep_names_a_paired_reference_outside_its_variants_before_any_run(capsys, tmp_path):
+    out = tmp_path / "s"
+    rc, output = run_cli(
+        capsys, "sweep", "--output-dir", out, "--variants", "grpo,gppo", "--paired-reference", "dapo"
+    )
+    assert rc == 2 and "--paired-reference 'dapo' is not one of this sweep's variants: grpo, gppo" in output
+    rc, output = run_cli(capsys, "sweep", "--output-dir", out, "--paired-steps", "6:15")
+    assert rc == 2 and "give --paired-reference" in output
+    assert not out.exists()
+    assert (
+        parse_args(["sweep", "--paired-reference", "grpo", "--paired-steps", "6:15"]).paired_reference
+        == "grpo"
+    )

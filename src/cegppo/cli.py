@@ -311,6 +311,15 @@ def _sweep(args: argparse.Namespace, console: Console) -> int:
 
     variants = list(VARIANTS) if args.variants == "all" else args.variants.split(",")
     try:
+        if args.paired_steps is not None and args.paired_reference is None:
+            raise ValueError(
+                "--paired-steps is the window of --paired-reference's panel: give --paired-reference"
+            )
+        if args.paired_reference is not None and args.paired_reference not in variants:
+            raise ValueError(
+                f"--paired-reference {args.paired_reference!r} is not one of this sweep's variants: "
+                f"{', '.join(variants)}"
+            )
         seeds = _seed_list(args.seeds)
         run_dirs = run_sweep(
             args.output_dir,
@@ -325,7 +334,13 @@ def _sweep(args: argparse.Namespace, console: Console) -> int:
         return 2
     table = sweep_table(run_dirs)
     (args.output_dir / "sweep.md").write_text(table)
-    report = write_report(run_dirs, args.output_dir / "report.html", per_seed=args.per_seed)
+    report = write_report(
+        run_dirs,
+        args.output_dir / "report.html",
+        per_seed=args.per_seed,
+        paired_reference=args.paired_reference,
+        paired_steps=args.paired_steps,
+    )
     console.print(table, highlight=False, markup=False)
     console.print(f"table: {args.output_dir / 'sweep.md'}; report: {report.html}", highlight=False)
     return 0
@@ -335,6 +350,20 @@ _PER_SEED_HELP = (
     "draw every run on its own (default: the seeds of a variant, runs named <variant>-s<seed>, as their mean "
     "with a min-max band)"
 )
+
+
+def _add_paired_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--paired-reference",
+        metavar="VARIANT",
+        help="runs named <variant>-s<seed>: add a report panel of each variant minus VARIANT of the same seed",
+    )
+    parser.add_argument(
+        "--paired-steps",
+        type=_step_window,
+        metavar="FIRST:LAST",
+        help="the steps each run's metrics are averaged over for --paired-reference (default: the second half)",
+    )
 
 
 class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -471,17 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="trajectory",
         help="runs with a paired probe: the variant the others are paired against (default: trajectory)",
     )
-    report.add_argument(
-        "--paired-reference",
-        metavar="VARIANT",
-        help="runs named <variant>-s<seed>: add a panel of each variant minus VARIANT of the same seed",
-    )
-    report.add_argument(
-        "--paired-steps",
-        type=_step_window,
-        metavar="FIRST:LAST",
-        help="the steps each run's metrics are averaged over for --paired-reference (default: the second half)",
-    )
+    _add_paired_arguments(report)
     report.set_defaults(handler=_report)
 
     sweep = commands.add_parser(
@@ -504,6 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
         "study)",
     )
     sweep.add_argument("--per-seed", action="store_true", help=_PER_SEED_HELP)
+    _add_paired_arguments(sweep)
     sweep.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides for every run")
     sweep.set_defaults(handler=_sweep)
 
