@@ -1,9 +1,10 @@
-"""The hf engine's decode attention, as transformers calls it against a packed call: time and sampler accuracy.
+"""The hf engine's decode attention against transformers' own call: time and sampler accuracy.
 
 At one query per row with no mask (the demo's prompts all have one length), transformers 5.2x calls the CPU SDPA
 kernel with ``enable_gqa=True``, which runs query head by query head; with a mask it packs the query heads of
-each KV head as that head's queries (``pack_gqa``), about 4x faster at the demo's decode shape. The packed call
-rounds differently, so whether the sampler stays as close to the trainer has to be measured on the same tokens.
+each KV head as that head's queries (``pack_gqa``), about 4x faster at the demo's decode shape, and the engine
+packs always (``cegppo.rollout.hf.sampler_attention``). The packed call rounds differently, so whether the sampler
+stays as close to the trainer is measured on the same tokens.
 
 For each seed, the demo's generation (8 prompts x 8 samples, 32 new tokens, bf16 autocast) is sampled once with
 each attention (``sdpa``: transformers' own; ``packed``), interleaved in alternating order, CPU time measured;
@@ -31,6 +32,7 @@ from pathlib import Path
 
 import torch
 from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 import cegppo.rollout.hf as hf
@@ -40,33 +42,12 @@ from cegppo.report.stats import describe_paired
 from cegppo.rollout.base import RolloutBatch, SamplingParams
 from cegppo.trainer import Trainer
 
-PACKED = "bench_packed_sdpa"
-
-
-def packed_attention(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float | None = None,
-    **kwargs: object,
-) -> tuple[torch.Tensor, None]:
-    """SDPA with a decode step's query heads packed onto their KV heads; anything else as transformers does."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    groups = getattr(module, "num_key_value_groups", 1)
-    rows, heads, queries, dim = query.shape
-    if queries != 1 or groups == 1 or (attention_mask is not None and attention_mask.shape[1] != 1):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
-    output = torch.nn.functional.scaled_dot_product_attention(
-        query.reshape(rows, heads // groups, groups, dim), key, value, attn_mask=attention_mask, scale=scaling
-    )
-    return output.reshape(rows, heads, 1, dim).transpose(1, 2).contiguous(), None
-
-
-AttentionInterface.register(PACKED, packed_attention)
-ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED, sdpa_mask)
+# transformers' own SDPA call under another name: the engine packs the decode attention only for a model whose
+# implementation is "sdpa" (``cegppo.rollout.hf.sampler_attention``), so this name keeps transformers' call.
+TRANSFORMERS_SDPA = "bench_transformers_sdpa"
+AttentionInterface.register(TRANSFORMERS_SDPA, sdpa_attention_forward)
+ALL_MASK_ATTENTION_FUNCTIONS.register(TRANSFORMERS_SDPA, sdpa_mask)
+IMPLEMENTATION = {"sdpa": TRANSFORMERS_SDPA, "packed": "sdpa"}
 
 
 @contextlib.contextmanager
@@ -148,7 +129,7 @@ def main() -> None:
             )
             drawn: dict[str, RolloutBatch] = {}
             for name in ("sdpa", "packed") if seed % 2 == 0 else ("packed", "sdpa"):
-                with attention(model, "sdpa" if name == "sdpa" else PACKED):
+                with attention(model, IMPLEMENTATION[name]):
                     start = time.process_time()
                     drawn[name] = engine.generate(prompts, params)
                     seconds = time.process_time() - start
@@ -160,7 +141,7 @@ def main() -> None:
                 other = "packed" if source == "sdpa" else "sdpa"
                 given = dataclasses.replace(params, max_new_tokens=batch.response_ids.shape[1])
                 with (
-                    attention(model, "sdpa" if other == "sdpa" else PACKED),
+                    attention(model, IMPLEMENTATION[other]),
                     given_tokens(batch.response_ids, pad),
                 ):
                     scored[other] = engine.generate(prompts, given)

@@ -403,3 +403,79 @@ def test_under_autocast_the_cache_keeps_keys_in_bf16_and_sampling_is_unchanged(
     plain = engine.generate(render(tiny_tokenizer), params)
     assert torch.equal(cast.response_ids, plain.response_ids)
     assert torch.equal(cast.sampler_logprobs, plain.sampler_logprobs)
+
+
+def test_decode_attention_packs_query_heads_as_transformers_does_for_a_padded_batch():
+    """With no mask the sampler's attention packs each KV head's query heads, where transformers would call
+    SDPA head by head (enable_gqa); the result is bit for bit what transformers computes with a mask."""
+    import types
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from cegppo.rollout.hf import sampler_attention
+
+    torch.manual_seed(0)
+    rows, heads, kv_heads, dim, keys = 64, 9, 3, 64, 180  # SmolLM2-135M's decode step in the demo
+    layer = types.SimpleNamespace(num_key_value_groups=heads // kv_heads, is_causal=True)
+    query = (3 * torch.randn(rows, heads, 1, dim)).bfloat16()
+    key, value = (torch.randn(rows, kv_heads, keys, dim).bfloat16() for _ in range(2))
+    all_visible = torch.ones(rows, 1, 1, keys, dtype=torch.bool)
+    packed, _ = sampler_attention(layer, query, key, value, None, scaling=dim**-0.5)
+    masked, _ = sdpa_attention_forward(layer, query, key, value, all_visible, scaling=dim**-0.5)
+    assert torch.equal(packed, masked)
+    # prompts (several queries) and masked steps are transformers' own call
+    prompt = torch.randn(2, heads, 5, dim)
+    prompt_key, prompt_value = torch.randn(2, kv_heads, 5, dim), torch.randn(2, kv_heads, 5, dim)
+    assert torch.equal(
+        sampler_attention(layer, prompt, prompt_key, prompt_value, None)[0],
+        sdpa_attention_forward(layer, prompt, prompt_key, prompt_value, None)[0],
+    )
+
+
+def test_generate_decodes_with_the_packed_attention_and_restores_the_model(
+    monkeypatch, tiny_llama, tiny_tokenizer
+):
+    """Equal-length prompts (no mask at decode): every decode step's SDPA call runs on the KV heads (the query
+    heads of each as its queries, no enable_gqa), and the model's attention implementation is what it was
+    afterwards."""
+    calls: list[tuple[tuple[int, ...], bool]] = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, key, value, *args, **kwargs):
+        calls.append((tuple(query.shape), bool(kwargs.get("enable_gqa"))))
+        return sdpa(query, key, value, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    engine = HFRolloutEngine(tiny_llama, tiny_tokenizer, autocast_dtype=torch.bfloat16)
+    config = tiny_llama.config
+    assert config._attn_implementation == "sdpa"
+    batch = engine.generate(
+        render(tiny_tokenizer, QUESTIONS[:1]), SamplingParams(n=4, max_new_tokens=6, seed=0)
+    )
+    assert config._attn_implementation == "sdpa"
+    assert batch.response_mask.sum(1).max() > 2
+    groups = config.num_attention_heads // config.num_key_value_heads
+    decode = [shape for shape, _ in calls if shape[2] == groups and shape[1] == config.num_key_value_heads]
+    assert decode and not any(gqa for shape, gqa in calls if shape[2] == groups)
+    assert not [shape for shape, _ in calls if shape[2] == 1]  # no query head on its own
+
+
+def test_prompts_of_different_lengths_sample_exactly_as_under_transformers_sdpa(
+    monkeypatch, tiny_llama, tiny_tokenizer
+):
+    """With a mask (left padding) the sampler's attention is transformers' own call with the same mask: the
+    same tokens and log-probs, bit for bit."""
+    import contextlib
+
+    import cegppo.rollout.hf as hf
+
+    prompts = render(tiny_tokenizer)
+    lengths = {len(tiny_tokenizer(p, add_special_tokens=False).input_ids) for p in prompts}
+    assert len(lengths) > 1  # padded
+    params = SamplingParams(n=2, max_new_tokens=8, seed=4)
+    engine = HFRolloutEngine(tiny_llama, tiny_tokenizer, autocast_dtype=torch.bfloat16)
+    packed = engine.generate(prompts, params)
+    monkeypatch.setattr(hf, "_sampler_attention_on", lambda model: contextlib.nullcontext())
+    plain = engine.generate(prompts, params)
+    assert torch.equal(packed.response_ids, plain.response_ids)
+    assert torch.equal(packed.sampler_logprobs, plain.sampler_logprobs)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 import torch
 from transformers import (
+    AttentionInterface,
     DynamicCache,
     GenerationConfig,
     LogitsProcessor,
@@ -16,6 +18,8 @@ from transformers import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from cegppo.ops.shared_prompt import cache_keyword, distinct_prompts, prefill
 from cegppo.rollout.base import (
@@ -26,6 +30,58 @@ from cegppo.rollout.base import (
     seeded,
     tokenize_prompts,
 )
+
+SAMPLER_ATTENTION = "cegppo_sampler_sdpa"
+
+
+def sampler_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    **kwargs: object,
+) -> tuple[torch.Tensor, None]:
+    """transformers' SDPA attention, with a decode step's query heads always packed onto their KV heads.
+
+    At one query per row transformers packs the query heads of each KV head as that head's queries when there
+    is a mask (prompts of different lengths), but with no mask (prompts of one length, as every batch of the
+    demo) it calls SDPA with ``enable_gqa``, which the CPU kernel runs query head by query head: 4x the time at
+    the demo's decode shape (docs/performance.md). Packing always gives every batch the numerics transformers
+    gives a padded one, bit for bit. Prompts and anything else go to transformers' SDPA as they are.
+    """
+    groups = getattr(module, "num_key_value_groups", 1)
+    rows, heads, queries, dim = query.shape
+    plain = queries != 1 or groups == 1 or attention_mask is not None
+    if plain or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    output = torch.nn.functional.scaled_dot_product_attention(
+        query.reshape(rows, heads // groups, groups, dim),
+        key,
+        value,
+        dropout_p=float(kwargs.get("dropout") or 0.0),
+        scale=scaling,
+    )
+    return output.reshape(rows, heads, 1, dim).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(SAMPLER_ATTENTION, sampler_attention)
+ALL_MASK_ATTENTION_FUNCTIONS.register(SAMPLER_ATTENTION, sdpa_mask)
+
+
+@contextlib.contextmanager
+def _sampler_attention_on(model: PreTrainedModel) -> Iterator[None]:
+    """``sampler_attention`` in the layers of a model that runs transformers' SDPA; any other is left alone."""
+    saved = model.config._attn_implementation
+    if saved != "sdpa":
+        yield
+        return
+    model.config._attn_implementation = SAMPLER_ATTENTION
+    try:
+        yield
+    finally:
+        model.config._attn_implementation = saved
 
 
 class _CastingCache(DynamicCache):
@@ -187,7 +243,7 @@ class HFRolloutEngine:
             model.generation_config = GenerationConfig()
             # no_grad, not inference_mode: under inference_mode autocast does not cache its weight casts, so
             # every decoding step cast every weight to bf16 again (generation took 1.15x the CPU time)
-            with torch.no_grad(), seeded(params.seed, device), autocast:
+            with torch.no_grad(), seeded(params.seed, device), autocast, _sampler_attention_on(model):
                 for start in range(0, rows, chunk):
                     mask = prompt_mask[start : start + chunk]
                     # Drop the padding columns this chunk does not need (rows are left-padded to the
