@@ -407,9 +407,11 @@ def test_under_autocast_the_cache_keeps_keys_in_bf16_and_sampling_is_unchanged(
 
 def test_decode_attention_packs_query_heads_as_transformers_does_for_a_padded_batch():
     """With no mask the sampler's attention packs each KV head's query heads, where transformers would call
-    SDPA head by head (enable_gqa); the result is bit for bit what transformers computes with a mask."""
+    SDPA head by head (enable_gqa); the result is bit for bit what a transformers that packs (``pack_gqa``,
+    5.2x) computes with a mask, and within bf16 rounding of an older one's call (which repeats K and V)."""
     import types
 
+    from transformers.integrations import sdpa_attention
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     from cegppo.rollout.hf import sampler_attention
@@ -422,7 +424,10 @@ def test_decode_attention_packs_query_heads_as_transformers_does_for_a_padded_ba
     all_visible = torch.ones(rows, 1, 1, keys, dtype=torch.bool)
     packed, _ = sampler_attention(layer, query, key, value, None, scaling=dim**-0.5)
     masked, _ = sdpa_attention_forward(layer, query, key, value, all_visible, scaling=dim**-0.5)
-    assert torch.equal(packed, masked)
+    if hasattr(sdpa_attention, "pack_gqa"):
+        assert torch.equal(packed, masked)
+    else:
+        torch.testing.assert_close(packed, masked, atol=1e-2, rtol=1e-2)
     # prompts (several queries) and masked steps are transformers' own call
     prompt = torch.randn(2, heads, 5, dim)
     prompt_key, prompt_value = torch.randn(2, kv_heads, 5, dim), torch.randn(2, kv_heads, 5, dim)

@@ -5,6 +5,14 @@
 # copied under docs/results/stage2/<arm>-s<seed>/ and committed. Usage: run_lane.sh SEED [SEED ...]
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
+# Every Stage 2 run samples with the hf engine of 6fee402 (decode attention as transformers calls it). The engine
+# packs the decode attention since f91cd28, which draws other tokens on some rows: a seed's four arms must not mix
+# the two. In this worktree: git checkout 6fee402 -- src/cegppo/rollout/hf.py
+pinned=6fee402
+if ! git diff --quiet "$pinned" -- src/cegppo/rollout/hf.py; then
+  echo "Stage 2 samples with the hf engine of $pinned; in this worktree: git checkout $pinned -- src/cegppo/rollout/hf.py" >&2
+  exit 2
+fi
 out=runs/stage2
 for seed in "$@"; do
   for arm in ce_gppo_b0_0 ce_gppo_b1_0 ce_gppo_b0_1 ce_gppo_b1_1; do

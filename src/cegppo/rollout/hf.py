@@ -49,7 +49,8 @@ def sampler_attention(
     is a mask (prompts of different lengths), but with no mask (prompts of one length, as every batch of the
     demo) it calls SDPA with ``enable_gqa``, which the CPU kernel runs query head by query head: 4x the time at
     the demo's decode shape (docs/performance.md). Packing always gives every batch the numerics transformers
-    gives a padded one, bit for bit. Prompts and anything else go to transformers' SDPA as they are.
+    (5.2x) gives a padded one, bit for bit; an older transformers repeats K and V for a padded batch instead
+    (the same values up to bf16 rounding). Prompts and anything else go to transformers' SDPA as they are.
     """
     groups = getattr(module, "num_key_value_groups", 1)
     rows, heads, queries, dim = query.shape
