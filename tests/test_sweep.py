@@ -10,6 +10,7 @@ import pytest
 from _tiny import tiny_overrides
 from cegppo.config import load_config
 from cegppo.presets import METHODS, VARIANTS, variant_overrides
+from cegppo.runfiles import read_metrics
 from cegppo.sweep import run_sweep, sweep_table
 from cegppo.trainer import Trainer, load_run_config
 from test_report import write_run
@@ -68,6 +69,41 @@ def test_a_sweep_evaluates_its_starting_model_once(tiny_model_dir, tmp_path, mon
     # another decoding budget is another measurement
     run_sweep(tmp_path / "sweep", overrides=[*base, "rollout.max_new_tokens=5"], variants=["gppo"])
     assert evaluated[5:] == [0, 1]
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_again(tiny_model_dir, tmp_path, monkeypatch, caplog):
+    base = [
+        o
+        for o in tiny_overrides(tiny_model_dir, tmp_path)
+        if not o.startswith(("trainer.output_dir", "trainer.name"))
+    ]
+    base += ["trainer.total_steps=2", "trainer.save_every=0", "data.heldout=null"]
+    step = Trainer.step
+
+    def killed_in_step_2(self):
+        if self.step_count == 1:
+            raise KeyboardInterrupt  # as a kill leaves it: a step logged, no checkpoint, no summary
+        return step(self)
+
+    monkeypatch.setattr(Trainer, "step", killed_in_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(tmp_path / "sweep", overrides=base, variants=["grpo"])
+    run_dir = tmp_path / "sweep" / "grpo-s0"
+    assert [r["step"] for r in read_metrics(run_dir)] == [1] and not (run_dir / "checkpoints").exists()
+    monkeypatch.setattr(Trainer, "step", step)
+
+    (run_dir / "notes.txt").write_text("mine")  # a file no run writes: refused, nothing deleted
+    with pytest.raises(ValueError, match=r"grpo-s0 stopped before its first checkpoint .*\(notes.txt\)"):
+        run_sweep(tmp_path / "sweep", overrides=base, variants=["grpo"])
+    (run_dir / "notes.txt").unlink()
+    with pytest.raises(ValueError, match=r"other settings \(trainer.total_steps 2 -> 3\)"):
+        run_sweep(tmp_path / "sweep", overrides=[*base, "trainer.total_steps=3"], variants=["grpo"])
+    assert [r["step"] for r in read_metrics(run_dir)] == [1]
+
+    with caplog.at_level("WARNING", logger="cegppo.sweep"):
+        run_sweep(tmp_path / "sweep", overrides=base, variants=["grpo"])
+    assert "grpo-s0 stopped before its first checkpoint (1 step logged): starting it again" in caplog.text
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2] and (run_dir / "summary.json").is_file()
 
 
 def test_every_variant_is_a_valid_config_that_differs_from_the_others():

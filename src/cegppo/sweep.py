@@ -1,25 +1,42 @@
 """The entropy experiment: the same budget for GRPO, DAPO clip-higher, GPPO and CE-GPPO at several (β1, β2).
 
-Each variant × seed is an ordinary run under ``output_dir``; a finished run (``summary.json``) is skipped and an
-interrupted one resumed, so re-running the same command completes a sweep. Besides ``VARIANTS`` (the default
-set), a variant may be one of the ``METHODS`` presets or the name of any registered loss (``cegppo.presets``).
+Each variant × seed is an ordinary run under ``output_dir``; a finished run (``summary.json``) is skipped, an
+interrupted one resumed from its last checkpoint (started again when it was killed before its first), so
+re-running the same command completes a sweep. Besides ``VARIANTS`` (the default set), a variant may be one of
+the ``METHODS`` presets or the name of any registered loss (``cegppo.presets``).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from cegppo.config import Config, load_config
+from cegppo.config import Config, load_config, to_yaml
 from cegppo.presets import VARIANTS, variant_overrides
-from cegppo.report.runs import Run, by_variant, load_run, variant_and_seed
+from cegppo.report.runs import Run, by_variant, flatten, load_run, variant_and_seed
 from cegppo.report.stats import heldout_accuracy, late_mean, seed_summary
-from cegppo.runfiles import SUMMARY_FILE, read_metrics
+from cegppo.runfiles import (
+    CHECKPOINTS_DIR,
+    CONFIG_FILE,
+    METRICS_FILE,
+    PROBE_FILE,
+    SAMPLES_FILE,
+    SUMMARY_FILE,
+    read_metrics,
+)
 from cegppo.trainer import Trainer, load_run_config
 from cegppo.trainer.checkpoint import latest_checkpoint
+
+log = logging.getLogger(__name__)
+
+# What a run writes in its directory before it finishes; an unsaved start holding anything else is not the sweep's
+# to delete.
+RUN_FILES = frozenset({CONFIG_FILE, METRICS_FILE, SAMPLES_FILE, PROBE_FILE, CHECKPOINTS_DIR, "tensorboard"})
 
 
 def run_sweep(
@@ -57,9 +74,49 @@ def run_sweep(
                         f"trainer.name={name}",
                     ],
                 )
+                _discard_unsaved_start(run_dir, config)
                 trainer = Trainer(config, run_dir, heldout_acc_before=_heldout_before(output_dir, config))
             trainer.fit()
     return run_dirs
+
+
+def _discard_unsaved_start(run_dir: Path, config: Config) -> None:
+    """A run of the sweep that was killed before its first checkpoint has nothing to resume: delete it, so that it
+    starts again from scratch, which with the same config and seeds redraws the steps it had logged. Refused (the
+    directory kept) when the directory holds files no run writes, or the run was started with other settings."""
+    if not run_dir.exists():
+        return
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise ValueError(
+            f"{run_dir} exists but holds no run ({CONFIG_FILE} is missing): move it away, or choose another "
+            "output directory"
+        )
+    foreign = sorted(path.name for path in run_dir.iterdir() if path.name not in RUN_FILES)
+    if foreign:
+        raise ValueError(
+            f"{run_dir} stopped before its first checkpoint and holds files a run does not write "
+            f"({', '.join(foreign)}): move them away and run the sweep again to restart it"
+        )
+    started = load_run_config(run_dir)
+    if to_yaml(started) != to_yaml(config):
+        was, now = flatten(asdict(started)), flatten(asdict(config))
+        changed = [
+            f"{key} {was.get(key)!r} -> {now.get(key)!r}"
+            for key in sorted(was | now)
+            if was.get(key) != now.get(key)
+        ]
+        raise ValueError(
+            f"{run_dir} stopped before its first checkpoint and was started with other settings "
+            f"({'; '.join(changed)}): run the sweep with its settings to restart it, or delete it"
+        )
+    steps = len(read_metrics(run_dir))
+    shutil.rmtree(run_dir)
+    log.warning(
+        "%s stopped before its first checkpoint (%d step%s logged): starting it again from step 1",
+        run_dir,
+        steps,
+        "" if steps == 1 else "s",
+    )
 
 
 def _heldout_setting(config: Config) -> tuple[Any, ...]:

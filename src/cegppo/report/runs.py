@@ -80,7 +80,7 @@ def load_run(run_dir: str | Path) -> Run:
         records=records,
         summary=summary,
         entropy_band=_entropy_band(path / CONFIG_FILE, config),
-        config=_flatten(config),
+        config=flatten(config),
         probe=read_probe(path),
     )
 
@@ -138,11 +138,12 @@ def _read_config(config_path: Path) -> dict[str, Any]:
     return config if isinstance(config, dict) else {}
 
 
-def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as one mapping of dotted keys (``actor.policy_loss.beta1``), as overrides name them."""
     flat: dict[str, Any] = {}
     for key, value in values.items():
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat
