@@ -4,9 +4,11 @@ the fraction of the peak matmul rate (``perf/mfu/<phase>``, see ``cegppo.rooflin
 Runs the embedded default (SmolLM2-135M-Instruct, 8 prompts x 8 samples, 32 new tokens, two updates a step)
 without the held-out evaluation, ``--steps`` steps, and reports the last (the first one warms the libraries up).
 Prints one JSON object: the peak (measured by the matmul probe in the phases' dtype, or ``trainer.peak_tflops``)
-and, per phase, wall and CPU seconds, TFLOPs, achieved TFLOP/s and fraction of peak; generation's FLOPs are also
-split into prefill and decode. On a machine shared with other jobs pass ``trainer.num_threads=1``: the CPU time
-then counts this process's work, and its fraction of a one-thread peak is the one to read.
+and, per phase, wall and CPU seconds, TFLOPs, achieved TFLOP/s and fraction of peak, by wall time and by CPU time
+(the TFLOPs over CPU seconds × the peak per thread); generation's FLOPs are also split into prefill and decode. On
+a machine shared with other jobs pass ``trainer.num_threads=1`` and the one-thread peak of a quiet moment as
+``trainer.peak_tflops``: the CPU time then counts this process's work, and ``cpu_fraction_of_peak`` is the one
+to read.
 
     python benchmarks/bench_roofline.py [--steps 2] [key.sub=value ...]
 """
@@ -17,7 +19,6 @@ import argparse
 import json
 import platform
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -57,9 +58,7 @@ def main() -> None:
         trainer.engine.generate = recording_generate
         for _ in range(args.steps):
             rollouts.clear()
-            cpu = time.process_time()
             metrics = trainer.step()
-            step_cpu = time.process_time() - cpu
         trainer.close()
     shape = trainer.roofline.shape
     prefill = decode = 0
@@ -78,11 +77,17 @@ def main() -> None:
         if f"perf/mfu/{phase}" not in metrics:
             continue
         seconds, tflop = metrics[f"timing/{phase}_s"], metrics[f"perf/tflop/{phase}"]
+        cpu_seconds = metrics[f"timing/{phase}_cpu_s"]
         phases[phase] = {
             "seconds": round(seconds, 3),
+            "cpu_seconds": round(cpu_seconds, 3),
             "tflop": round(tflop, 4),
             "tflop_per_s": round(tflop / seconds, 4),
             "fraction_of_peak": round(metrics[f"perf/mfu/{phase}"], 4),
+            # the work over the thread-seconds it took: what other jobs' load does not change
+            "cpu_fraction_of_peak": round(
+                tflop / (cpu_seconds * metrics["perf/peak_tflops"] / torch.get_num_threads()), 4
+            ),
         }
     phases["gen"]["prefill_tflop"] = round(prefill / 1e12, 4)
     phases["gen"]["decode_tflop"] = round(decode / 1e12, 4)
@@ -97,7 +102,7 @@ def main() -> None:
                 "peak_tflops": round(metrics["perf/peak_tflops"], 4),
                 "engine": config.rollout.engine,
                 "step_seconds": round(metrics["timing/step_s"], 3),
-                "step_cpu_seconds": round(step_cpu, 3),
+                "step_cpu_seconds": round(metrics["timing/step_cpu_s"], 3),
                 "step_tflop": round(total_tflop, 4),
                 "step_seconds_at_peak": round(total_tflop / metrics["perf/peak_tflops"], 3),
                 "phases": phases,

@@ -21,13 +21,10 @@ import platform
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-import cegppo.trainer.trainer as trainer_module
 from cegppo.config import load_config
 from cegppo.trainer import Trainer
 
@@ -40,15 +37,6 @@ VARIANTS = {
 }
 FORCED_OLD_LOG_PROB_PASS = {"bypass_pass"}
 RATIOS = (("on", "off"), ("bypass", "bypass_pass"))
-
-
-@contextmanager
-def timed_wall_and_cpu(timings: dict[str, float], name: str) -> Iterator[None]:
-    """The trainer's phase timer, also recording this process's CPU time as ``<name>_cpu``."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    yield
-    timings[name] = time.perf_counter() - wall
-    timings[f"{name}_cpu"] = time.process_time() - cpu
 
 
 def rss_mib(field: str) -> float:
@@ -94,9 +82,7 @@ class Variant:
         torch.set_rng_state(self.rng)
         before = rss_mib("VmRSS")
         reset_peak_rss()
-        cpu = time.process_time()
         metrics = self.trainer.step()
-        metrics["timing/step_cpu_s"] = time.process_time() - cpu
         peak = rss_mib("VmHWM") - before
         self.rng = torch.get_rng_state()
         record = {f"{phase}_s": round(metrics[f"timing/{phase}_s"], 2) for phase in PHASES}
@@ -115,7 +101,6 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     names = args.variants.split(",")
-    trainer_module._timed = timed_wall_and_cpu
     with tempfile.TemporaryDirectory() as out:
         variants = [Variant(name, out, args.overrides) for name in names]
         for step in range(args.steps):

@@ -113,6 +113,9 @@ def test_a_run_writes_metrics_samples_checkpoint_and_summary(tiny_model_dir, tmp
         "timing/old_logprob_s",
         "timing/update_s",
         "timing/step_s",
+        "timing/gen_cpu_s",
+        "timing/update_cpu_s",
+        "timing/step_cpu_s",
         "perf/tokens_per_s",
     ]:
         assert key in records[0], key
