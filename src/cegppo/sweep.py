@@ -16,7 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from cegppo.config import Config, load_config, to_yaml
+from cegppo.config import Config, load_config
 from cegppo.presets import VARIANTS, variant_overrides
 from cegppo.report.runs import Run, by_variant, flatten, load_run, variant_and_seed
 from cegppo.report.stats import heldout_accuracy, late_mean, seed_summary
@@ -97,14 +97,13 @@ def _discard_unsaved_start(run_dir: Path, config: Config) -> None:
             f"{run_dir} stopped before its first checkpoint and holds files a run does not write "
             f"({', '.join(foreign)}): move them away and run the sweep again to restart it"
         )
-    started = load_run_config(run_dir)
-    if to_yaml(started) != to_yaml(config):
-        was, now = flatten(asdict(started)), flatten(asdict(config))
-        changed = [
-            f"{key} {was.get(key)!r} -> {now.get(key)!r}"
-            for key in sorted(was | now)
-            if was.get(key) != now.get(key)
-        ]
+    was, now = flatten(asdict(load_run_config(run_dir))), flatten(asdict(config))
+    changed = [
+        f"{key} {was.get(key)!r} -> {now.get(key)!r}"
+        for key in sorted(was | now)
+        if was.get(key) != now.get(key)
+    ]
+    if changed:
         raise ValueError(
             f"{run_dir} stopped before its first checkpoint and was started with other settings "
             f"({'; '.join(changed)}): run the sweep with its settings to restart it, or delete it"
