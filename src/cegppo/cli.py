@@ -508,7 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_DefaultsFormatter,
         help="GRPO, DAPO, GPPO and CE-GPPO at several (β1, β2) on the same budget, then a table and a report",
         description="Runs each variant x seed under OUTPUT_DIR (finished runs are skipped, interrupted ones "
-        "resumed from their last checkpoint, or started again when killed before their first), then writes OUTPUT_DIR/sweep.md and OUTPUT_DIR/report.html.",
+        "resumed from their last checkpoint, or started again when killed before their first), then writes "
+        "OUTPUT_DIR/sweep.md and OUTPUT_DIR/report.html.",
     )
     sweep.add_argument("--config", type=Path, help="base config (default: the demo)")
     sweep.add_argument(
