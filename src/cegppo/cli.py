@@ -520,8 +520,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--variants",
         default="all",
         help="comma-separated variants (grpo, dapo, gppo, ce_gppo_b<β1>_<β2> at any β), method presets (dapo_erc, "
-        "dapo_80_20, grpo_adaptive_entropy, ce_gppo_control) or registered loss names (sapo, geo_mean, dgpo, gppo_erc, ...), or all (the CE-GPPO "
-        "study)",
+        "dapo_80_20, grpo_adaptive_entropy, ce_gppo_control) or registered loss names (sapo, geo_mean, dgpo, "
+        "gppo_erc, ...), or all (the CE-GPPO study)",
     )
     sweep.add_argument("--per-seed", action="store_true", help=_PER_SEED_HELP)
     _add_paired_arguments(sweep)
