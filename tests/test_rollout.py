@@ -376,33 +376,38 @@ def test_the_draw_follows_the_filtered_distribution_exactly():
 
 
 @pytest.mark.parametrize("n", [1, 3], ids=["own-prefill", "shared-prefill"])
-def test_under_autocast_the_cache_keeps_keys_in_bf16_and_sampling_is_unchanged(
-    monkeypatch, tiny_llama, tiny_tokenizer, n
+@pytest.mark.parametrize("autocast", [torch.bfloat16, None], ids=["bf16-autocast", "float32"])
+def test_the_sampler_cache_grows_in_place_and_sampling_is_unchanged(
+    monkeypatch, tiny_llama, tiny_tokenizer, n, autocast
 ):
-    """Autocast's attention rounds K to bf16 either way, so storing it rounded (half the bytes to grow and no
-    cast of the whole cache every step; 0.83x the demo's generation CPU time) draws the same tokens with the
-    same log-probs, bit for bit."""
+    """The engine's cache stores keys in the autocast dtype (autocast's attention rounds K to bf16 either way:
+    half the bytes and no cast of the whole cache every step; 0.83x the demo's generation CPU time) and writes
+    each step into buffers with room reserved, where transformers' cache concatenates: the same tokens with the
+    same log-probs as transformers' own cache, bit for bit."""
     from transformers import DynamicCache
 
     import cegppo.rollout.hf as hf
 
     params = SamplingParams(n=n, temperature=1.0, max_new_tokens=8, seed=3)
-    engine = HFRolloutEngine(tiny_llama, tiny_tokenizer, autocast_dtype=torch.bfloat16)
-    stored: list[torch.dtype] = []
-    update = hf._CastingCache.update
+    engine = HFRolloutEngine(tiny_llama, tiny_tokenizer, autocast_dtype=autocast)
+    stored: list[tuple[torch.dtype, int]] = []
+    update = hf._SamplerCache.update
 
     def spy(self, key_states, value_states, layer_idx, *args, **kwargs):
         keys, values = update(self, key_states, value_states, layer_idx, *args, **kwargs)
-        stored.append(keys.dtype)
+        if layer_idx == 0:
+            stored.append((keys.dtype, keys.untyped_storage().data_ptr()))
         return keys, values
 
-    monkeypatch.setattr(hf._CastingCache, "update", spy)
-    cast = engine.generate(render(tiny_tokenizer), params)
-    assert stored and set(stored) == {torch.bfloat16}
-    monkeypatch.setattr(hf, "_CastingCache", lambda config, dtype: DynamicCache(config=config))
+    monkeypatch.setattr(hf._SamplerCache, "update", spy)
+    reserved = engine.generate(render(tiny_tokenizer), params)
+    assert {dtype for dtype, _ in stored} == {autocast or torch.float32}
+    # one buffer per layer for the whole generation (a second after a shared prefill gathers it to the rows)
+    assert len({storage for _, storage in stored}) == (1 if n == 1 else 2) and len(stored) > 4
+    monkeypatch.setattr(hf, "_SamplerCache", lambda config, dtype, reserve: DynamicCache(config=config))
     plain = engine.generate(render(tiny_tokenizer), params)
-    assert torch.equal(cast.response_ids, plain.response_ids)
-    assert torch.equal(cast.sampler_logprobs, plain.sampler_logprobs)
+    assert torch.equal(reserved.response_ids, plain.response_ids)
+    assert torch.equal(reserved.sampler_logprobs, plain.sampler_logprobs)
 
 
 def test_decode_attention_packs_query_heads_as_transformers_does_for_a_padded_batch():
