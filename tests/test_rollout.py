@@ -377,37 +377,93 @@ def test_the_draw_follows_the_filtered_distribution_exactly():
 
 @pytest.mark.parametrize("n", [1, 3], ids=["own-prefill", "shared-prefill"])
 @pytest.mark.parametrize("autocast", [torch.bfloat16, None], ids=["bf16-autocast", "float32"])
-def test_the_sampler_cache_grows_in_place_and_sampling_is_unchanged(
+def test_the_sampler_cache_samples_as_transformers_cache_does(
     monkeypatch, tiny_llama, tiny_tokenizer, n, autocast
 ):
     """The engine's cache stores keys in the autocast dtype (autocast's attention rounds K to bf16 either way:
-    half the bytes and no cast of the whole cache every step; 0.83x the demo's generation CPU time) and writes
-    each step into buffers with room reserved, where transformers' cache concatenates: the same tokens with the
-    same log-probs as transformers' own cache, bit for bit."""
+    half the bytes and no cast of the whole cache every step; 0.83x the demo's generation CPU time) and grows in
+    place: the same tokens with the same log-probs as transformers' own cache, bit for bit."""
     from transformers import DynamicCache
 
     import cegppo.rollout.hf as hf
 
     params = SamplingParams(n=n, temperature=1.0, max_new_tokens=8, seed=3)
     engine = HFRolloutEngine(tiny_llama, tiny_tokenizer, autocast_dtype=autocast)
-    stored: list[tuple[torch.dtype, int]] = []
+    stored: list[torch.dtype] = []
     update = hf._SamplerCache.update
 
     def spy(self, key_states, value_states, layer_idx, *args, **kwargs):
         keys, values = update(self, key_states, value_states, layer_idx, *args, **kwargs)
-        if layer_idx == 0:
-            stored.append((keys.dtype, keys.untyped_storage().data_ptr()))
+        stored.append(keys.dtype)
         return keys, values
 
     monkeypatch.setattr(hf._SamplerCache, "update", spy)
-    reserved = engine.generate(render(tiny_tokenizer), params)
-    assert {dtype for dtype, _ in stored} == {autocast or torch.float32}
-    # one buffer per layer for the whole generation (a second after a shared prefill gathers it to the rows)
-    assert len({storage for _, storage in stored}) == (1 if n == 1 else 2) and len(stored) > 4
+    ours = engine.generate(render(tiny_tokenizer), params)
+    assert set(stored) == {autocast or torch.float32}
     monkeypatch.setattr(hf, "_SamplerCache", lambda config, dtype, reserve: DynamicCache(config=config))
     plain = engine.generate(render(tiny_tokenizer), params)
-    assert torch.equal(reserved.response_ids, plain.response_ids)
-    assert torch.equal(reserved.sampler_logprobs, plain.sampler_logprobs)
+    assert torch.equal(ours.response_ids, plain.response_ids)
+    assert torch.equal(ours.sampler_logprobs, plain.sampler_logprobs)
+
+
+def test_the_sampler_cache_writes_each_step_into_one_buffer(tiny_llama):
+    """Keys and values are written into reserved room and handed out as views (transformers' cache concatenates
+    the whole cache every step); past the room, or after rows are selected, they move into a new buffer."""
+    from transformers import DynamicCache
+
+    from cegppo.rollout.hf import _SamplerCache
+
+    torch.manual_seed(0)
+    ours, plain = _SamplerCache(tiny_llama.config, None, reserve=3), DynamicCache(config=tiny_llama.config)
+    heads, dim = tiny_llama.config.num_key_value_heads, tiny_llama.config.head_dim
+    storages = []
+    for step, tokens in enumerate([4, 1, 1, 1, 1, 1]):
+        if step == 5:
+            ours.batch_select_indices(torch.tensor([1, 0]))
+            plain.batch_select_indices(torch.tensor([1, 0]))
+        new = torch.randn(2, heads, tokens, dim), torch.randn(2, heads, tokens, dim)
+        got, want = ours.update(*new, 0), plain.update(*new, 0)
+        assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+        storages.append(got[0].untyped_storage().data_ptr())
+    # the prompt's 4 positions and 3 of room: one buffer for steps 0-3, a larger one past it, a new one after
+    # the selection
+    assert storages[:4] == [storages[0]] * 4 and len(set(storages)) == 3
+
+
+@pytest.mark.parametrize("share_prompt", [False, True], ids=["own-prefill", "shared-prefill"])
+def test_rows_that_finished_leave_the_batch_and_sampling_is_unchanged(
+    monkeypatch, tiny_llama, tiny_tokenizer, share_prompt
+):
+    """A generate call stops once a quarter of its rows are done and the rest continue from their cache rows;
+    each row's arithmetic does not depend on the others and each step draws the whole batch's uniforms, so the
+    tokens and log-probs are those of one call over all rows, bit for bit."""
+    import cegppo.rollout.hf as hf
+
+    engine = HFRolloutEngine(
+        tiny_llama, tiny_tokenizer, autocast_dtype=torch.bfloat16, share_prompt=share_prompt
+    )
+    calls: list[int] = []
+    generate = type(tiny_llama).generate
+
+    def counting(self, *args, **kwargs):
+        calls.append(kwargs["input_ids"].shape[0])
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(tiny_llama), "generate", counting)
+    for seed in range(3):
+        params = SamplingParams(n=4, temperature=1.0, max_new_tokens=24, seed=seed)
+        calls.clear()
+        dropping = engine.generate(render(tiny_tokenizer), params)
+        # never a call of one row (see _StopWhenRowsDone)
+        assert len(calls) > 1 and calls == sorted(calls, reverse=True) and calls[0] > calls[-1] >= 2
+        with monkeypatch.context() as patch:  # one call over all rows, as generate alone runs them
+            patch.setattr(hf._StopWhenRowsDone, "__call__", lambda self, ids, scores, **kw: ids[:, 0] < 0)
+            calls.clear()
+            whole = engine.generate(render(tiny_tokenizer), params)
+            assert calls == [len(whole.response_ids)]
+        assert torch.equal(dropping.response_ids, whole.response_ids)
+        assert torch.equal(dropping.response_mask, whole.response_mask)
+        assert torch.equal(dropping.sampler_logprobs, whole.sampler_logprobs)
 
 
 def test_decode_attention_packs_query_heads_as_transformers_does_for_a_padded_batch():

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import math
 from collections.abc import Iterator
 
 import torch
@@ -14,6 +16,8 @@ from transformers import (
     LogitsProcessorList,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    StoppingCriteria,
+    StoppingCriteriaList,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -177,7 +181,11 @@ class _DrawAndRecord(LogitsProcessor):
     ``assemble_rollout_batch`` masks their log-probs.
     """
 
-    def __init__(self, params: SamplingParams) -> None:
+    def __init__(self, params: SamplingParams, rows: torch.Tensor | None = None, batch_rows: int = 0) -> None:
+        """``rows``: which rows of a batch of ``batch_rows`` this call samples (default: all of the call's). Each
+        step draws one uniform number per row of the whole batch and uses its rows' numbers, so that a call that
+        continues some of the rows draws what the call over all of them would have."""
+        self._rows, self._batch_rows = rows, batch_rows
         self._greedy = params.greedy
         self._warpers: list[LogitsProcessor] = []
         if not params.greedy:
@@ -205,7 +213,11 @@ class _DrawAndRecord(LogitsProcessor):
         # float64 sums, so that a token's share of [0, total) is its probability to ~1e-16; right=True never
         # lands on a token of probability 0 (its cumulative sum equals its predecessor's)
         cdf = torch.exp(scores - log_normaliser).double().cumsum(dim=-1)
-        targets = torch.rand(cdf.shape[0], 1, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
+        if self._rows is None:
+            uniforms = torch.rand(cdf.shape[0], 1, dtype=cdf.dtype, device=cdf.device)
+        else:
+            uniforms = torch.rand(self._batch_rows, 1, dtype=cdf.dtype, device=cdf.device)[self._rows]
+        targets = uniforms * cdf[:, -1:]
         return torch.searchsorted(cdf, targets, right=True).clamp_(max=cdf.shape[1] - 1)
 
     def finish(self, new_tokens: torch.Tensor) -> torch.Tensor:
@@ -216,6 +228,29 @@ class _DrawAndRecord(LogitsProcessor):
                 "new tokens"
             )
         return torch.cat(self._logprobs, dim=1)
+
+
+class _StopWhenRowsDone(StoppingCriteria):
+    """Stops a ``generate`` call (every row) once ``fraction`` of its rows have drawn an end-of-sequence token, so
+    that the rows still going continue without the finished ones (``HFRolloutEngine._sample_rows``)."""
+
+    def __init__(self, prompt_length: int, eos: torch.Tensor, rows: int, fraction: float = 0.25) -> None:
+        self.prompt_length, self.eos = prompt_length, eos
+        self.enough = max(1, math.ceil(fraction * rows))
+
+    def __call__(self, input_ids: torch.LongTensor, scores: object, **kwargs: object) -> torch.BoolTensor:
+        done = torch.isin(input_ids[:, self.prompt_length :], self.eos).any(dim=1)
+        finished = int(done.sum())
+        # never a call of one row: generate's step for a batch of one differs in its last bits from that row's
+        # step in a larger batch (measured on SmolLM2-135M), which would move the row's log-probs
+        stop = finished >= self.enough and len(done) - finished >= 2
+        return torch.full_like(done, stop)
+
+
+def _with_max_new_tokens(config: GenerationConfig, max_new_tokens: int) -> GenerationConfig:
+    config = copy.deepcopy(config)
+    config.max_new_tokens = max_new_tokens
+    return config
 
 
 class HFRolloutEngine:
@@ -305,21 +340,57 @@ class HFRolloutEngine:
                     first = int(mask.any(dim=0).nonzero()[0])
                     ids = prompt_ids[start : start + chunk, first:].to(device)
                     mask = mask[:, first:].to(device)
-                    recorder = _DrawAndRecord(params)
                     cache = self._prefill(ids, mask, params.n, params.max_new_tokens)
-                    sequences = model.generate(
-                        input_ids=ids,
-                        attention_mask=mask,
-                        generation_config=config,
-                        logits_processor=LogitsProcessorList([recorder]),
-                        **{cache_keyword(model): cache},
-                    )
-                    new_tokens = sequences[:, ids.shape[1] :]
-                    pieces.append((new_tokens.cpu(), recorder.finish(new_tokens).cpu()))
+                    pieces.extend(self._sample_rows(ids, mask, cache, config, params))
         finally:
             model.generation_config = saved_config
             model.train(was_training)
         return self._assemble(prompt_ids, prompt_mask, pieces, params)
+
+    def _sample_rows(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        cache: DynamicCache,
+        config: GenerationConfig,
+        params: SamplingParams,
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each row's new tokens and their log-probs. ``generate`` runs every row until the batch's last one
+        stops; here a call stops once a quarter of its rows are done (unless that would leave one row going), and
+        the rows still going continue in a new call from their rows of the cache. A row's arithmetic does not
+        depend on the other rows of a call, and each step draws the whole batch's uniform numbers
+        (``_DrawAndRecord``), so every row gets the tokens and log-probs one call over all rows gives it, bit for
+        bit."""
+        batch_rows = ids.shape[0]
+        rows = torch.arange(batch_rows, device=ids.device)
+        tokens: list[list[torch.Tensor]] = [[] for _ in range(batch_rows)]
+        logprobs: list[list[torch.Tensor]] = [[] for _ in range(batch_rows)]
+        eos = torch.tensor(self.eos_token_ids, device=ids.device)
+        remaining = params.max_new_tokens
+        while True:
+            recorder = _DrawAndRecord(params, rows, batch_rows)
+            sequences = self.model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                generation_config=_with_max_new_tokens(config, remaining),
+                logits_processor=LogitsProcessorList([recorder]),
+                stopping_criteria=StoppingCriteriaList([_StopWhenRowsDone(ids.shape[1], eos, len(rows))]),
+                **{cache_keyword(self.model): cache},
+            )
+            new = sequences[:, ids.shape[1] :]
+            new_logprobs = recorder.finish(new)
+            for index, row in enumerate(rows.tolist()):
+                tokens[row].append(new[index].cpu())
+                logprobs[row].append(new_logprobs[index].cpu())
+            remaining -= new.shape[1]
+            going = ~torch.isin(new, eos).any(dim=1)
+            if remaining <= 0 or not going.any():
+                break
+            keep = going.nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            ids, rows = sequences[keep], rows[keep]
+            mask = torch.cat([mask[keep], mask.new_ones(len(keep), new.shape[1])], dim=1)
+        return [(torch.cat(t), torch.cat(lp)) for t, lp in zip(tokens, logprobs, strict=True)]
 
     def _prefill(self, ids: torch.Tensor, mask: torch.Tensor, n: int, new_tokens: int) -> DynamicCache:
         """The cache ``generate`` starts from (``_SamplerCache``: keys and values in the autocast dtype, room for
@@ -347,8 +418,8 @@ class HFRolloutEngine:
         return assemble_rollout_batch(
             prompt_ids,
             prompt_mask,
-            [row for tokens, _ in pieces for row in tokens],
-            [row for _, lp in pieces for row in lp],
+            [tokens for tokens, _ in pieces],
+            [logprobs for _, logprobs in pieces],
             n=params.n,
             max_new_tokens=params.max_new_tokens,
             tokenizer=self.tokenizer,
