@@ -76,12 +76,15 @@ class GivenTokens(hf._DrawAndRecord):
 
 @contextlib.contextmanager
 def given_tokens(tokens: torch.Tensor, pad: int) -> Iterator[None]:
-    saved = hf._DrawAndRecord
-    hf._DrawAndRecord = lambda params: GivenTokens(params, tokens, pad)  # type: ignore[misc, assignment]
+    """The given tokens for every row, in one ``generate`` call over all rows (finished rows kept: the step index
+    is then the column of ``tokens``)."""
+    saved, stop = hf._DrawAndRecord, hf._StopWhenRowsDone.__call__
+    hf._DrawAndRecord = lambda params, *rows: GivenTokens(params, tokens, pad)  # type: ignore[misc, assignment]
+    hf._StopWhenRowsDone.__call__ = lambda self, ids, scores, **kwargs: ids[:, 0] < 0  # type: ignore[method-assign]
     try:
         yield
     finally:
-        hf._DrawAndRecord = saved
+        hf._DrawAndRecord, hf._StopWhenRowsDone.__call__ = saved, stop  # type: ignore[method-assign]
 
 
 def main() -> None:
