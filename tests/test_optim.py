@@ -1,4 +1,4 @@
-"""The optimiser: float32 master weights (bfloat16 policy, CPU offload), state allocated up front, fused on CUDA."""
+"""The optimiser: float32 master weights (bfloat16 policy, CPU offload), state allocated up front, fused."""
 
 from __future__ import annotations
 
@@ -137,7 +137,7 @@ def test_master_state_round_trips_exactly_and_refuses_a_plain_adamw_state():
 def test_build_optimizer_follows_the_actor_settings():
     model = tiny_model(eos_bias=0)
     plain = build_optimizer(model.parameters(), ActorConfig())
-    assert type(plain) is torch.optim.AdamW and not plain.defaults["fused"]
+    assert type(plain) is torch.optim.AdamW and plain.defaults["fused"]
     offloaded = build_optimizer(model.parameters(), ActorConfig(optimizer_offload=True))
     assert isinstance(offloaded, MasterWeightAdamW) and offloaded.masters[0].device.type == "cpu"
     policy = tiny_model(eos_bias=0).to(torch.bfloat16)
@@ -145,4 +145,14 @@ def test_build_optimizer_follows_the_actor_settings():
     assert isinstance(mixed, MasterWeightAdamW) and mixed.masters[0].dtype == torch.float32
     assert mixed.param_groups[0]["lr"] == 3e-6
     assert adamw_implementation(torch.device("cuda", 1)) == {"fused": True}
-    assert adamw_implementation(torch.device("cpu")) == {}
+    assert adamw_implementation(torch.device("cpu")) == {"fused": True}
+    assert adamw_implementation(torch.device("mps")) == {}
+
+
+def test_the_fused_kernel_on_the_cpu_takes_the_default_implementation_s_steps_to_rounding():
+    default, fused = tiny_model(eos_bias=0), tiny_model(eos_bias=0)
+    expected_norms = _train(default, torch.optim.AdamW(default.parameters(), **SETTINGS))
+    norms = _train(fused, torch.optim.AdamW(fused.parameters(), **SETTINGS, fused=True))
+    assert norms == pytest.approx(expected_norms, rel=1e-5)
+    for (name, expected), actual in zip(default.named_parameters(), fused.parameters(), strict=True):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6, msg=name)

@@ -340,6 +340,10 @@ class TrainerConfig:
     tensorboard: bool = True
     quiet: bool = False
     num_threads: int | None = None
+    # Keep freed host memory in the process for reuse instead of returning it to the OS and faulting it in again
+    # (cegppo.trainer.host_memory): the update's vocabulary-sized CPU buffers then cost no page faults, and the
+    # resident size stays at its peak. None: where the C library is glibc; true: a warning where it is not.
+    keep_host_memory: bool | None = None
     device: str = "auto"  # auto: cuda if available, else cpu
     # Refuse to start when the memory estimate (printed at start) exceeds the device's free memory (the CPU's
     # RAM); false: a warning instead.

@@ -1,4 +1,4 @@
-"""The policy's optimiser: AdamW (fused on a GPU), optionally on float32 master weights kept on the CPU.
+"""The policy's optimiser: AdamW (fused), optionally on float32 master weights kept on the CPU.
 
 ``actor.param_dtype=bfloat16`` holds the policy in bfloat16 and lets AdamW update float32 master copies of its
 parameters (the mixed precision of verl's FSDP actor, DeepSpeed and Megatron): plain bfloat16 AdamW would round
@@ -85,7 +85,7 @@ class MasterWeightAdamW(torch.optim.AdamW):
 
 def build_optimizer(params: Iterable[nn.Parameter], actor: ActorConfig) -> torch.optim.Optimizer:
     """AdamW as ``actor`` configures it: on float32 masters (:class:`MasterWeightAdamW`) when the parameters
-    are not float32 or ``actor.optimizer_offload`` is set, else torch's AdamW; fused where the step runs on CUDA."""
+    are not float32 or ``actor.optimizer_offload`` is set, else torch's AdamW; fused (:func:`adamw_implementation`)."""
     params = [param for param in params if param.requires_grad]
     if not params:
         raise ValueError("the policy has no trainable parameters")
@@ -101,9 +101,10 @@ def build_optimizer(params: Iterable[nn.Parameter], actor: ActorConfig) -> torch
 
 
 def adamw_implementation(device: torch.device) -> dict[str, bool]:
-    """torch's fused AdamW kernel on CUDA (one kernel for all parameters, as HF's ``adamw_torch_fused``); the
-    default (foreach) elsewhere, so that CPU runs keep their numbers."""
-    return {"fused": True} if device.type == "cuda" else {}
+    """torch's fused AdamW kernel on CUDA and the CPU (one pass over each parameter's tensors, as HF's default
+    ``adamw_torch_fused``; on the CPU torch's default is a loop of elementwise ops per tensor, one memory pass
+    each: 135M parameters took 0.44-0.89 s a step there against 0.09 s fused); torch's default elsewhere."""
+    return {"fused": True} if device.type in ("cuda", "cpu") else {}
 
 
 def trained_parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:

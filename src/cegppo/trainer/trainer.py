@@ -54,6 +54,7 @@ from cegppo.trainer.dynamic_sampling import (
     needs_another_round,
     training_batch,
 )
+from cegppo.trainer.host_memory import keep_freed_host_memory
 from cegppo.trainer.memory import MemoryEstimate, ModelShape, check_fits, device_memory, estimate_memory
 from cegppo.trainer.mfu import StepRoofline
 from cegppo.trainer.optim import allocate_state
@@ -183,6 +184,7 @@ class Trainer:
         self.run_dir = run_dir
         if config.trainer.num_threads:
             torch.set_num_threads(config.trainer.num_threads)
+        keep_freed_host_memory(config.trainer.keep_host_memory)
         if not resume:
             _check_new_run_dir(run_dir)
         checkpoint = _checkpoint_to_resume(run_dir) if resume else None
