@@ -5,7 +5,10 @@ samples per rollout, up to 64 new tokens, temperature 1, bf16 autocast, lr 5e-6 
 no weight decay, grad-norm clip 1, PPO clip ε = 0.2 both sides with dual-clip c = 10, token-mean loss (TRL's
 ``dapo``, our ``vanilla``), GRPO advantages, no KL, the demo's strict ``\\boxed{}`` reward, micro-batches of 8
 sequences. Two cases: one optimiser step per rollout (TRL ``num_iterations=1``; ours on-policy, one epoch of
-one mini-batch) and two (TRL ``num_iterations=2``; ours ``actor.ppo_epochs=2``).
+one mini-batch) and two (TRL ``num_iterations=2``; ours ``actor.ppo_epochs=2``). TRL samples with transformers'
+``generate``; ours with the ``hf`` engine (the same library) or, ``--engine vllm``, vLLM's CPU build in this
+process as ``benchmarks/bench_engines.py`` sets it up (run from ``.venv-vllm`` with TRL installed and
+``VLLM_ENABLE_V1_MULTIPROCESSING=0``, so that this process's CPU time counts vLLM's work).
 
 TRL trains as usual; a callback runs one of our RL steps each time TRL finishes a rollout, so the two take
 turns and share whatever load the machine has. A rollout's TRL time runs from the end of our previous step
@@ -16,6 +19,7 @@ object per rollout and a summary per case: the median over rollouts after the fi
 warm-up), and the ratio TRL / ours.
 
     python benchmarks/bench_vs_trl.py [--rollouts 2] [--cases 1,2] [--threads N] [--no-share-prompt]
+        [--engine hf|vllm]
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from datasets import Dataset
 from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
+from bench_engines import ENGINES
 from cegppo.config import load_config
 from cegppo.data import arithmetic_problems, render_prompt
 from cegppo.models import load_model_and_tokenizer
@@ -41,11 +46,15 @@ from cegppo.trainer import Trainer
 PROMPTS, SAMPLES, NEW_TOKENS, MICRO, LR = 8, 8, 64, 8, 5e-6
 
 
-def our_trainer(out: str, optimizer_steps: int, share_prompt: bool, model: str | None) -> Trainer:
+def our_trainer(
+    out: str, optimizer_steps: int, share_prompt: bool, model: str | None, engine: str
+) -> Trainer:
     config = load_config(
         None,
         [
             *([f"model.path={model}"] if model else []),
+            f"rollout.engine={engine}",
+            *ENGINES[engine],
             "data.heldout=null",
             f"data.train_batch_size={PROMPTS}",
             f"rollout.n={SAMPLES}",
@@ -171,6 +180,7 @@ def main() -> None:
     parser.add_argument("--no-share-prompt", action="store_true", help="ours with actor.share_prompt=false")
     parser.add_argument("--model", help="a local model directory instead of the embedded default")
     parser.add_argument("--threads", type=int, help="torch threads for both (default: torch's)")
+    parser.add_argument("--engine", choices=sorted(ENGINES), default="hf", help="our rollout engine")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -178,10 +188,11 @@ def main() -> None:
         "case": "vs_trl_summary",
         "rollouts": args.rollouts,
         "share_prompt": not args.no_share_prompt,
+        "engine": args.engine,
     }
     with tempfile.TemporaryDirectory() as out:
         for case in (int(c) for c in args.cases.split(",")):
-            ours = our_trainer(out, case, share_prompt=not args.no_share_prompt, model=args.model)
+            ours = our_trainer(out, case, not args.no_share_prompt, args.model, args.engine)
             interleave = Interleave(case, ours)
             trl = trl_trainer(out, case, args.rollouts, ours, interleave)
             interleave.start()
