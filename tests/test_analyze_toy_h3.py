@@ -15,12 +15,18 @@ def analysis():
     return load_script("docs/results/analyze_toy_h3.py")
 
 
-def write_run(root: Path, arm: str, seed: int, avg: float, last_step: int = 400) -> None:
-    """A run with held-out avg@8 ``avg`` logged at its last step (evaluated at the end only)."""
+def write_run(
+    root: Path, arm: str, seed: int, avg: float, last_step: int = 400, late_entropy: float = 0.5
+) -> None:
+    """A run with held-out avg@8 ``avg`` logged at its last step (evaluated at the end only), entropy 0.5 until
+    step 390 and ``late_entropy`` after, and one clipped NA&LP token a step."""
     run_dir = root / f"{arm}-s{seed}"
     run_dir.mkdir(parents=True)
-    records = [{"step": step, "entropy/mean": 0.5} for step in range(1, last_step)]
-    records.append({"step": last_step, "entropy/mean": 0.5, "val/heldout/avg@8": avg})
+    records = [
+        {"step": step, "entropy/mean": 0.5 if step <= 390 else late_entropy, "quadrant/NA&LP/clipped": 1.0}
+        for step in range(1, last_step + 1)
+    ]
+    records[-1]["val/heldout/avg@8"] = avg
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
 
 
@@ -66,3 +72,17 @@ def test_a_run_in_two_folders_is_an_error(analysis, tmp_path):
     write_run(tmp_path / "b", "grpo", 0, 0.5)
     with pytest.raises(SystemExit, match="grpo-s0 is under two of"):
         analysis.load([tmp_path / "a", tmp_path / "b"])
+
+
+def test_the_description_after_the_verdict(analysis, tmp_path, capsys):
+    for seed in range(4):
+        write_run(tmp_path, "grpo", seed, 0.5, late_entropy=0.25)
+        write_run(tmp_path, "dapo", seed, 0.5, late_entropy=0.3)
+        write_run(tmp_path, "ce_gppo_b0.5_1", seed, 0.5, late_entropy=0.2 if seed == 0 else 0.3)
+        (tmp_path / f"grpo-s{seed}" / "summary.json").write_text(json.dumps({"heldout_acc_after": 0.8}))
+    analysis.main([tmp_path])
+    out = capsys.readouterr().out
+    assert "| `grpo` | 0.2500 | 0.50 | 0.00 | 1.00 | 80.0% |" in out
+    assert "| `ce_gppo_b0.5_1` | 0.2750 | 0.55 | 0.00 | 1.00 | nan% |" in out  # no summary.json: no greedy
+    assert "CE-GPPO (0.5, 1) − GRPO: +0.0250 nats, higher on 3 of 4 seeds." in out
+    assert "CE-GPPO (0.5, 1) − DAPO: -0.0250 nats, higher on 0 of 4 seeds." in out

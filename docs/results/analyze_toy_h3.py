@@ -10,10 +10,16 @@ unit: a seed's three arms start from the same policy and see the same prompts), 
 DAPO; the exact one-sided sign-flip test over the seeds with all three arms (20 seeds: 2^20 relabellings),
 α = 0.025 each, negligible band ±1 point. H3 is supported when both comparisons are, not
 supported when either is significant the other way or both lie inside the band, inconclusive otherwise.
+
+After the verdict, a descriptive table that the protocol did not pin (no α, no verdict): per arm, the mean over
+the complete seeds of the entropy over steps 391-400 (and its ratio to steps 1-10), the clipped PA&LP and NA&LP
+tokens per step, and the greedy held-out accuracy after the run (``summary.json``), with CE-GPPO's paired
+differences from GRPO and DAPO in the entropy at the end.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 import sys
@@ -34,6 +40,8 @@ ALPHA = 0.025
 NEGLIGIBLE = 0.01
 PLANNED_SEEDS = 20
 DEFAULT_ROOTS = ("toy/gate", "toy/h3")
+ENTROPY = "entropy/mean"
+EARLY, LATE = (1, 10), (STEPS - 9, STEPS)
 
 
 def final_avg(run_dir: Path) -> float:
@@ -44,9 +52,9 @@ def final_avg(run_dir: Path) -> float:
     return math.nan
 
 
-def load(roots: Sequence[Path]) -> dict[int, dict[str, float]]:
-    """Each seed's finished arms, arm → final avg@8. A run found under two roots is an error."""
-    by_seed: dict[int, dict[str, float]] = {}
+def run_dirs(roots: Sequence[Path]) -> dict[int, dict[str, Path]]:
+    """Each seed's runs of the three arms, arm → folder. A run found under two roots is an error."""
+    by_seed: dict[int, dict[str, Path]] = {}
     for root in roots:
         for run_dir in sorted(p for p in root.glob("*-s*") if p.is_dir()):
             named = variant_and_seed(run_dir.name)
@@ -55,10 +63,62 @@ def load(roots: Sequence[Path]) -> dict[int, dict[str, float]]:
             arm, seed = named
             if arm in by_seed.get(seed, {}):
                 raise SystemExit(f"{run_dir}: {arm}-s{seed} is under two of {[str(r) for r in roots]}")
+            by_seed.setdefault(seed, {})[arm] = run_dir
+    return by_seed
+
+
+def load(roots: Sequence[Path]) -> dict[int, dict[str, float]]:
+    """Each seed's finished arms, arm → final avg@8."""
+    by_seed: dict[int, dict[str, float]] = {}
+    for seed, arms in run_dirs(roots).items():
+        for arm, run_dir in arms.items():
             value = final_avg(run_dir)
             if math.isfinite(value):
                 by_seed.setdefault(seed, {})[arm] = value
     return by_seed
+
+
+def describe(run_dir: Path) -> dict[str, float]:
+    """A finished run's descriptive numbers (nan where a metric or ``summary.json`` is missing)."""
+    records = read_metrics(run_dir)
+
+    def mean(key: str, steps: tuple[int, int]) -> float:
+        values = [r[key] for r in records if steps[0] <= r["step"] <= steps[1] and key in r]
+        return statistics.fmean(values) if values else math.nan
+
+    summary = run_dir / "summary.json"
+    greedy = json.loads(summary.read_text()).get("heldout_acc_after") if summary.exists() else None
+    return {
+        "entropy_late": mean(ENTROPY, LATE),
+        "entropy_ratio": mean(ENTROPY, LATE) / mean(ENTROPY, EARLY),
+        "pa_lp_clipped": mean("quadrant/PA&LP/clipped", (1, STEPS)),
+        "na_lp_clipped": mean("quadrant/NA&LP/clipped", (1, STEPS)),
+        "greedy": math.nan if greedy is None else float(greedy),
+    }
+
+
+def print_description(runs: dict[int, dict[str, Path]], seeds: Sequence[int]) -> None:
+    described = {seed: {arm: describe(runs[seed][arm]) for arm in ARMS} for seed in seeds}
+    print(
+        f"\nDescriptive, not pinned by the protocol (no α, no verdict): means over the {len(seeds)} seeds.\n\n"
+        f"| arm | entropy, steps {LATE[0]}-{LATE[1]} | ÷ steps {EARLY[0]}-{EARLY[1]} | clipped PA&LP / step | "
+        "clipped NA&LP / step | greedy held-out after |\n|---|---|---|---|---|---|"
+    )
+    for arm in ARMS:
+        mean = {
+            key: statistics.fmean(d[arm][key] for d in described.values()) for key in described[seeds[0]][arm]
+        }
+        print(
+            f"| `{arm}` | {mean['entropy_late']:.4f} | {mean['entropy_ratio']:.2f} | {mean['pa_lp_clipped']:.2f} | "
+            f"{mean['na_lp_clipped']:.2f} | {mean['greedy']:.1%} |"
+        )
+    for other in (GRPO, DAPO):
+        differences = [d[CE_GPPO]["entropy_late"] - d[other]["entropy_late"] for d in described.values()]
+        higher = sum(difference > 0 for difference in differences)
+        print(
+            f"\nEntropy over steps {LATE[0]}-{LATE[1]}, CE-GPPO (0.5, 1) − {other.upper()}: "
+            f"{statistics.fmean(differences):+.4f} nats, higher on {higher} of {len(differences)} seeds."
+        )
 
 
 def h3_verdict(decisions: Sequence[PairedDecision]) -> str:
@@ -72,6 +132,7 @@ def h3_verdict(decisions: Sequence[PairedDecision]) -> str:
 
 
 def main(roots: Sequence[Path]) -> None:
+    runs = run_dirs(roots)
     by_seed = load(roots)
     complete = {seed: arms for seed, arms in by_seed.items() if all(arm in arms for arm in ARMS)}
     print(f"## Stage 3 (toy scale): {len(complete)} of {PLANNED_SEEDS} seeds with all three arms\n")
@@ -107,6 +168,7 @@ def main(roots: Sequence[Path]) -> None:
         name = f"CE-GPPO (0.5, 1) − {other.upper()} (> 0)"
         print(decision_row(name, decision, alpha=ALPHA, negligible=NEGLIGIBLE, units="seeds", spec="+.1%"))
     print(f"\n**H3: {h3_verdict(decisions)}** (supported only if CE-GPPO beats both).")
+    print_description(runs, sorted(complete))
 
 
 if __name__ == "__main__":
