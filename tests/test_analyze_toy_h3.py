@@ -19,11 +19,16 @@ def write_run(
     root: Path, arm: str, seed: int, avg: float, last_step: int = 400, late_entropy: float = 0.5
 ) -> None:
     """A run with held-out avg@8 ``avg`` logged at its last step (evaluated at the end only), entropy 0.5 until
-    step 390 and ``late_entropy`` after, and one clipped NA&LP token a step."""
+    step 390 and ``late_entropy`` after, and one clipped NA&LP token a step (no PA&LP)."""
     run_dir = root / f"{arm}-s{seed}"
     run_dir.mkdir(parents=True)
     records = [
-        {"step": step, "entropy/mean": 0.5 if step <= 390 else late_entropy, "quadrant/NA&LP/clipped": 1.0}
+        {
+            "step": step,
+            "entropy/mean": 0.5 if step <= 390 else late_entropy,
+            "quadrant/PA&LP/clipped": 0.0,
+            "quadrant/NA&LP/clipped": 1.0,
+        }
         for step in range(1, last_step + 1)
     ]
     records[-1]["val/heldout/avg@8"] = avg
