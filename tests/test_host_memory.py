@@ -21,9 +21,8 @@ def _page_faults_of_a_fresh_buffer() -> int:
 @pytest.mark.skipif(host_memory.glibc_version() is None, reason="glibc's allocator only")
 def test_a_freed_large_buffer_is_reused_without_page_faults():
     host_memory.keep_freed_host_memory()
-    for _ in range(
-        2
-    ):  # the heap grows (twice: an aligned request does not fit the first freed block exactly)
+    # The heap grows first, twice: an aligned request does not fit the first freed block exactly.
+    for _ in range(2):
         _page_faults_of_a_fresh_buffer()
     pages = BUFFER_BYTES // resource.getpagesize()
     assert _page_faults_of_a_fresh_buffer() < pages // 10
