@@ -73,7 +73,8 @@ class Revision:
     def __init__(self, label: str, rev: str | None, scratch: Path, overrides: list[str]) -> None:
         self.label, self.records = label, []
         if rev is None:
-            self.commit, self.tree = _git("rev-parse", "HEAD") + "+working-tree", REPO
+            changed = _git("status", "--porcelain", "--untracked-files=no")
+            self.commit, self.tree = _git("rev-parse", "HEAD") + ("+working-tree" if changed else ""), REPO
         else:
             self.commit, self.tree = _git("rev-parse", rev), scratch / label
             _git("worktree", "add", "--detach", str(self.tree), self.commit)
