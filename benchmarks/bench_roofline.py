@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from cegppo.config import load_config
-from cegppo.roofline import generation_flops
+from cegppo.roofline import generation_flops, shared_heads
 from cegppo.trainer import Trainer
 
 PHASES = ("gen", "old_logprob", "update")
@@ -70,6 +70,9 @@ def main() -> None:
             group_size=config.rollout.n,
             share_prompt=config.rollout.engine != "hf" or config.actor.share_prompt,
             rows_per_pass=config.rollout.batch_size,
+            shared_heads=shared_heads(
+                rollout.prompt_ids, rollout.prompt_mask, config.rollout.batch_size, held_back=1
+            ),
         )
         prefill, decode = prefill + split[0], decode + split[1]
     phases = {}

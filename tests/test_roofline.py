@@ -9,7 +9,13 @@ from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig
 
 from _tiny import tiny_overrides
 from cegppo.config import ConfigError, load_config
-from cegppo.roofline import ModelShape, generation_flops, measure_peak_flops, scoring_flops
+from cegppo.roofline import (
+    ModelShape,
+    generation_flops,
+    measure_peak_flops,
+    scoring_flops,
+    shared_heads,
+)
 
 SMALL = LlamaConfig(
     hidden_size=8,
@@ -56,6 +62,30 @@ def test_generation_and_scoring_by_hand():
         for p, r in zip(prompts, responses, strict=True)
     )
     assert scored == prompt_part + response_part
+
+
+def test_the_head_every_prompt_shares_counts_once_per_pass():
+    shape = ModelShape.from_config(SMALL)
+    layer, attn = 2304, 64
+    prompts, responses = [5, 5, 4, 4], [2, 1, 3, 1]
+    ids = torch.tensor([[1, 2, 3, 4, 5]] * 2 + [[0, 1, 2, 7, 8]] * 2)
+    mask = torch.tensor([[1] * 5] * 2 + [[0, 1, 1, 1, 1]] * 2)
+    # generation prefills all but the last token: [1, 2, 3, 4] and [1, 2, 7] share [1, 2]
+    assert shared_heads(ids, mask, None, held_back=1) == [2]
+    assert shared_heads(ids, mask, 2, held_back=1) == [0, 0]  # each call holds one prompt
+    prefill, _ = generation_flops(
+        shape, prompts, responses, group_size=2, share_prompt=True, shared_heads=[2]
+    )
+    # the head once (2 tokens), then 2 and 1 tokens after it, attending to it
+    assert prefill == (2 * layer + attn * 3) + (2 * layer + attn * (4 + 3)) + (1 * layer + attn * 3)
+    scored_heads = shared_heads(ids, mask, None, held_back=0)
+    assert scored_heads == [2]
+    without = scoring_flops(shape, prompts, responses, group_size=2, share_prompt=True)
+    with_head = scoring_flops(shape, prompts, responses, group_size=2, share_prompt=True, shared_heads=[2])
+    # the second prompt's first two tokens are not run again (nor attended to by them twice)
+    assert without - with_head == 2 * layer + attn * 3
+    with pytest.raises(ValueError, match="2 shared heads for 1 passes"):
+        scoring_flops(shape, prompts, responses, group_size=2, share_prompt=True, shared_heads=[2, 0])
 
 
 def test_dense_terms_match_torch_flop_counter():

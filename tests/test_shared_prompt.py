@@ -13,7 +13,7 @@ import torch
 from _tiny import tiny_model, tiny_overrides, tiny_tokenizer
 from cegppo.config import ConfigError, load_config
 from cegppo.ops import causal_lm_logprobs_and_entropy
-from cegppo.ops.shared_prompt import distinct_prompts, prefill
+from cegppo.ops.shared_prompt import DistinctPrompts, common_prefix_length, distinct_prompts, prefill
 from cegppo.rollout import HFRolloutEngine, SamplingParams
 from cegppo.trainer.actor import Actor, ActorSettings, Experience, UpdateBatch
 from test_ops_causal_lm import PAD, VOCAB
@@ -36,15 +36,18 @@ def model(request):
     return build(*request.param)
 
 
-def grouped_batch(groups=GROUPS, seed=0, shuffle=True):
+def grouped_batch(groups=GROUPS, seed=0, shuffle=True, head=0):
     """Left-padded prompts repeated over their group's rows, right-padded responses; rows shuffled, so the
-    groups are found from the tokens, not from the row order."""
+    groups are found from the tokens, not from the row order. Every prompt begins with the same ``head``
+    tokens (a system prompt's part)."""
     gen = torch.Generator().manual_seed(seed)
+    common = torch.randint(1, VOCAB, (head,), generator=gen)
     width = max(p for p, _ in groups)
     response_width = max(max(r) for _, r in groups) + 1  # one all-padding column, as batches can have
     rows, masks = [], []
     for prompt_len, response_lens in groups:
         prompt = torch.randint(1, VOCAB, (prompt_len,), generator=gen)
+        prompt[:head] = common
         for response_len in response_lens:
             ids = torch.full((width + response_width,), PAD)
             mask = torch.zeros(width + response_width, dtype=torch.long)
@@ -79,8 +82,10 @@ def assert_grads_close(got, want, rtol):
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "logits"])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_shared_prompt_equals_one_copy_per_row_float64(model, fused, temperature):
-    ids, mask, response_len = grouped_batch()
+@pytest.mark.parametrize("head", [0, 3], ids=["own-prompts", "common-head"])
+def test_shared_prompt_equals_one_copy_per_row_float64(model, fused, temperature, head):
+    ids, mask, response_len = grouped_batch(head=head)
+    assert common_prefix_length(distinct_prompts(ids[:, :7], mask[:, :7])) == head
     kwargs = {"fused": fused, "temperature": temperature, "chunk_size": 5}
     want = outputs_and_grads(model, ids, mask, response_len, **kwargs)
     got = outputs_and_grads(model, ids, mask, response_len, share_prompt=True, **kwargs)
@@ -130,13 +135,34 @@ def test_without_entropy_and_padding_past_the_longest_response(model):
 
 def test_each_distinct_prompt_runs_once():
     model = build("qwen2", tied=False)
-    ids, mask, response_len = grouped_batch()
-    tokens = []
-    hook = model.get_input_embeddings().register_forward_hook(lambda m, i, o: tokens.append(i[0].numel()))
-    causal_lm_logprobs_and_entropy(model, ids, mask, response_len, share_prompt=True)
-    hook.remove()
     widest_prompt, longest_response = max(p for p, _ in GROUPS), max(max(r) for _, r in GROUPS)
-    assert tokens == [len(GROUPS) * widest_prompt, len(ids) * (longest_response - 1)]
+    for head, runs in [
+        (0, [(len(GROUPS), widest_prompt)]),
+        # the shared head once, then each prompt's own tokens, left-padded to the longest
+        (2, [(1, 2), (len(GROUPS), widest_prompt - 2)]),
+    ]:
+        ids, mask, response_len = grouped_batch(head=head)
+        tokens: list[torch.Size] = []
+        hook = model.get_input_embeddings().register_forward_hook(
+            lambda m, i, o, tokens=tokens: tokens.append(i[0].shape)
+        )
+        causal_lm_logprobs_and_entropy(model, ids, mask, response_len, share_prompt=True)
+        hook.remove()
+        assert tokens == [*runs, (len(ids), longest_response - 1)]
+
+
+def test_common_prefix_length_leaves_each_prompt_a_token_of_its_own():
+    def common(*prompts: list[int]) -> int:
+        width = max(map(len, prompts))
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        return common_prefix_length(DistinctPrompts(ids, mask, torch.arange(len(prompts))))
+
+    assert common([5, 6, 7, 8], [5, 6, 9]) == 2  # left padding aside: the prompts' own first tokens
+    assert common([5, 6, 7, 8], [5, 6, 7]) == 2  # the shorter keeps its last token
+    assert common([5, 6, 7], [4, 6, 7]) == 0
+    assert common([5, 6, 7]) == 0  # one prompt: nothing to share
+    assert common([5, 6, 7, 1], [5, 6, 7, 2], [5, 6, 3, 2]) == 2
 
 
 def test_distinct_prompts_ignore_padding_ids_and_row_order():
@@ -452,15 +478,19 @@ def test_shared_prefill_runs_each_prompt_once(tiny_llama, tiny_tokenizer):
         )
         for q in QUESTIONS
     ]
-    width = max(len(tiny_tokenizer(p, add_special_tokens=False).input_ids) for p in prompts)
+    encoded = [tiny_tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+    width = max(map(len, encoded))
+    common = next(i for i, column in enumerate(zip(*encoded, strict=False)) if len(set(column)) > 1)
+    assert common > 0  # the chat template's first tokens
     tokens = []
     hook = tiny_llama.get_input_embeddings().register_forward_hook(lambda m, i, o: tokens.append(i[0].shape))
     try:
         HFRolloutEngine(tiny_llama, tiny_tokenizer).generate(prompts, SamplingParams(n=8, max_new_tokens=3))
     finally:
         hook.remove()
-    assert tokens[0] == (len(prompts), width - 1)  # the distinct prompts, all but their last token
-    assert tokens[1] == (len(prompts) * 8, 1)  # generate's first step: each row's last prompt token
+    assert tokens[0] == (1, common)  # the tokens every prompt begins with, once
+    assert tokens[1] == (len(prompts), width - 1 - common)  # then each prompt's own, all but the last token
+    assert tokens[2] == (len(prompts) * 8, 1)  # generate's first step: each row's last prompt token
 
 
 # -- the trainer ----------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ counted where they compute: the embedding is a lookup (no FLOPs), the head ``2 x
 positions whose logits are taken (generation's sampled positions, the scored response tokens of a forward
 pass). A backward pass is twice its forward. Only real tokens count, never padding or a finished row kept
 running; a prompt shared by a group (``actor.share_prompt``, vLLM's prefix cache) counts once per time it
-is run, which is the saving it brings.
+is run, and so do the first tokens all prompts of a pass share (a system prompt, few-shot examples): the saving
+sharing brings.
 
 ``measure_peak_flops`` gives the other side: a short matmul probe in the dtype a phase runs in.
 """
@@ -22,6 +23,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from cegppo.ops.shared_prompt import common_prefix_length, distinct_prompts
 
 # A backward pass takes twice the forward's FLOPs (the gradients of both a matmul's inputs).
 TRAINING_FLOPS_PER_FORWARD = 3
@@ -101,19 +104,56 @@ class ModelShape:
         return queries * self.layer_flops_per_token + self.attention_flops(queries, past)
 
 
-def _runs_of_prompts(
-    num_rows: int, group_size: int, share_prompt: bool, rows_per_pass: int | None
-) -> list[int]:
-    """For each time a prompt is run, the index of the row it is run for.
+def _prompt_flops(
+    shape: ModelShape,
+    prompt_lengths: list[int],
+    *,
+    held_back: int,
+    group_size: int,
+    share_prompt: bool,
+    rows_per_pass: int | None,
+    shared_heads: list[int] | None,
+) -> int:
+    """Forward FLOPs of running each row's prompt but its last ``held_back`` tokens.
 
-    Rows are prompt-major (``group_size`` rows per prompt). Shared, a prompt runs once per pass of
-    ``rows_per_pass`` rows it appears in (a group split between two micro-batches runs in each); unshared, once
-    per row.
+    Rows are prompt-major (``group_size`` rows per prompt). Unshared, every row runs its prompt. Shared, a pass
+    of ``rows_per_pass`` rows runs the first tokens all its prompts begin with once (``shared_heads``, one per
+    pass, as :func:`shared_heads` finds them; None: 0), then each prompt it holds once after them (a group split
+    between two passes runs in each).
     """
-    if not share_prompt or group_size == 1:
-        return list(range(num_rows))
-    chunk = rows_per_pass or num_rows
-    return [row for row in range(num_rows) if row % group_size == 0 or row % chunk == 0]
+    if not share_prompt:
+        return sum(shape.span_flops(length - held_back, 0) for length in prompt_lengths)
+    chunk = rows_per_pass or len(prompt_lengths)
+    starts = range(0, len(prompt_lengths), chunk)
+    heads = [0] * len(starts) if shared_heads is None else shared_heads
+    if len(heads) != len(starts):
+        raise ValueError(f"{len(heads)} shared heads for {len(starts)} passes of {chunk} rows")
+    total = 0
+    for start, head in zip(starts, heads, strict=True):
+        rows = range(start, min(start + chunk, len(prompt_lengths)))
+        total += shape.span_flops(head, 0) + sum(
+            shape.span_flops(prompt_lengths[row] - held_back - head, head)
+            for row in rows
+            if row % group_size == 0 or row == start
+        )
+    return total
+
+
+def shared_heads(
+    prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, rows_per_pass: int | None, held_back: int
+) -> list[int]:
+    """Per pass of ``rows_per_pass`` rows of left-padded prompts, how many first tokens its distinct prompts (but
+    their last ``held_back`` tokens) all share: what ``prefill_prompts`` runs once."""
+    chunk = rows_per_pass or len(prompt_ids)
+    width = prompt_ids.shape[1] - held_back
+    return [
+        common_prefix_length(
+            distinct_prompts(
+                prompt_ids[start : start + chunk, :width], prompt_mask[start : start + chunk, :width]
+            )
+        )
+        for start in range(0, len(prompt_ids), chunk)
+    ]
 
 
 def generation_flops(
@@ -124,17 +164,24 @@ def generation_flops(
     group_size: int,
     share_prompt: bool,
     rows_per_pass: int | None = None,
+    shared_heads: list[int] | None = None,
 ) -> tuple[int, int]:
     """``(prefill, decode)`` forward FLOPs of sampling the given responses (one entry per row, prompt-major).
 
     Prefill runs each prompt's tokens but its last into the cache (shared: once per distinct prompt of a
-    ``generate`` call of ``rows_per_pass`` rows); decode runs, per row, the last prompt token and every
-    response token before the last, each with the LM head. A response's last token is sampled, never run.
+    ``generate`` call of ``rows_per_pass`` rows, after the call's ``shared_heads`` tokens, run once); decode
+    runs, per row, the last prompt token and every response token before the last, each with the LM head. A
+    response's last token is sampled, never run.
     """
     _check_rows(prompt_lengths, response_lengths)
-    prefill = sum(
-        shape.span_flops(prompt_lengths[row] - 1, 0)
-        for row in _runs_of_prompts(len(prompt_lengths), group_size, share_prompt, rows_per_pass)
+    prefill = _prompt_flops(
+        shape,
+        prompt_lengths,
+        held_back=1,
+        group_size=group_size,
+        share_prompt=share_prompt,
+        rows_per_pass=rows_per_pass,
+        shared_heads=shared_heads,
     )
     decode = sum(
         shape.span_flops(length, prompt - 1) + length * shape.head_flops_per_token
@@ -151,14 +198,21 @@ def scoring_flops(
     group_size: int,
     share_prompt: bool,
     rows_per_pass: int | None = None,
+    shared_heads: list[int] | None = None,
 ) -> int:
     """Forward FLOPs of one teacher-forced pass that scores every response token (old log-probs, the reference,
-    the update's forward): each prompt (shared: once per pass of ``rows_per_pass`` rows), then each row's
-    response tokens before its last, with the LM head on every scored position."""
+    the update's forward): each prompt (shared: once per pass of ``rows_per_pass`` rows, after the pass's
+    ``shared_heads`` tokens, run once), then each row's response tokens before its last, with the LM head on
+    every scored position."""
     _check_rows(prompt_lengths, response_lengths)
-    prompts = sum(
-        shape.span_flops(prompt_lengths[row], 0)
-        for row in _runs_of_prompts(len(prompt_lengths), group_size, share_prompt, rows_per_pass)
+    prompts = _prompt_flops(
+        shape,
+        prompt_lengths,
+        held_back=0,
+        group_size=group_size,
+        share_prompt=share_prompt,
+        rows_per_pass=rows_per_pass,
+        shared_heads=shared_heads,
     )
     responses = sum(
         shape.span_flops(length - 1, prompt) + length * shape.head_flops_per_token

@@ -12,7 +12,7 @@ from cegppo.ops.shared_prompt import (
     check_cache_usable,
     continue_from_cache,
     distinct_prompts,
-    prefill,
+    prefill_prompts,
     sampler_position_ids,
 )
 
@@ -147,7 +147,7 @@ def _shared_prompt_features(
         return outputs.last_hidden_state if fused else outputs.logits
 
     extra = {} if fused else {"logits_to_keep": 1}
-    cache, outputs = prefill(module, prompts.input_ids, prompts.attention_mask, **extra)
+    cache, prompts, outputs = prefill_prompts(module, prompts, **extra)
     scored = [features(outputs)[:, -1:][prompts.inverse]]
     if width > 1:
         cache.batch_select_indices(prompts.inverse)

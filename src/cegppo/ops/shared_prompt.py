@@ -4,7 +4,8 @@ GRPO-style batches hold n responses per prompt, so most of the positions a plain
 same prompt again. Here the distinct prompts are found in the rows themselves, prefilled once into a
 ``DynamicCache``, and the cache is gathered to the rows (``batch_select_indices``, an indexing op): under
 autograd the rows' gradients flow back through the gather and are summed into the one prompt computation, so
-the result is the plain batch's, not an approximation.
+the result is the plain batch's, not an approximation. The first tokens every distinct prompt begins with (a
+system prompt, few-shot examples) run once for all of them (``prefill_prompts``).
 """
 
 from __future__ import annotations
@@ -91,6 +92,61 @@ def prefill(
     return cache, outputs
 
 
+def common_prefix_length(prompts: DistinctPrompts) -> int:
+    """How many first tokens all the distinct prompts have in common, at most the shortest one's length less one
+    (each prompt keeps a token of its own, whose output is the prompt's last); 0 for fewer than two prompts."""
+    ids, lengths = prompts.input_ids, prompts.lengths
+    if len(ids) < 2:
+        return 0
+    shortest = int(lengths.min())
+    # left-padded: a prompt's tokens are its last ``length`` columns
+    columns = (ids.shape[1] - lengths).unsqueeze(1) + torch.arange(shortest - 1, device=ids.device)
+    heads = ids.gather(1, columns)
+    differ = (heads != heads[:1]).any(dim=0).nonzero()
+    return int(differ[0]) if len(differ) else shortest - 1
+
+
+def prefill_prompts(
+    module: nn.Module,
+    prompts: DistinctPrompts,
+    *,
+    cache: DynamicCache | None = None,
+    **kwargs: object,
+) -> tuple[DynamicCache, DistinctPrompts, object]:
+    """:func:`prefill` of the distinct prompts, one cache row each, with the first tokens all of them share
+    (``common_prefix_length``) run once, as a batch of one whose cache every prompt then reads.
+
+    Returns the cache, the prompts as the cache holds them (the shared tokens, then each prompt's own tokens
+    left-padded to the longest: a padding gap the mask and the positions skip, as a left-padded prompt's), and
+    the module's output on the prompts' own tokens, whose last position is each prompt's last token. Under
+    autograd the prompts' gradients are summed into the one shared computation, as the rows' are into a
+    prompt's. With nothing shared this is one ``prefill`` of ``prompts`` as they are.
+    """
+    shared = common_prefix_length(prompts)
+    if shared == 0:
+        cache, outputs = prefill(module, prompts.input_ids, prompts.attention_mask, cache=cache, **kwargs)
+        return cache, prompts, outputs
+    ids, lengths = prompts.input_ids, prompts.lengths
+    first = ids.shape[1] - int(lengths[0])
+    head = ids[:1, first : first + shared]
+    cache, _ = prefill(module, head, torch.ones_like(head), cache=cache, **kwargs)
+    cache.batch_select_indices(torch.zeros(len(ids), dtype=torch.long, device=ids.device))
+    own = lengths - shared
+    width = int(own.max())
+    own_mask = torch.arange(width, device=ids.device) >= width - own.unsqueeze(1)
+    mask = torch.cat([prompts.attention_mask.new_ones(len(ids), shared), own_mask.to(head.dtype)], dim=1)
+    outputs = module(
+        input_ids=ids[:, -width:],
+        attention_mask=mask,
+        position_ids=sampler_position_ids(mask)[:, shared:],
+        use_cache=True,
+        **{cache_keyword(module): cache},
+        **kwargs,
+    )
+    held = torch.cat([head.expand(len(ids), -1), ids[:, -width:].masked_fill(~own_mask, 0)], dim=1)
+    return cache, DistinctPrompts(held, mask, prompts.inverse), outputs
+
+
 def continue_from_cache(
     module: nn.Module,
     cache: DynamicCache,
@@ -101,8 +157,8 @@ def continue_from_cache(
 ) -> object:
     """Run ``module`` on tokens that follow each row's prompt, reading (and extending) the row-gathered cache.
 
-    ``input_ids``/``attention_mask`` are [B, T], right-padded; their positions continue where each row's
-    prompt ends, as the sampler saw them.
+    ``prompts`` as the cache holds them (``prefill_prompts``); ``input_ids``/``attention_mask`` are [B, T],
+    right-padded; their positions continue where each row's prompt ends, as the sampler saw them.
     """
     lengths = prompts.lengths[prompts.inverse].unsqueeze(1)
     return module(

@@ -26,7 +26,12 @@ from transformers.cache_utils import DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-from cegppo.ops.shared_prompt import cache_keyword, distinct_prompts, prefill
+from cegppo.ops.shared_prompt import (
+    cache_keyword,
+    common_prefix_length,
+    distinct_prompts,
+    prefill_prompts,
+)
 from cegppo.rollout.base import (
     RolloutBatch,
     SamplingParams,
@@ -340,7 +345,7 @@ class HFRolloutEngine:
                     first = int(mask.any(dim=0).nonzero()[0])
                     ids = prompt_ids[start : start + chunk, first:].to(device)
                     mask = mask[:, first:].to(device)
-                    cache = self._prefill(ids, mask, params.n, params.max_new_tokens)
+                    ids, mask, cache = self._prefill(ids, mask, params.max_new_tokens)
                     pieces.extend(self._sample_rows(ids, mask, cache, config, params))
         finally:
             model.generation_config = saved_config
@@ -392,21 +397,29 @@ class HFRolloutEngine:
             mask = torch.cat([mask[keep], mask.new_ones(len(keep), new.shape[1])], dim=1)
         return [(torch.cat(t), torch.cat(lp)) for t, lp in zip(tokens, logprobs, strict=True)]
 
-    def _prefill(self, ids: torch.Tensor, mask: torch.Tensor, n: int, new_tokens: int) -> DynamicCache:
-        """The cache ``generate`` starts from (``_SamplerCache``: keys and values in the autocast dtype, room for
-        the prompt's last token and ``new_tokens``); with ``share_prompt`` and ``n`` > 1 holding all prompt
-        tokens but the last, each distinct prompt run once and gathered to the rows (``generate`` then runs only
-        the last prompt token of each row, which gives the first sampling step its logits)."""
+    def _prefill(
+        self, ids: torch.Tensor, mask: torch.Tensor, new_tokens: int
+    ) -> tuple[torch.Tensor, torch.Tensor, DynamicCache]:
+        """The rows' prompts as ``generate`` is to see them, and the cache it starts from (``_SamplerCache``: keys
+        and values in the autocast dtype, room for the prompt's last token and ``new_tokens``).
+
+        With ``share_prompt`` the cache holds every prompt token but the last, each distinct prompt run once and
+        the first tokens all of them share (a system prompt, few-shot examples) once for all
+        (``prefill_prompts``), gathered to the rows; ``generate`` then runs only each row's last prompt token,
+        which gives the first sampling step its logits. The rows' prompts come back in the cache's layout (the
+        shared tokens, then each prompt's own, left-padded); positions and the mask follow the tokens, so
+        sampling is unchanged up to float rounding."""
         cache = _SamplerCache(self.model.config, self.autocast_dtype, reserve=new_tokens + 1)
-        if not self.share_prompt or n < 2 or ids.shape[1] < 2:
-            return cache
+        if not self.share_prompt or ids.shape[1] < 2:
+            return ids, mask, cache
         prompts = distinct_prompts(ids[:, :-1], mask[:, :-1])
-        if len(prompts.input_ids) == len(ids):
-            return cache
-        # ``ids`` has no all-padding column (generate trims them), so the prefix keeps its full width.
-        cache, _ = prefill(self.model.get_decoder(), prompts.input_ids, prompts.attention_mask, cache=cache)
-        cache.batch_select_indices(prompts.inverse)
-        return cache
+        if len(prompts.input_ids) == len(ids) and common_prefix_length(prompts) == 0:
+            return ids, mask, cache
+        cache, held, _ = prefill_prompts(self.model.get_decoder(), prompts, cache=cache)
+        cache.batch_select_indices(held.inverse)
+        ids = torch.cat([held.input_ids[held.inverse], ids[:, -1:]], dim=1)
+        mask = torch.cat([held.attention_mask[held.inverse], mask[:, -1:]], dim=1)
+        return ids, mask, cache
 
     def _assemble(
         self,

@@ -16,6 +16,7 @@ from cegppo.roofline import (
     generation_flops,
     measure_peak_flops,
     scoring_flops,
+    shared_heads,
 )
 
 log = logging.getLogger(__name__)
@@ -47,16 +48,17 @@ class StepRoofline:
     def metrics(
         self,
         rollouts: list[RolloutBatch],
-        trained: tuple[torch.Tensor, torch.Tensor],
+        trained: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
         timings: dict[str, float],
         old_logprob_passes: int,
     ) -> dict[str, float]:
-        """``rollouts``: the step's generation rounds; ``trained``: the trained rows' prompt and response masks;
-        ``timings``: the trainer's phase seconds; ``old_logprob_passes``: forward passes the old-log-prob phase
-        ran over the trained rows (π_old and/or the reference)."""
+        """``rollouts``: the step's generation rounds; ``trained``: the trained rows' prompt ids, prompt mask and
+        response mask; ``timings``: the trainer's phase seconds; ``old_logprob_passes``: forward passes the
+        old-log-prob phase ran over the trained rows (π_old and/or the reference)."""
         if self.shape is None:
             return {}
         config, n = self.config, self.config.rollout.n
+        # the hf engine shares prompts with actor.share_prompt (any n); vLLM's prefix cache always
         share_in_engine = config.rollout.engine != "hf" or config.actor.share_prompt
         gen = sum(
             sum(
@@ -66,19 +68,28 @@ class StepRoofline:
                     group_size=n,
                     share_prompt=share_in_engine,
                     rows_per_pass=config.rollout.batch_size,
+                    shared_heads=shared_heads(
+                        rollout.prompt_ids, rollout.prompt_mask, config.rollout.batch_size, held_back=1
+                    ),
                 )
             )
             for rollout in rollouts
         )
+        prompt_ids, prompt_mask, response_mask = trained
+        # the actor shares prompts within groups only (actor.share_prompt, n > 1)
+        share_in_actor = config.actor.share_prompt and n > 1
         forward = (
             scoring_flops(
                 self.shape,
-                *_lengths(*trained),
+                *_lengths(prompt_mask, response_mask),
                 group_size=n,
-                share_prompt=config.actor.share_prompt,
+                share_prompt=share_in_actor,
                 rows_per_pass=config.actor.micro_batch_size,
+                shared_heads=shared_heads(prompt_ids, prompt_mask, config.actor.micro_batch_size, held_back=0)
+                if share_in_actor
+                else None,
             )
-            if len(trained[0])
+            if len(prompt_mask)
             else 0
         )
         work = {

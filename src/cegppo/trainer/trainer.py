@@ -448,7 +448,11 @@ class Trainer:
             "perf/tokens_per_s": sum(r.rollout.attention_mask.sum().item() for r in rounds) / timings["step"],
             **self.roofline.metrics(
                 [r.rollout for r in rounds],
-                (experience.attention_mask[:, : -experience.response_len], experience.response_mask),
+                (
+                    experience.input_ids[:, : -experience.response_len],
+                    experience.attention_mask[:, : -experience.response_len],
+                    experience.response_mask,
+                ),
                 timings,
                 old_logprob_passes,
             ),
