@@ -67,7 +67,7 @@ class GivenTokens(hf._DrawAndRecord):
         super().__init__(params)
         self._tokens, self._pad = tokens, pad
 
-    def _pick(self, scores: torch.Tensor, log_normaliser: torch.Tensor) -> torch.Tensor:
+    def _pick(self, scores: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         step = len(self._logprobs)
         if step < self._tokens.shape[1]:
             return self._tokens[:, step : step + 1].to(scores.device)

@@ -375,6 +375,27 @@ def test_the_draw_follows_the_filtered_distribution_exactly():
     torch.testing.assert_close(draw.finish(tokens[:, None]).squeeze(1), expected.log()[tokens])
 
 
+def test_the_two_level_draw_is_the_whole_running_sums_draw():
+    """Blocks' sums, then the chosen block's running sum: the token the running sum over the whole vocabulary
+    gives (integer weights: every sum exact, so the two agree bit for bit), never a token of weight 0, a
+    vocabulary that is not a multiple of the block included."""
+    from cegppo.rollout.hf import inverse_cdf_draw
+
+    generator = torch.Generator().manual_seed(0)
+    rows, vocab = 512, 2500
+    weights = torch.randint(0, 16, (rows, vocab), generator=generator).float()
+    weights[weights < 8] = 0.0  # about half the tokens impossible
+    weights[:, 256:768] = 0.0  # whole blocks of weight 0
+    weights[:, -100:] = 0.0  # and the vocabulary's end
+    uniforms = torch.rand(rows, 1, generator=generator, dtype=torch.float64)
+    uniforms[:2] = torch.tensor([[0.0], [1.0 - 2.0**-53]], dtype=torch.float64)  # the extremes
+    cdf = weights.double().cumsum(dim=-1)
+    want = torch.searchsorted(cdf, uniforms * cdf[:, -1:], right=True)
+    got = inverse_cdf_draw(weights, uniforms, block=256)
+    assert torch.equal(got, want)
+    assert (weights.gather(1, got) > 0).all()
+
+
 @pytest.mark.parametrize("n", [1, 3], ids=["own-prefill", "shared-prefill"])
 @pytest.mark.parametrize("autocast", [torch.bfloat16, None], ids=["bf16-autocast", "float32"])
 def test_the_sampler_cache_samples_as_transformers_cache_does(
