@@ -196,14 +196,15 @@ def inverse_cdf_draw(weights: torch.Tensor, uniforms: torch.Tensor, block: int =
     targets = uniforms * block_cdf[:, -1:]
     # past the last block of any weight only by rounding: take that block
     chosen = torch.minimum(
-        torch.searchsorted(block_cdf, targets, right=True), torch.searchsorted(block_cdf, block_cdf[:, -1:])
+        torch.searchsorted(block_cdf, targets, right=True),
+        torch.searchsorted(block_cdf, block_cdf[:, -1:].contiguous()),
     )
     before = torch.cat([block_cdf.new_zeros(rows, 1), block_cdf], dim=1).gather(1, chosen)
     inner_cdf = padded[torch.arange(rows, device=weights.device), chosen.squeeze(1)].double().cumsum_(dim=-1)
     # the block's own sum and its running sum round apart: a target past its last token of weight takes that
     inner = torch.minimum(
         torch.searchsorted(inner_cdf, targets - before, right=True),
-        torch.searchsorted(inner_cdf, inner_cdf[:, -1:]),
+        torch.searchsorted(inner_cdf, inner_cdf[:, -1:].contiguous()),
     )
     return chosen * block + inner
 
@@ -216,9 +217,9 @@ class _DrawAndRecord(LogitsProcessor):
     with temperature 1 and no filter), and hands ``generate`` (run greedy, ``HFRolloutEngine._generation_config``)
     scores on which the drawn token is the only finite one. ``generate``'s own multinomial draws one
     exponential random number per vocabulary entry and row: on the CPU that was a fifth of the demo's
-    generation time, against a cumulative sum here; the draw is exact, but a seed gives other tokens than
-    ``torch.multinomial`` gives. The recorded log-prob is that of the drawn token, as
-    ``RolloutBatch.sampler_logprobs`` defines it; generate pads the rows that finished, and
+    generation time, against a search over block sums here (``inverse_cdf_draw``); the draw is exact, but a
+    seed gives other tokens than ``torch.multinomial`` gives. The recorded log-prob is that of the drawn token,
+    as ``RolloutBatch.sampler_logprobs`` defines it; generate pads the rows that finished, and
     ``assemble_rollout_batch`` masks their log-probs.
     """
 
