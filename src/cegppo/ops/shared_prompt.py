@@ -134,7 +134,8 @@ def prefill_prompts(
     own = lengths - shared
     width = int(own.max())
     own_mask = torch.arange(width, device=ids.device) >= width - own.unsqueeze(1)
-    mask = torch.cat([prompts.attention_mask.new_ones(len(ids), shared), own_mask.to(head.dtype)], dim=1)
+    mask = prompts.attention_mask.new_ones(len(ids), shared + width)
+    mask[:, shared:] = own_mask
     outputs = module(
         input_ids=ids[:, -width:],
         attention_mask=mask,
